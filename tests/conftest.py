@@ -1,0 +1,29 @@
+"""Test setup: a persistent JAX compilation cache outside the clone, small shared fixtures."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+_CACHE = os.environ.get("DREAMJAX_JAX_CACHE", str(Path.home() / ".cache" / "dreamjax" / "jax-cache-tests"))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+REPO = Path(__file__).resolve().parents[1]
+PAINTINGS = REPO / "dreamjax" / "data" / "paintings"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from dreamjax import load_backbone
+
+    return load_backbone("tiny", include_top=True)
+
+
+@pytest.fixture(scope="session")
+def paintings_dir():
+    return PAINTINGS
