@@ -1,0 +1,587 @@
+"""The dream engine: DeepDream for a batch of cells in one compiled program.
+
+Pure JAX, no file I/O. A *cell* is one painting under one layer-weight set and one
+set of hyperparameters. Everything that can differ per cell without changing array
+shapes rides on the batch axis (:class:`CellParams`); everything that changes the
+traced program is static (:class:`DreamConfig`, :class:`OctavePlan`, the image shape).
+
+Data flow per octave (host loop, because shapes change between octaves)::
+
+    init_octave(images)  ->  OctaveState
+    run_steps(state, n)  ->  OctaveState      # n steps on the device, one jitted call,
+                                              # buffers donated, frames + per-tap losses kept
+    end_octave(state)    ->  next images       # DLwP lost-detail re-injection
+
+:class:`DreamRun` strings these together and is resumable: its whole state is a
+small pytree of arrays plus two integers (octave, step), which ``run.py``
+checkpoints with orbax.
+
+Why every cell gets its own gradient from one ``grad`` call: the loss is a sum of
+per-cell losses, BatchNorm uses stored statistics and nothing mixes the batch axis,
+so d(sum)/d(image[b]) = d(loss[b])/d(image[b]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+NORMS = ("l2", "mean_abs", "std")
+OBJECTIVES = ("mean_square", "keras_io", "mean")
+DETAIL_MODES = ("dlwp", "google", "none")
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "momentum")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class DreamSettingsError(ValueError):
+    """A bad setting, found before any compute. The message names the key and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Static configuration
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DreamConfig:
+    """Static settings: they define the compiled program.
+
+    taps: tapped layers (order = columns of ``CellParams.layer_weights``).
+    norm: per-cell gradient normalisation: "l2" (Deep Learning with Python,
+      ``tf.math.l2_normalize``), "mean_abs" (keras.io example, Google's notebook),
+      "std" (TensorFlow tutorial).
+    objective: "mean_square" = mean(act[b, c:-c, c:-c]**2) (DLwP);
+      "keras_io" = sum(cropped**2) / size(uncropped) (keras.io example);
+      "mean" = mean(act) with no crop (TensorFlow tutorial).
+    border: border crop in activation pixels (DLwP: 2).
+    frame_every: keep the image every k steps for iteration GIFs (0 = none).
+    clip: project the image onto the backbone's input range after each step.
+    tile_size: 0 = whole image; otherwise gradients are computed tile by tile (TF tutorial),
+      bounding memory by the tile.
+    optimizer: "sgd" (plain normalised-gradient ascent, as all four references) or an optax
+      optimizer applied after the per-cell normalisation.
+    grad_clip: if > 0, clip each update element to [-grad_clip, grad_clip] (optax.clip).
+    compute_dtype: dtype of the backbone's activations; the image and its updates stay float32.
+    """
+
+    taps: tuple[str, ...]
+    norm: str = "l2"
+    objective: str = "mean_square"
+    border: int = 2
+    frame_every: int = 0
+    clip: bool = False
+    value_range: tuple[float, float] = (-1.0, 1.0)
+    tile_size: int = 0
+    optimizer: str = "sgd"
+    grad_clip: float = 0.0
+    compute_dtype: str = "float32"
+    straight_through: bool = True  # dream-path module variant (e.g. straight-through ReLU6)
+
+    def __post_init__(self):
+        _one_of("dream.norm", self.norm, NORMS)
+        _one_of("dream.objective", self.objective, OBJECTIVES)
+        _one_of("dream.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("dream.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        if not self.taps:
+            raise DreamSettingsError("layers.taps is empty; name at least one tap")
+        if self.border < 0:
+            raise DreamSettingsError(f"dream.border must be >= 0, got {self.border}")
+        if self.frame_every < 0:
+            raise DreamSettingsError(f"dream.frame_every must be >= 0 (0 = no frames), got {self.frame_every}")
+        if self.tile_size < 0:
+            raise DreamSettingsError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OctavePlan:
+    """Octave shapes (static).
+
+    exponents: octave ``e`` has shape ``dim * scale**e`` (DLwP: -2, -1, 0 with scale 1.4;
+      TF tutorial: -2..2 with scale 1.3, i.e. it also dreams *above* the painting's size).
+    detail: "dlwp" re-injects the detail lost by shrinking after every octave (DLwP);
+      "google" carries the dream's difference from each octave base upward (Google's
+      notebook, whose bases are successive shrinks of one another); "none" only resizes.
+    """
+
+    exponents: tuple[int, ...] = (-2, -1, 0)
+    scale: float = 1.4
+    detail: str = "dlwp"
+
+    def __post_init__(self):
+        _one_of("dream.octave_detail", self.detail, DETAIL_MODES)
+        if not self.exponents:
+            raise DreamSettingsError("dream.octaves is empty; give at least one octave")
+        if not self.scale > 1.0:
+            raise DreamSettingsError(f"dream.octave_scale must be > 1, got {self.scale}")
+        if list(self.exponents) != sorted(self.exponents):
+            raise DreamSettingsError(f"dream.octaves must increase (small to large), got {list(self.exponents)}")
+
+    @classmethod
+    def keras(cls, num_octaves: int, scale: float, detail: str = "dlwp") -> "OctavePlan":
+        """DLwP / keras.io: ``num_octaves`` octaves ending at the painting's own size."""
+        if num_octaves < 1:
+            raise DreamSettingsError(f"dream.num_octaves must be >= 1, got {num_octaves}")
+        return cls(tuple(range(-(num_octaves - 1), 1)), scale, detail)
+
+    def shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        if self.detail == "google":
+            # Google's notebook: each base is the previous one zoomed by 1/scale (nd.zoom rounds).
+            shapes = [(height, width)]
+            for _ in range(-min(self.exponents)):
+                h, w = shapes[-1]
+                shapes.append((int(round(h / self.scale)), int(round(w / self.scale))))
+            by_exp = {-i: s for i, s in enumerate(shapes)}
+            return [by_exp[e] if e <= 0 else _scaled(height, width, self.scale, e) for e in self.exponents]
+        return [_scaled(height, width, self.scale, e) for e in self.exponents]
+
+
+def _scaled(h, w, scale, e):
+    # DLwP writes int(dim / scale**i); TF tutorial int(dim * scale**e). Same intent, but the
+    # float rounding differs at the boundary, so keep each source's own expression.
+    if e <= 0:
+        return int(h / scale ** (-e)), int(w / scale ** (-e))
+    return int(h * scale ** e), int(w * scale ** e)
+
+
+def _one_of(key, value, allowed):
+    if value not in allowed:
+        raise DreamSettingsError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-cell values
+# ----------------------------------------------------------------------------------------------
+class CellParams(NamedTuple):
+    """Per-cell values, batch axis first. None of them changes the compiled program."""
+
+    layer_weights: jax.Array  # f32[B, T]
+    step_size: jax.Array  # f32[B]
+    max_loss: jax.Array  # f32[B]; +inf = no limit
+    jitter: jax.Array  # i32[B]; random roll amplitude in pixels (0 = none)
+    iterations: jax.Array  # i32[B]; steps per octave
+    key: jax.Array  # u32[B, 2]; raw PRNG key data
+
+    @classmethod
+    def make(cls, layer_weights, step_size, max_loss=None, jitter=0, iterations=30, seed=0):
+        """Broadcast python/numpy values to a batch (B = len(layer_weights))."""
+        w = np.asarray(layer_weights, np.float32)
+        if w.ndim != 2:
+            raise DreamSettingsError(f"layer_weights must be [cells, taps], got shape {w.shape}")
+        b = w.shape[0]
+
+        def col(v, dtype):
+            return np.broadcast_to(np.asarray(v, dtype), (b,)).copy()
+
+        mx = np.inf if max_loss is None else max_loss
+        seeds = col(seed, np.uint32)
+        keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
+        return cls(w, col(step_size, np.float32), col(mx, np.float32), col(jitter, np.int32),
+                   col(iterations, np.int32), keys.astype(np.uint32))
+
+    def take(self, idx) -> "CellParams":
+        return CellParams(*(np.asarray(a)[idx] for a in self))
+
+    def validate(self, num_taps: int):
+        w = np.asarray(self.layer_weights)
+        if w.shape[1] != num_taps:
+            raise DreamSettingsError(f"layers.weights has {w.shape[1]} values per cell but layers.taps has "
+                                     f"{num_taps}; give one weight per tap")
+        if not np.all(np.isfinite(w)):
+            raise DreamSettingsError("layers.weights must be finite numbers")
+        if np.any(np.asarray(self.step_size) <= 0):
+            raise DreamSettingsError(f"dream.step_size must be > 0, got {np.asarray(self.step_size).min()}")
+        if np.any(np.asarray(self.iterations) < 0):
+            raise DreamSettingsError("dream.iterations must be >= 0")
+        if np.any(np.asarray(self.jitter) < 0):
+            raise DreamSettingsError("dream.jitter must be >= 0 (pixels)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The update rule as an optax chain
+# ----------------------------------------------------------------------------------------------
+def _per_cell(fn, g):
+    return fn(g.reshape(g.shape[0], -1)).reshape((-1,) + (1,) * (g.ndim - 1))
+
+
+def normalize_per_cell(mode: str) -> optax.GradientTransformation:
+    """Divide each cell's gradient by its own norm (never the batch's).
+
+    The epsilons are those of each source: DLwP ``tf.math.l2_normalize`` (sum of squares
+    floored at 1e-12), keras.io ``max(mean|g|, 1e-6)``, TF tutorial ``std + 1e-8``.
+    """
+    _one_of("dream.norm", mode, NORMS)
+
+    def update(updates, state, params=None):
+        del params
+        g = updates
+        if mode == "l2":
+            denom = _per_cell(lambda v: jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=1), 1e-12)), g)
+        elif mode == "mean_abs":
+            denom = _per_cell(lambda v: jnp.maximum(jnp.mean(jnp.abs(v), axis=1), 1e-6), g)
+        else:
+            denom = _per_cell(lambda v: jnp.std(v, axis=1) + 1e-8, g)
+        return g / denom, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def scale_per_cell(step_size: jax.Array) -> optax.GradientTransformation:
+    """Multiply cell b's update by step_size[b]: gradient *ascent* (optax adds updates)."""
+
+    def update(updates, state, params=None):
+        del params
+        return updates * step_size.reshape((-1,) + (1,) * (updates.ndim - 1)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_update_rule(cfg: DreamConfig, step_size: jax.Array) -> optax.GradientTransformation:
+    """normalise per cell -> [optimizer moments] -> scale by the cell's step -> [clip]."""
+    moments = {
+        "sgd": [],
+        "adam": [optax.scale_by_adam()],
+        "rmsprop": [optax.scale_by_rms()],
+        "momentum": [optax.trace(decay=0.9)],
+    }[cfg.optimizer]
+    clip = [optax.clip(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    return optax.chain(normalize_per_cell(cfg.norm), *moments, scale_per_cell(step_size), *clip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective and gradient
+# ----------------------------------------------------------------------------------------------
+def tap_losses(acts: dict, taps: Sequence[str], cfg: DreamConfig) -> jax.Array:
+    """Per-cell, per-tap objective values, f32[B, T] (computed in float32)."""
+    cols = []
+    c = cfg.border
+    for t in taps:
+        a = acts[t].astype(jnp.float32)
+        if cfg.objective == "mean":
+            cols.append(jnp.mean(a, axis=(1, 2, 3)))
+            continue
+        inner = a[:, c:a.shape[1] - c, c:a.shape[2] - c, :] if c else a
+        sq = jnp.sum(jnp.square(inner), axis=(1, 2, 3))
+        denom = math.prod(inner.shape[1:]) if cfg.objective == "mean_square" else math.prod(a.shape[1:])
+        cols.append(sq / denom)
+    return jnp.stack(cols, axis=1)
+
+
+def _roll(images, shifts):
+    """Roll each cell by its own (dy, dx)."""
+    return jax.vmap(lambda im, s: jnp.roll(im, (s[0], s[1]), axis=(0, 1)))(images, shifts)
+
+
+def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
+    """``grad(variables, images, weights) -> (per_tap_losses [B,T], grads [B,H,W,C])``.
+
+    Untiled: one forward/backward of the whole image. Tiled (TF tutorial): the image is
+    cut into tile_size squares (the last row/column of tiles is shifted inwards so every
+    tile has the same static shape); each tile's loss gradient is added into the image
+    gradient, one tile at a time inside ``lax.fori_loop``, so peak memory is that of one
+    tile. Where the image fits in one tile, both paths compute the same thing.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+
+    def loss_and_grad(variables, images, weights):
+        def total(x):
+            per_tap = tap_losses(feature_fn(variables, x.astype(dtype)), cfg.taps, cfg)
+            return jnp.sum(per_tap * weights), per_tap
+
+        (_, per_tap), g = jax.value_and_grad(total, has_aux=True)(images)
+        return per_tap, g.astype(jnp.float32)
+
+    if not cfg.tile_size:
+        return loss_and_grad
+
+    t = cfg.tile_size
+
+    def tiled(variables, images, weights):
+        h, w = images.shape[1:3]
+        if h <= t and w <= t:
+            return loss_and_grad(variables, images, weights)
+        th, tw = min(t, h), min(t, w)
+        ys = _tile_starts(h, th)
+        xs = _tile_starts(w, tw)
+        starts = jnp.asarray([(y, x) for y in ys for x in xs], jnp.int32)
+
+        def body(i, carry):
+            losses, grads = carry
+            y, x = starts[i, 0], starts[i, 1]
+            tile = jax.lax.dynamic_slice(images, (0, y, x, 0), (images.shape[0], th, tw, images.shape[3]))
+            per_tap, g = loss_and_grad(variables, tile, weights)
+            cur = jax.lax.dynamic_slice(grads, (0, y, x, 0), g.shape)
+            grads = jax.lax.dynamic_update_slice(grads, cur + g, (0, y, x, 0))
+            return losses + per_tap, grads
+
+        zeros = (jnp.zeros((images.shape[0], len(cfg.taps)), jnp.float32), jnp.zeros_like(images))
+        losses, grads = jax.lax.fori_loop(0, starts.shape[0], body, zeros)
+        return losses / starts.shape[0], grads
+
+    return tiled
+
+
+def _tile_starts(n, t):
+    starts = list(range(0, n - t + 1, t))
+    if starts[-1] + t < n:
+        starts.append(n - t)
+    return starts
+
+
+# ----------------------------------------------------------------------------------------------
+# One octave on the device
+# ----------------------------------------------------------------------------------------------
+class OctaveState(NamedTuple):
+    image: jax.Array  # f32[B, H, W, 3], network input space
+    opt_state: Any  # optax state of the update rule
+    step: jax.Array  # i32[], steps done in this octave
+    stopped: jax.Array  # bool[B], loss passed max_loss (DLwP: stop after that step)
+    losses: jax.Array  # f32[S, B, T], per-tap loss at each step (NaN where the cell was frozen)
+    frames: jax.Array  # f32[F, B, H, W, 3], image every frame_every steps (F = 0 if off)
+
+
+def _step_key(cell_key, octave, step):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(cell_key), octave), step)
+
+
+class Dreamer:
+    """Compiled octave programs for one static signature (backbone, taps, config, plan).
+
+    ``steps_capacity`` sizes the loss buffer (the largest iteration count of any cell in
+    the group); it is static so that cells with fewer iterations share the program.
+    """
+
+    def __init__(self, backbone, cfg: DreamConfig, plan: OctavePlan, steps_capacity: int,
+                 variables=None):
+        self.backbone = backbone
+        self.cfg = cfg
+        self.plan = plan
+        self.capacity = int(steps_capacity)
+        self.taps = backbone.check_taps(cfg.taps)
+        self.variables = backbone.variables if variables is None else variables
+        feature_fn = backbone.feature_fn(self.taps, dream=cfg.straight_through, dtype=cfg.compute_dtype)
+        self._grad = make_grad_fn(feature_fn, cfg)
+        self._run = jax.jit(self._run_steps, donate_argnums=(1,))
+        self._init = jax.jit(self._init_state)
+        self._resize = jax.jit(_resize, static_argnums=(1,))
+        self.compile_events: list[tuple[tuple[int, ...], float]] = []
+
+    # --- checks before any compute -----------------------------------------------------------
+    def validate(self, height: int, width: int, params: CellParams):
+        params.validate(len(self.taps))
+        if np.any(np.asarray(params.iterations) > self.capacity):
+            raise DreamSettingsError(f"dream.iterations {int(np.max(params.iterations))} exceeds the group's "
+                                     f"steps capacity {self.capacity}")
+        strides = self.backbone.tap_strides
+        for i, (h, w) in enumerate(self.plan.shapes(height, width)):
+            if min(h, w) < self.backbone.min_size:
+                raise DreamSettingsError(
+                    f"octave {i} of the plan (exponent {self.plan.exponents[i]}, scale {self.plan.scale}) is "
+                    f"{h}x{w}, below {self.backbone.name}'s minimum input size {self.backbone.min_size}; use "
+                    f"fewer octaves (dream.num_octaves), a smaller dream.octave_scale or a larger data.image_size")
+            deepest = max(strides[t] for t in self.taps)
+            if self.cfg.objective != "mean" and min(h, w) // deepest <= 2 * self.cfg.border:
+                raise DreamSettingsError(
+                    f"octave {i} is {h}x{w}: its deepest tap (stride {deepest}) is smaller than twice "
+                    f"dream.border={self.cfg.border}; use fewer octaves or a larger data.image_size")
+
+    # --- device programs ---------------------------------------------------------------------
+    def _init_state(self, images, params: CellParams):
+        b, h, w, c = images.shape
+        rule = make_update_rule(self.cfg, params.step_size)
+        nf = (self.capacity // self.cfg.frame_every) if self.cfg.frame_every else 0
+        return OctaveState(
+            image=images.astype(jnp.float32),
+            opt_state=rule.init(images),
+            step=jnp.zeros((), jnp.int32),
+            stopped=jnp.zeros((b,), bool),
+            losses=jnp.full((self.capacity, b, len(self.taps)), jnp.nan, jnp.float32),
+            frames=jnp.zeros((nf, b, h, w, c), jnp.float32),
+        )
+
+    def _run_steps(self, variables, state: OctaveState, params: CellParams, octave, n_steps):
+        rule = make_update_rule(self.cfg, params.step_size)
+        lo, hi = self.cfg.value_range
+        end = jnp.minimum(state.step + n_steps, self.capacity)
+        k = self.cfg.frame_every
+
+        def active_mask(s):
+            return (s.step < params.iterations) & ~s.stopped
+
+        def cond(s):
+            return (s.step < end) & jnp.any(active_mask(s))
+
+        def body(s: OctaveState):
+            active = active_mask(s)
+            keys = jax.vmap(_step_key, in_axes=(0, None, None))(params.key, octave, s.step)
+            amp = params.jitter[:, None]
+            shifts = jax.vmap(lambda kk, a: jax.random.randint(kk, (2,), -a[0], a[0] + 1))(keys, amp)
+            rolled = _roll(s.image, shifts)
+            per_tap, g = self._grad(variables, rolled, params.layer_weights)
+            g = _roll(g, -shifts)
+            updates, opt_state = rule.update(g, s.opt_state, s.image)
+            image = optax.apply_updates(s.image, updates)
+            if self.cfg.clip:
+                image = optax.projections.projection_box(image, lo, hi)
+            sel = active.reshape((-1, 1, 1, 1))
+            image = jnp.where(sel, image, s.image)
+            opt_state = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+                if new.ndim and new.shape[0] == active.shape[0] else new, opt_state, s.opt_state)
+            loss = jnp.sum(per_tap * params.layer_weights, axis=1)
+            losses = s.losses.at[s.step].set(jnp.where(active[:, None], per_tap, jnp.nan))
+            # DLwP applies the step, then stops if the loss (before the step) passed max_loss.
+            stopped = s.stopped | (active & (loss > params.max_loss))
+            frames = s.frames
+            if k:
+                fi = s.step // k
+                take = ((s.step + 1) % k == 0) & (fi < frames.shape[0])
+                frames = frames.at[jnp.minimum(fi, frames.shape[0] - 1)].set(
+                    jnp.where(take, image, frames[jnp.minimum(fi, frames.shape[0] - 1)]))
+            return OctaveState(image, opt_state, s.step + 1, stopped, losses, frames)
+
+        s = jax.lax.while_loop(cond, body, state)
+        if k:
+            # Slots past the last step taken hold the current image: frozen cells keep their
+            # final image; a later chunk overwrites the slots it reaches.
+            fill = jnp.arange(s.frames.shape[0]) >= s.step // k
+            s = s._replace(frames=jnp.where(fill[:, None, None, None, None], s.image[None], s.frames))
+        return s._replace(step=end)
+
+    # --- host API ------------------------------------------------------------------------------
+    def init_octave(self, images, params: CellParams) -> OctaveState:
+        return self._init(jnp.asarray(images, jnp.float32), params)
+
+    def run_steps(self, state: OctaveState, params: CellParams, octave: int, n_steps: int) -> OctaveState:
+        return self._run(self.variables, state, params, jnp.int32(octave), jnp.int32(n_steps))
+
+    def resize(self, images, shape):
+        return self._resize(images, tuple(int(s) for s in shape))
+
+    def lower(self, height: int, width: int, batch: int):
+        """The lowered octave program for a shape (for cost analysis and compile counting)."""
+        params = CellParams.make(np.ones((batch, len(self.taps))), 1.0, iterations=1)
+        images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+        state = jax.eval_shape(self._init_state, images, params)
+        return self._run.lower(self.variables, state, params, jnp.int32(0), jnp.int32(1))
+
+
+def _resize(images, shape):
+    # Bilinear without antialiasing, half-pixel centres: what tf.image.resize does by default
+    # (DLwP's and the TF tutorial's resize), so octave parity with Keras/TF holds.
+    b, _, _, c = images.shape
+    return jax.image.resize(images, (b, shape[0], shape[1], c), "bilinear", antialias=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole dream, resumable
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DreamRun:
+    """The octave loop on the host. Its state is (octave, OctaveState, finished octaves).
+
+    ``advance(n)`` runs at most n steps (crossing an octave boundary ends the call, so a
+    checkpoint can be taken at each octave end). ``done`` tells when every octave ran.
+    """
+
+    dreamer: Dreamer
+    originals: np.ndarray  # f32[B, H, W, 3], network input space, the bucket shape
+    params: CellParams
+    octave: int = 0
+    state: OctaveState | None = None
+    octave_images: list = dataclasses.field(default_factory=list)  # f32[B,h,w,3] per finished octave
+    octave_losses: list = dataclasses.field(default_factory=list)  # f32[S,B,T] per finished octave
+    octave_frames: list = dataclasses.field(default_factory=list)  # f32[F,B,h,w,3] per finished octave
+    detail: Any = None  # google mode: detail carried between octaves
+
+    def __post_init__(self):
+        self.shapes = self.dreamer.plan.shapes(*self.originals.shape[1:3])
+        self.dreamer.validate(*self.originals.shape[1:3], self.params)
+
+    @property
+    def done(self) -> bool:
+        return self.octave >= len(self.shapes)
+
+    def _start_octave(self):
+        d, i = self.dreamer, self.octave
+        shape = self.shapes[i]
+        if d.plan.detail == "google":
+            base = self._google_base(i)
+            detail = jnp.zeros_like(base) if self.detail is None else d.resize(jnp.asarray(self.detail), shape)
+            img = base + detail
+        elif i == 0:
+            img = d.resize(jnp.asarray(self.originals), shape)
+        else:
+            img = d.resize(jnp.asarray(self.octave_images[-1]), shape)
+        self.state = d.init_octave(img, self.params)
+
+    def _google_base(self, i):
+        """Google's octave bases: each shrunk from the next larger one, not from the painting."""
+        d = self.dreamer
+        base = jnp.asarray(self.originals)
+        if d.plan.exponents[i] > 0:
+            return d.resize(base, self.shapes[i])
+        for j in range(len(self.shapes) - 1, i - 1, -1):
+            if d.plan.exponents[j] <= 0 and self.shapes[j] != tuple(base.shape[1:3]):
+                base = d.resize(base, self.shapes[j])
+        return base
+
+    def _end_octave(self):
+        d, i, s = self.dreamer, self.octave, self.state
+        img = s.image
+        shape = self.shapes[i]
+        if d.plan.detail == "dlwp":
+            orig = jnp.asarray(self.originals)
+            prev = self.shapes[0] if i == 0 else self.shapes[i - 1]
+            shrunk = d.resize(orig, prev)
+            lost = d.resize(orig, shape) - d.resize(shrunk, shape)
+            img = img + lost
+        elif d.plan.detail == "google":
+            self.detail = img - self._google_base(i)
+        self.octave_images.append(np.asarray(img))
+        self.octave_losses.append(np.asarray(s.losses))
+        self.octave_frames.append(np.asarray(s.frames))
+        self.state = None
+        self.octave += 1
+
+    def advance(self, max_steps: int | None = None) -> int:
+        """Run up to ``max_steps`` steps of the current octave; returns steps run."""
+        if self.done:
+            return 0
+        if self.state is None:
+            self._start_octave()
+        remaining = self.dreamer.capacity - int(self.state.step)
+        n = remaining if max_steps is None else min(max_steps, remaining)
+        if n > 0:
+            self.state = self.dreamer.run_steps(self.state, self.params, self.octave, n)
+        if int(self.state.step) >= self.dreamer.capacity or not self._any_active():
+            self._end_octave()
+        return n
+
+    def _any_active(self):
+        s = self.state
+        return bool(np.any((np.asarray(s.step) < np.asarray(self.params.iterations)) & ~np.asarray(s.stopped)))
+
+    def run(self, callback: Callable[["DreamRun"], None] | None = None, chunk: int | None = None):
+        while not self.done:
+            self.advance(chunk)
+            if callback is not None:
+                callback(self)
+        return self
+
+    @property
+    def final(self) -> np.ndarray:
+        """The dreamed images (network input space, bucket shape)."""
+        if not self.done:
+            raise RuntimeError("the dream has not finished")
+        return self.octave_images[-1]
+
+
+def dream(backbone, images, params: CellParams, cfg: DreamConfig, plan: OctavePlan,
+          steps_capacity: int | None = None) -> DreamRun:
+    """Dream a batch of preprocessed images (same shape) to the end; returns the finished run."""
+    cap = int(np.max(params.iterations)) if steps_capacity is None else steps_capacity
+    dreamer = Dreamer(backbone, cfg, plan, max(cap, 1))
+    return DreamRun(dreamer, np.asarray(images, np.float32), params).run()
