@@ -457,6 +457,10 @@ class Dreamer:
     def run_steps(self, state: OctaveState, params: CellParams, octave: int, n_steps: int) -> OctaveState:
         return self._run(self.variables, state, params, jnp.int32(octave), jnp.int32(n_steps))
 
+    def programs(self) -> int:
+        """How many octave programs this dreamer has compiled (one per octave shape)."""
+        return self._run._cache_size()
+
     def resize(self, images, shape):
         return self._resize(images, tuple(int(s) for s in shape))
 

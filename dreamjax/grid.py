@@ -1,0 +1,191 @@
+"""Hydra config -> cells -> groups -> batches. Pure Python: no JAX, no image decoding.
+
+A *cell* is one dream trajectory: one painting under one layer-weight set and one set of
+hyperparameters. A job (one Hydra config) yields one cell per painting of ``data.paths``.
+Cells whose *static signature* (backbone, taps, the dream's static settings, the painting's
+shape bucket) agree form a *group*, run as batches through one compiled program per octave.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+# Dream settings that ride on the batch axis (never recompile) ...
+PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
+# ... and those that define the compiled program.
+STATIC_KEYS = ("norm", "objective", "border", "frame_every", "clip", "tile_size", "optimizer",
+               "grad_clip", "compute_dtype", "octaves", "num_octaves", "octave_scale", "octave_detail")
+KNOWN_DREAM_KEYS = set(PER_CELL_KEYS) | set(STATIC_KEYS) | {"name", "memory_budget_gb"}
+
+
+class ConfigError(ValueError):
+    """A config mistake, found before any compute; names the key and the allowed values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One dream: everything needed to run it and to write its outputs."""
+
+    job: int  # Hydra job number (0 for a single run)
+    job_dir: str  # absolute; outputs go to job_dir/<painting>/
+    painting: str  # painting name (file stem, unique within the job)
+    painting_path: str
+    backbone: str
+    weights: str
+    straight_through: bool
+    layers: str  # layer-set name
+    taps: tuple[str, ...]
+    layer_weights: tuple[float, ...]  # effective weights (weights * scale)
+    step_size: float
+    max_loss: float  # inf = none
+    jitter: int
+    iterations: int
+    seed: int
+    static: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs of the static dream settings
+    image_size: int
+    overrides: tuple[str, ...] = ()
+    preset: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.job}/{self.painting}"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.job_dir) / self.painting
+
+    @property
+    def label(self) -> str:
+        return self.layers
+
+    def static_dict(self) -> dict:
+        return dict(self.static)
+
+    def signature(self) -> tuple:
+        """What the compiled program depends on (the bucket shape is added by the runner)."""
+        return (self.backbone, self.weights, self.straight_through, self.taps, self.static, self.image_size)
+
+    def key_seed(self) -> int:
+        """Per-cell PRNG seed: from the run seed and the cell's identity, not its batch position."""
+        h = hashlib.sha256(f"{self.seed}|{self.painting}|{self.layers}|{self.job}".encode()).digest()
+        return int.from_bytes(h[:4], "little")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines this cell's result (for resume and the manifest)."""
+        d = dataclasses.asdict(self)
+        for k in ("job_dir", "overrides"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _get(cfg: Mapping, dotted: str, default: Any = KeyError):
+    cur: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping) and not hasattr(cur, "keys"):
+            cur = None
+        if cur is None or part not in cur:
+            if default is KeyError:
+                raise ConfigError(f"missing config key {dotted!r}")
+            return default
+        cur = cur[part]
+    return cur
+
+
+def _num(key: str, value: Any, cast=float, *, minimum=None, strict=False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    try:
+        v = cast(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a number") from None
+    if minimum is not None and (v <= minimum if strict else v < minimum):
+        raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} {minimum}")
+    return v
+
+
+def dream_static(dream: Mapping) -> tuple[tuple[str, Any], ...]:
+    unknown = sorted(set(dream) - KNOWN_DREAM_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown dream setting(s) {unknown}; allowed: {', '.join(sorted(KNOWN_DREAM_KEYS))}")
+    out = {}
+    for k in STATIC_KEYS:
+        v = dream.get(k)
+        if k == "octaves" and v is not None:
+            v = tuple(int(e) for e in v)
+        out[k] = v
+    scale = _num("dream.octave_scale", out["octave_scale"], strict=True, minimum=1.0)
+    out["octave_scale"] = scale
+    if out["octaves"] is None:
+        out["num_octaves"] = int(_num("dream.num_octaves", out["num_octaves"], int, minimum=1))
+    out["tile_size"] = out["tile_size"] if out["tile_size"] == "auto" else int(out["tile_size"] or 0)
+    return tuple(sorted(out.items()))
+
+
+def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int = 0,
+                      job_dir: str | Path = ".", overrides: Sequence[str] = ()) -> list[Cell]:
+    """The cells of one job: one per painting, all under this job's layers and dream settings."""
+    model = _get(cfg, "model")
+    layers = _get(cfg, "layers")
+    dream = _get(cfg, "dream")
+    backbone = str(_get(model, "name"))
+    lb = layers.get("backbone")
+    if lb and lb != backbone:
+        raise ConfigError(f"layers={layers.get('name')!r} is a set for backbone {lb!r} but model={backbone!r}; "
+                          f"choose a layer set made for {backbone} (e.g. layers=set1 for inception_v3, "
+                          f"layers=lite_balanced for efficientnet_lite0)")
+    taps = tuple(str(t) for t in _get(layers, "taps"))
+    weights = [_num(f"layers.weights[{i}]", w) for i, w in enumerate(_get(layers, "weights"))]
+    if len(weights) != len(taps):
+        raise ConfigError(f"layers.weights has {len(weights)} values but layers.taps has {len(taps)} "
+                          f"({', '.join(taps)}); give one weight per tap")
+    scale = layers.get("scale")
+    if scale is None:
+        scale = [1.0] * len(taps)
+    if len(scale) != len(taps):
+        raise ConfigError(f"layers.scale has {len(scale)} values but layers.taps has {len(taps)}")
+    eff = tuple(float(w) * _num("layers.scale", s) for w, s in zip(weights, scale))
+    step = _num("dream.step_size", dream.get("step_size"), minimum=0.0, strict=True)
+    max_loss = _num("dream.max_loss", dream.get("max_loss"), allow_none=True)
+    jitter = int(_num("dream.jitter", dream.get("jitter", 0) or 0, int, minimum=0))
+    iterations = int(_num("dream.iterations", dream.get("iterations"), int, minimum=1))
+    image_size = int(_num("data.image_size", _get(cfg, "data.image_size"), int, minimum=1))
+    static = dream_static(dream)
+    seed = int(_get(cfg, "seed", 0))
+    names: dict[str, int] = {}
+    cells = []
+    for p in paintings:
+        stem = Path(p).stem
+        n = names.get(stem, 0)
+        names[stem] = n + 1
+        cells.append(Cell(
+            job=job, job_dir=str(Path(job_dir).resolve()), painting=stem if n == 0 else f"{stem}_{n}",
+            painting_path=str(p), backbone=backbone, weights=str(model.get("weights", "auto")),
+            straight_through=bool(model.get("straight_through", False)), layers=str(layers.get("name", "custom")),
+            taps=taps, layer_weights=eff, step_size=step,
+            max_loss=math.inf if max_loss is None else max_loss, jitter=jitter, iterations=iterations,
+            seed=seed, static=static, image_size=image_size, overrides=tuple(overrides),
+            preset=str(dream.get("name", ""))))
+    return cells
+
+
+def group_cells(cells: Iterable[tuple[Cell, tuple[int, int]]]) -> dict[tuple, list[Cell]]:
+    """Group (cell, bucket shape) pairs by static signature + bucket, keeping input order."""
+    groups: dict[tuple, list[Cell]] = {}
+    for cell, bucket in cells:
+        groups.setdefault(cell.signature() + (tuple(bucket),), []).append(cell)
+    return groups
+
+
+def batches(cells: Sequence[Cell], batch_size: int) -> list[list[Cell]]:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    return [list(cells[i:i + batch_size]) for i in range(0, len(cells), batch_size)]
+
+
+def batch_id(cells: Sequence[Cell]) -> str:
+    """Stable identity of a batch: which cells, in which order, with which settings."""
+    return hashlib.sha256("|".join(c.id + ":" + c.fingerprint() for c in cells).encode()).hexdigest()[:16]

@@ -1,0 +1,91 @@
+"""Hydra launchers: the batched multirun launcher (default for ``-m``) and the sweep-report callback.
+
+``DreamjaxLauncher`` composes every job's config exactly as Hydra's basic launcher does
+(same job directories, ``.hydra/`` files and ``multirun.yaml``), but instead of running the
+task once per job it *plans* each job into cells, fails before any compute on a config
+mistake, then runs all cells together: grouped by static signature, batched, one compiled
+program per (group, octave shape). The stock ``basic`` launcher still works (one job at a
+time) and is the benchmark's baseline; ``SweepReportCallback`` writes the sweep's manifest,
+summary and gallery at the end of a multirun, whichever launcher ran it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.experimental.callback import Callback
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger("dreamjax")
+
+
+def _plan_task(cfg: DictConfig):
+    """Runs inside Hydra's run_job: the job's directory and .hydra/ files exist; return its cells."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from dreamjax import sweep
+
+    hc = HydraConfig.get()
+    return sweep.plan(cfg, job=int(hc.job.num), job_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task))
+
+
+class DreamjaxLauncher(Launcher):
+    def __init__(self, **kwargs: Any) -> None:
+        self.config: DictConfig | None = None
+        self.hydra_context = None
+        self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def compose_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        """Compose and plan every job (as the basic launcher composes them); returns JobReturns."""
+        rets = []
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = idx
+                cfg.hydra.job.num = idx
+            rets.append(run_job(hydra_context=self.hydra_context, task_function=_plan_task, config=cfg,
+                                job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+        for ret in rets:  # config mistakes stop the sweep before any compute
+            if ret.status == JobStatus.FAILED:
+                raise ret._return_value
+        return rets
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from dreamjax import sweep
+
+        setup_globals()
+        assert self.config is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep.claim_dir(sweep_dir, list(self.config.hydra.overrides.task), self.config)
+        log.info("dreamjax launcher: planning %d jobs in %s", len(job_overrides), sweep_dir)
+        rets = self.compose_jobs(job_overrides, initial_job_idx)
+        cells = [c for r in rets for c in r.return_value]
+        records = sweep.execute(cells, self.config, checkpoint_root=sweep_dir / ".checkpoints",
+                                resume_cmd=sweep._command())
+        by_job: dict[int, dict] = {}
+        for r in records:
+            by_job.setdefault(int(r["job"]), {})[r["id"]] = r["status"]
+        for i, ret in enumerate(rets):
+            ret.return_value = by_job.get(initial_job_idx + i, {})
+        return rets
+
+
+class SweepReportCallback(Callback):
+    """At the end of a multirun, gather every job's cells into one report."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from dreamjax import sweep
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            sweep.collect(sweep_dir)
+        except FileNotFoundError as e:
+            log.warning("%s", e)

@@ -1,0 +1,728 @@
+"""Compare a sweep's cells: comparison grids, a contact sheet, summary.csv and index.html.
+
+Works only from a sweep's manifest dict and the files under the sweep directory
+(never JAX), so a report can be rebuilt on a laptop from a copied output folder:
+
+    write_sweep_report(sweep_dir, manifest, originals)  # grids/, summary.csv, index.html
+
+The figures follow the study that motivated dreamjax (seed_comparing_weights.png):
+white background, the original beside one column per layer-weight set, a plain
+sans caption under each image. Pillow draws them; matplotlib is not needed
+(it is optional and only imported inside functions that plot curves).
+
+Manifest paths are relative to ``sweep_dir``; every link in index.html is relative
+too, so the folder opens from disk (file://) and can be moved or zipped.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import functools
+import html
+import io
+import json
+import os
+import re
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from dreamjax import images as _images
+
+__all__ = [
+    "comparison_grid", "contact_sheet", "write_summary_csv", "summary_rows", "write_gallery",
+    "write_sweep_report", "render_analysis", "safe_name", "plot_losses",
+]
+
+PathLike = Union[str, os.PathLike]
+# A cell of a figure: a uint8 image; a string = failure/pending message drawn in a box; None = missing.
+CellImage = Union[np.ndarray, str, None]
+
+BACKGROUND = (255, 255, 255)
+INK = (25, 25, 25)
+FAIL_FILL, FAIL_INK = (255, 238, 238), (170, 20, 20)
+EMPTY_FILL, EMPTY_INK = (242, 242, 242), (120, 120, 120)
+MAX_SHEET_SIDE = 16_000  # JPEG allows 65535; beyond ~16k px viewers struggle
+THUMB_SIDE = 512  # originals/ thumbnails used by the gallery
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+@functools.lru_cache(maxsize=32)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:  # Pillow >= 10.1 bundles a scalable sans font (needs FreeType)
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # old Pillow / no FreeType: small bitmap font
+        return ImageFont.load_default()
+
+
+def _line_height(font) -> int:
+    box = font.getbbox("Ahgjy|")
+    return int(box[3] - box[1]) + max(3, int(getattr(font, "size", 11) * 0.3))
+
+
+def _text_width(font, text: str) -> float:
+    return font.getlength(text)
+
+
+def _wrap(text: str, font, max_w: float, max_lines: int = 3) -> list[str]:
+    """Greedy word wrap; over-long words are split; overflow ends in an ellipsis."""
+    words = str(text).split()
+    lines: list[str] = []
+    cur = ""
+    for word in words:
+        while _text_width(font, word) > max_w and len(word) > 1:  # split a word longer than a line
+            cut = len(word) - 1
+            while cut > 1 and _text_width(font, word[:cut]) > max_w:
+                cut -= 1
+            if cur:
+                lines.append(cur)
+                cur = ""
+            lines.append(word[:cut])
+            word = word[cut:]
+        trial = f"{cur} {word}".strip()
+        if _text_width(font, trial) <= max_w or not cur:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = word
+    if cur:
+        lines.append(cur)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and _text_width(font, last + "…") > max_w:
+            last = last[:-1]
+        lines[-1] = last + "…"
+    return lines or [""]
+
+
+def _fit(shape_hw: tuple[int, int], box_w: int, box_h: int) -> tuple[int, int]:
+    h, w = shape_hw
+    s = min(box_w / w, box_h / h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def _cell_width(shape_hw: tuple[int, int], cell_height: int, max_aspect: float = 3.0) -> int:
+    h, w = shape_hw
+    return int(min(max(round(cell_height * w / h), cell_height // 2), round(cell_height * max_aspect)))
+
+
+def _as_rgb(img: np.ndarray) -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"figures take uint8 images, got {arr.dtype}; use images.to_uint8 first")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[..., :3]
+    return arr
+
+
+def _paste_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, x: int, y: int, w: int, h: int,
+                img: CellImage, font, ref_hw: tuple[int, int] | None = None) -> None:
+    if isinstance(img, np.ndarray):
+        arr = _as_rgb(img)
+        fw, fh = _fit(arr.shape[:2], w, h)
+        im = Image.fromarray(arr)
+        if (fw, fh) != im.size:
+            shrink = fw < im.size[0]
+            im = im.resize((fw, fh), Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC)
+        canvas.paste(im, (x + (w - fw) // 2, y + (h - fh) // 2))
+        return
+    failed = isinstance(img, str) and img.lower().startswith("failed")
+    fill, ink = (FAIL_FILL, FAIL_INK) if failed else (EMPTY_FILL, EMPTY_INK)
+    if ref_hw is not None:  # a placeholder takes the shape the image would have had
+        fw, fh = _fit(ref_hw, w, h)
+        fw, fh = max(fw, min(w, 48)), max(fh, min(h, 48))
+        x, y, w, h = x + (w - fw) // 2, y + (h - fh) // 2, fw, fh
+    draw.rectangle([x, y, x + w - 1, y + h - 1], fill=fill, outline=ink, width=2)
+    text = img if isinstance(img, str) else "no image"
+    lh = _line_height(font)
+    lines = _wrap(text, font, w - 16, max_lines=max(1, (h - 16) // lh))
+    ty = y + (h - lh * len(lines)) // 2
+    for line in lines:
+        draw.text((x + w // 2, ty), line, fill=ink, font=font, anchor="ma")
+        ty += lh
+
+
+def _render(rows: Sequence[tuple[str | None, Sequence[tuple[str, CellImage]]]], cell_w: int, cell_h: int,
+            title: str | None, with_labels: bool) -> Image.Image:
+    """Shared layout: optional title, then rows of [label] cell cell ... with captions below."""
+    m = max(8, cell_h // 16)
+    font = _font(max(12, round(cell_h / 14)))
+    small = _font(max(11, round(cell_h / 18)))
+    lh = _line_height(font)
+    wrapped = [[_wrap(cap, font, cell_w) for cap, _ in cells] for _, cells in rows]
+    n_cap = max([len(c) for r in wrapped for c in r] or [1])
+    cap_h = n_cap * lh + m // 2
+    row_h = cell_h + m // 2 + cap_h
+    label_w = 0
+    if with_labels:
+        label_w = int(min(max([_text_width(font, str(lab or "")) for lab, _ in rows] + [60]) + m, 1.5 * cell_h))
+    ncols = max([len(cells) for _, cells in rows] or [1])
+    width = 2 * m + (label_w + m if with_labels else 0) + ncols * cell_w + (ncols - 1) * m
+    title_lines: list[str] = []
+    tfont = _font(max(14, round(cell_h / 11)))
+    if title:
+        title_lines = _wrap(title, tfont, width - 2 * m, max_lines=3)
+    title_h = (len(title_lines) * _line_height(tfont) + m) if title_lines else 0
+    height = m + title_h + len(rows) * row_h + (len(rows) - 1) * m + m
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    y = m
+    for line in title_lines:
+        draw.text((m, y), line, fill=INK, font=tfont)
+        y += _line_height(tfont)
+    y += m if title_lines else 0
+    for (label, cells), caps in zip(rows, wrapped):
+        x = m
+        if with_labels:
+            lab = _wrap(str(label or ""), font, label_w, max_lines=max(1, cell_h // lh))
+            ly = y + (cell_h - lh * len(lab)) // 2
+            for line in lab:
+                draw.text((x, ly), line, fill=INK, font=font)
+                ly += lh
+            x += label_w + m
+        ref = next((np.asarray(i).shape[:2] for _, i in cells if isinstance(i, np.ndarray)), None)
+        for (_, img), cap_lines in zip(cells, caps):
+            _paste_cell(canvas, draw, x, y, cell_w, cell_h, img, small, ref)
+            cy = y + cell_h + m // 2
+            for line in cap_lines:
+                draw.text((x + cell_w // 2, cy), line, fill=INK, font=font, anchor="ma")
+                cy += lh
+            x += cell_w + m
+        y += row_h + m
+    return canvas
+
+
+def comparison_grid(original: CellImage, columns: Sequence[tuple[str, CellImage]],
+                    title: str | None = None, cell_height: int = 256,
+                    original_caption: str = "Original") -> Image.Image:
+    """The original beside one column per setting, captioned (seed_comparing_weights.png style).
+
+    Every cell is a ``cell_width × cell_height`` box, ``cell_width`` following the
+    original's aspect (clamped to [cell_height/2, 3·cell_height]); images are fitted
+    and centred. A column's image may be a string (drawn as a boxed message; strings
+    starting with "failed" in red) or None; so may ``original``. Size:
+    ``width = 2·m + n·cell_width + (n−1)·m`` with ``n = 1 + len(columns)`` and
+    ``m = max(8, cell_height // 16)``.
+    """
+    ref = original if isinstance(original, np.ndarray) else next(
+        (img for _, img in columns if isinstance(img, np.ndarray)), None)
+    cell_w = _cell_width(np.asarray(ref).shape[:2], cell_height) if ref is not None else cell_height
+    cells = [(original_caption, original)] + list(columns)
+    return _render([(None, cells)], cell_w, cell_height, title, with_labels=False)
+
+
+def contact_sheet(rows: Sequence[tuple[str, Sequence[tuple[str, CellImage]]]], *, cell_height: int = 160,
+                  title: str | None = None, max_cell_aspect: float = 2.5) -> Image.Image:
+    """All cells on one sheet: one row per painting (label on the left), one column per setting.
+
+    All boxes share one width (the widest image's, clamped to ``max_cell_aspect``), so
+    columns line up across paintings of different aspect ratios.
+    """
+    shapes = [np.asarray(img).shape[:2] for _, cells in rows for _, img in cells if isinstance(img, np.ndarray)]
+    cell_w = max([_cell_width(s, cell_height, max_cell_aspect) for s in shapes] or [cell_height])
+    return _render(list(rows), cell_w, cell_height, title, with_labels=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.csv
+
+
+def _fmt_csv(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))  # round-trips exactly
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+def _union_keys(dicts: Iterable[Mapping | None]) -> list[str]:
+    keys: dict[str, None] = {}
+    for d in dicts:
+        for k in (d or {}):
+            keys.setdefault(str(k), None)
+    return list(keys)
+
+
+def summary_rows(cells: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of summary.csv; columns are the union over all cells, first-seen order.
+
+    Columns: id, painting, layers, label, status, error, overrides (space-joined),
+    hyper.<name>…, loss.<tap>… (final per-tap loss), final_loss, seconds.<phase>…,
+    output.<kind>… (paths relative to the sweep dir; lists joined with ';').
+    """
+    hyper = _union_keys(c.get("hyper") for c in cells)
+    taps = _union_keys(c.get("final_losses") for c in cells)
+    secs = _union_keys(c.get("seconds") for c in cells)
+    outs = _union_keys(c.get("outputs") for c in cells)
+    header = (["id", "painting", "layers", "label", "status", "error", "overrides"]
+              + [f"hyper.{k}" for k in hyper] + [f"loss.{t}" for t in taps] + ["final_loss"]
+              + [f"seconds.{k}" for k in secs] + [f"output.{k}" for k in outs])
+    rows = []
+    for c in cells:
+        h, fl, s, o = (c.get(k) or {} for k in ("hyper", "final_losses", "seconds", "outputs"))
+        out_vals = [";".join(map(str, v)) if isinstance(v, (list, tuple)) else _fmt_csv(v)
+                    for v in (o.get(k) for k in outs)]
+        rows.append([_fmt_csv(c.get("id")), _fmt_csv(c.get("painting")), _fmt_csv(c.get("layers")),
+                     _fmt_csv(c.get("label")), _fmt_csv(c.get("status")),
+                     " ".join(str(c["error"]).split()) if c.get("error") else "",
+                     " ".join(map(str, c.get("overrides") or []))]
+                    + [_fmt_csv(h.get(k)) for k in hyper] + [_fmt_csv(fl.get(t)) for t in taps]
+                    + [_fmt_csv(c.get("final_loss"))] + [_fmt_csv(s.get(k)) for k in secs] + out_vals)
+    return header, rows
+
+
+def write_summary_csv(path: PathLike, cells: Sequence[Mapping]) -> Path:
+    """One row per cell (see :func:`summary_rows`), written atomically."""
+    header, rows = summary_rows(cells)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return _images.atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# index.html
+
+_CSS = """
+body{font:14px/1.4 -apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;color:#1a1a1a;background:#fff}
+h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:28px 0 8px}h2 small{font-weight:normal;color:#777}
+.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:8px 0}
+.facts dt{color:#666}.facts dd{margin:0}
+nav a{margin-right:14px}.shared{color:#555;font-size:13px}
+.row{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+figure{margin:0;width:240px}figure img{width:240px;height:auto;display:block;border:1px solid #eee}
+figure.original img{border-color:#999}
+figcaption{font-size:13px;margin-top:4px}figcaption b{display:block}
+.hyper,.meta{display:block;color:#555;font-size:12px}.links a{font-size:12px;margin-right:8px}
+.box{width:238px;min-height:160px;border:2px solid #aa1414;background:#ffeeee;color:#aa1414;
+ padding:8px;box-sizing:border-box;overflow-wrap:anywhere}
+.box pre{white-space:pre-wrap;font-size:12px;margin:4px 0 0}
+.box.pending{border-color:#999;background:#f2f2f2;color:#666}
+.painting-error{border:2px solid #aa1414;background:#ffeeee;color:#aa1414;padding:8px}
+.analysis{font-size:12px;color:#333;margin:4px 0 0;padding-left:18px}
+.notes{color:#777;font-size:12px}footer{margin-top:32px;color:#888;font-size:12px}
+"""
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a painting name (used for grids/ and originals/)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
+    return s or "painting"
+
+
+def _href(rel: str) -> str:
+    return html.escape(urllib.parse.quote(str(rel).replace(os.sep, "/"), safe="/"), quote=True)
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def render_analysis(analysis: Mapping[str, Any] | None) -> str:
+    """HTML for a cell's (or original's) analysis dict; the hook for later analysis content.
+
+    Known keys: ``top_classes`` — list of ``[label, prob]`` rendered as a ranked list.
+    Any other key is rendered as ``key: value``. Everything is escaped.
+    """
+    if not analysis:
+        return ""
+    parts = []
+    top = analysis.get("top_classes")
+    if top:
+        items = "".join(f"<li>{_esc(lab)} <span class=meta-inline>{float(p) * 100:.1f}%</span></li>"
+                        if isinstance(p, (int, float)) else f"<li>{_esc(lab)}</li>" for lab, p in top)
+        parts.append(f'<ol class="analysis top-classes">{items}</ol>')
+    rest = {k: v for k, v in analysis.items() if k != "top_classes"}
+    if rest:
+        items = "".join(f"<li>{_esc(k)}: {_esc(_fmt_value(v))}</li>" for k, v in rest.items())
+        parts.append(f'<ul class="analysis">{items}</ul>')
+    return "".join(parts)
+
+
+def _cell_analysis(cell: Mapping, extra: Mapping | None) -> dict:
+    out: dict = {}
+    if cell.get("top_classes"):
+        out["top_classes"] = cell["top_classes"]
+    out.update(cell.get("analysis") or {})
+    if extra:
+        out.update(extra.get(str(cell.get("id")), {}) or {})
+    return out
+
+
+def _painting_names(manifest: Mapping) -> list[str]:
+    names = list((manifest.get("paintings") or {}).keys())
+    for c in manifest.get("cells") or []:
+        if c.get("painting") not in names:
+            names.append(c.get("painting"))
+    return [str(n) for n in names]
+
+
+def _varying_hyper(cells: Sequence[Mapping]) -> tuple[list[str], dict]:
+    """Hyperparameter names whose value differs between cells, and the shared ones."""
+    keys = _union_keys(c.get("hyper") for c in cells)
+    varying, shared = [], {}
+    for k in keys:
+        vals = {json.dumps((c.get("hyper") or {}).get(k), sort_keys=True, default=str) for c in cells}
+        if len(vals) > 1:
+            varying.append(k)
+        else:
+            shared[k] = (cells[0].get("hyper") or {}).get(k)
+    return varying, shared
+
+
+def _rel_if_file(sweep_dir: Path, rel: Any) -> str | None:
+    if not rel or not isinstance(rel, str):
+        return None
+    return rel if (sweep_dir / rel).is_file() else None
+
+
+def _ensure_thumbnail(sweep_dir: Path, name: str, painting: Mapping | None,
+                      pixels: np.ndarray | None = None) -> str | None:
+    rel = f"originals/{safe_name(name)}.jpg"
+    target = sweep_dir / rel
+    if pixels is None and target.is_file():
+        return rel
+    if pixels is None and painting and painting.get("path") and painting.get("status", "ok") == "ok":
+        try:
+            pixels = np.asarray(_images.load_painting(painting["path"]).pixels)
+        except (_images.ImageError, OSError):
+            pixels = None
+    if pixels is None:
+        return rel if target.is_file() else None
+    arr = _as_rgb(pixels)
+    h, w = arr.shape[:2]
+    if max(h, w) > THUMB_SIDE:
+        arr = _images.resize_uint8(arr, _scaled_hw(h, w, THUMB_SIDE))
+    _images.save_jpeg(target, arr, quality=88)
+    return rel
+
+
+def _scaled_hw(h: int, w: int, long_side: int) -> tuple[int, int]:
+    s = long_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[str, Mapping] | None = None,
+                  analysis_md_path: PathLike | None = None, title: str | None = None) -> Path:
+    """Write ``sweep_dir/index.html``: a static, self-contained gallery of the sweep.
+
+    One row per painting: original thumbnail (``originals/<name>.jpg``, created from
+    the painting's path when missing), then each cell's dream captioned with its label
+    and the hyperparameters that vary across the sweep (shared ones are listed once in
+    the header); a dream links to its iteration GIF. Failed cells are red boxes with
+    the escaped error. Only files that exist are linked, all links are relative.
+
+    Analysis hook: per cell, ``cell["top_classes"]``, ``cell["analysis"]`` and
+    ``analysis[cell_id]`` (merged, later wins) are rendered by :func:`render_analysis`
+    under the dream; a painting's ``top_classes``/``analysis`` under its original;
+    ``analysis_md_path`` (or ``manifest["analysis_md"]``) is linked from the header.
+    """
+    sweep_dir = Path(sweep_dir)
+    cells = list(manifest.get("cells") or [])
+    paintings = dict(manifest.get("paintings") or {})
+    varying, shared = _varying_hyper(cells) if cells else ([], {})
+    status_counts: dict[str, int] = {}
+    for c in cells:
+        status_counts[str(c.get("status"))] = status_counts.get(str(c.get("status")), 0) + 1
+    p_failed = sum(1 for p in paintings.values() if p.get("status") == "failed")
+    title = title or f"dreamjax sweep · {sweep_dir.resolve().name}"
+
+    out: list[str] = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>{_esc(title)}</h1><dl class=facts>",
+    ]
+    wid = str(manifest.get("weights_id") or "")
+    facts = [
+        ("backbone", _esc(manifest.get("backbone", "?"))),
+        ("weights", f'<code title="{_esc(wid)}">{_esc(wid[:16] + ("…" if len(wid) > 16 else ""))}</code>'),
+        ("dreamjax", _esc(manifest.get("dreamjax_version", "?"))),
+        ("created", _esc(manifest.get("created", "?"))),
+        ("paintings", f"{len(paintings) - p_failed} ok, {p_failed} failed" if paintings else "0"),
+        ("cells", f"{len(cells)} total: " + ", ".join(f"{v} {_esc(k)}" for k, v in sorted(status_counts.items()))),
+    ]
+    total = {k: sum(float((c.get("seconds") or {}).get(k) or 0) for c in cells)
+             for k in _union_keys(c.get("seconds") for c in cells)}
+    if total:
+        facts.append(("seconds", ", ".join(f"{_esc(k)} {v:.1f}" for k, v in total.items())))
+    out += [f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts] + ["</dl><nav>"]
+    for rel, text in [("summary.csv", "summary.csv"), ("manifest.json", "manifest.json"),
+                      ("grids/all_cells.jpg", "all cells (contact sheet)")]:
+        if (sweep_dir / rel).is_file():
+            out.append(f'<a href="{_href(rel)}">{_esc(text)}</a>')
+    md = analysis_md_path or manifest.get("analysis_md")
+    if md:
+        md_path = Path(md) if Path(md).is_absolute() else sweep_dir / md
+        if md_path.is_file():
+            out.append(f'<a href="{_href(os.path.relpath(md_path, sweep_dir))}">analysis</a>')
+    out.append("</nav>")
+    if shared:
+        out.append("<p class=shared>shared settings: " + _esc(", ".join(f"{k}={_fmt_value(v)}"
+                                                                         for k, v in shared.items())) + "</p>")
+    out.append("</header><main>")
+
+    for name in _painting_names(manifest):
+        p = paintings.get(name) or {}
+        pcells = [c for c in cells if str(c.get("painting")) == name]
+        size = p.get("size")
+        sub = f" <small>{int(size[0])}×{int(size[1])}</small>" if size and len(size) == 2 else ""
+        out.append(f'<section class=painting id="p-{_esc(safe_name(name))}"><h2>{_esc(name)}{sub}</h2>')
+        if p.get("notes"):
+            out.append("<p class=notes>" + _esc("; ".join(map(str, p["notes"]))) + "</p>")
+        grid_rel = f"grids/{safe_name(name)}.jpg"
+        if (sweep_dir / grid_rel).is_file():
+            out.append(f'<p class=links><a href="{_href(grid_rel)}">comparison grid</a></p>')
+        if p.get("status") == "failed":
+            out.append("<div class=painting-error><strong>painting failed</strong>"
+                       f"<pre>{_esc(p.get('error'))}</pre></div>")
+        out.append("<div class=row>")
+        thumb = _ensure_thumbnail(sweep_dir, name, p) if p.get("status") != "failed" else None
+        if thumb:
+            out.append(f'<figure class=original><a href="{_href(thumb)}"><img src="{_href(thumb)}" '
+                       f'alt="original {_esc(name)}"></a><figcaption><b>original</b>'
+                       f'{render_analysis(_cell_analysis(p, None))}</figcaption></figure>')
+        for c in pcells:
+            out.append(_cell_html(sweep_dir, c, varying, analysis))
+        out.append("</div></section>")
+    now = _dt.datetime.now().isoformat(timespec="seconds")
+    out.append(f"</main><footer>written by dreamjax.report at {_esc(now)}</footer></body></html>")
+    return _images.atomic_write_text(sweep_dir / "index.html", "\n".join(out) + "\n")
+
+
+def _cell_html(sweep_dir: Path, c: Mapping, varying: Sequence[str], analysis: Mapping | None) -> str:
+    o = c.get("outputs") or {}
+    label = c.get("label") or c.get("layers") or c.get("id")
+    status = str(c.get("status") or "pending")
+    hyper = c.get("hyper") or {}
+    hyper_txt = ", ".join(f"{k}={_fmt_value(hyper[k])}" for k in varying if k in hyper)
+    meta = []
+    if isinstance(c.get("final_loss"), (int, float)):
+        meta.append(f"loss {c['final_loss']:.4g}")
+    secs = c.get("seconds") or {}
+    if secs:
+        meta.append(" + ".join(f"{k} {float(v):.1f}s" for k, v in secs.items() if isinstance(v, (int, float))))
+    dream = _rel_if_file(sweep_dir, o.get("dream")) if status == "done" else None
+    gif = _rel_if_file(sweep_dir, o.get("gif"))
+    if dream:
+        target = gif or dream
+        tip = "open the iteration GIF" if gif else "open the dream"
+        body = (f'<a href="{_href(target)}" title="{tip}"><img src="{_href(dream)}" loading="lazy" '
+                f'alt="{_esc(label)}"></a>')
+    elif status == "failed":
+        body = f"<div class=box><strong>FAILED</strong><pre>{_esc(c.get('error') or 'no error recorded')}</pre></div>"
+    elif status == "done":
+        body = "<div class='box pending'><strong>missing output</strong><pre>dream image not found</pre></div>"
+    else:
+        body = f"<div class='box pending'><strong>{_esc(status)}</strong></div>"
+    links = []
+    for key, text in [("dream", "png"), ("gif", "gif"), ("losses", "losses"), ("config", "config")]:
+        rel = _rel_if_file(sweep_dir, o.get(key))
+        if rel:
+            links.append(f'<a href="{_href(rel)}">{text}</a>')
+    cap = [f"<b>{_esc(label)}</b>"]
+    if hyper_txt:
+        cap.append(f"<span class=hyper>{_esc(hyper_txt)}</span>")
+    if meta:
+        cap.append(f"<span class=meta>{_esc(' · '.join(meta))}</span>")
+    if links:
+        cap.append(f"<span class=links>{''.join(links)}</span>")
+    cap.append(render_analysis(_cell_analysis(c, analysis)))
+    return (f'<figure class="cell {_esc(status)}" id="cell-{_esc(c.get("id"))}">{body}'
+            f"<figcaption>{''.join(cap)}</figcaption></figure>")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole report
+
+
+def _read_rgb(path: Path) -> np.ndarray | str:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        return f"unreadable output ({type(e).__name__})"
+
+
+def _cell_figure_image(sweep_dir: Path, c: Mapping) -> CellImage:
+    status = str(c.get("status") or "pending")
+    if status == "failed":
+        return f"failed: {' '.join(str(c.get('error') or '').split())}"
+    rel = (c.get("outputs") or {}).get("dream")
+    if status == "done" and rel and (sweep_dir / rel).is_file():
+        return _read_rgb(sweep_dir / rel)
+    return "missing output" if status == "done" else status
+
+
+def _shrink(img: CellImage, cell_height: int) -> CellImage:
+    """Downscale early (memory): height to ``cell_height``; figures fit it into its box later."""
+    if not isinstance(img, np.ndarray) or img.shape[0] <= cell_height:
+        return img
+    h, w = img.shape[:2]
+    return _images.resize_uint8(_as_rgb(img), (cell_height, max(1, round(w * cell_height / h))))
+
+
+def _sheet_cell_height(aspects: Sequence[float], ncols: int, nrows: int, wanted: int) -> int:
+    """Largest cell height <= wanted keeping the contact sheet under MAX_SHEET_SIDE."""
+    a = min(max(list(aspects) + [1.0]), 2.5)
+    h = wanted
+    while h > 32:
+        m = max(8, h // 16)
+        width = 2 * m + 1.5 * h + m + ncols * (a * h + m)
+        height = 2 * m + nrows * (h + 4 * m + 3 * (h / 14 * 1.3))
+        if width <= MAX_SHEET_SIDE and height <= MAX_SHEET_SIDE:
+            break
+        h = int(h * 0.85)
+    return max(32, h)
+
+
+def write_sweep_report(sweep_dir: PathLike, manifest: Mapping, originals: Mapping[str, np.ndarray], *,
+                       cell_height: int = 256, sheet_cell_height: int = 160,
+                       analysis: Mapping[str, Mapping] | None = None,
+                       analysis_md_path: PathLike | None = None) -> dict[str, Any]:
+    """Write grids/<painting>.jpg, grids/all_cells.jpg, originals/, summary.csv and index.html.
+
+    ``originals``: painting name -> uint8 pixels (as loaded); a painting missing from
+    it is re-read from its manifest path. Columns follow the manifest's cell order,
+    captioned by ``cell["label"]``. Returns ``{"grids": {name: path}, "originals":
+    {name: path}, "all_cells": path, "summary_csv": path, "index_html": path}``.
+    """
+    sweep_dir = Path(sweep_dir)
+    cells = list(manifest.get("cells") or [])
+    paintings = dict(manifest.get("paintings") or {})
+    names = _painting_names(manifest)
+    written: dict[str, Any] = {"grids": {}, "originals": {}}
+
+    def shape_of(name: str) -> tuple[int, int] | None:
+        if name in originals and originals[name] is not None:
+            return tuple(np.asarray(originals[name]).shape[:2])
+        size = (paintings.get(name) or {}).get("size")
+        return (int(size[1]), int(size[0])) if size else None
+
+    ncols = max([sum(1 for c in cells if str(c.get("painting")) == n) for n in names] or [0]) + 1
+    aspects = [s[1] / s[0] for s in map(shape_of, names) if s]
+    sheet_h = _sheet_cell_height(aspects, ncols, len(names), sheet_cell_height)
+
+    sheet_rows = []
+    for name in names:
+        p = paintings.get(name) or {}
+        pcells = [c for c in cells if str(c.get("painting")) == name]
+        orig: CellImage = originals.get(name)
+        if orig is None and p.get("status") != "failed":
+            rel = _ensure_thumbnail(sweep_dir, name, p)
+            orig = _read_rgb(sweep_dir / rel) if rel else "original unavailable"
+        elif orig is not None:
+            rel = _ensure_thumbnail(sweep_dir, name, p, pixels=np.asarray(orig))
+        else:
+            rel = None
+            orig = f"failed: {' '.join(str(p.get('error') or '').split())}"
+        if rel:
+            written["originals"][name] = sweep_dir / rel
+        columns = [(str(c.get("label") or c.get("layers") or c.get("id")), _cell_figure_image(sweep_dir, c))
+                   for c in pcells]
+        columns = [(cap, _shrink(img, cell_height)) for cap, img in columns]
+        orig = _shrink(orig, cell_height)
+        if pcells or isinstance(orig, np.ndarray):
+            grid = comparison_grid(orig, columns, title=name, cell_height=cell_height)
+            path = sweep_dir / "grids" / f"{safe_name(name)}.jpg"
+            _images.save_jpeg(path, np.asarray(grid), quality=90)
+            written["grids"][name] = path
+        sheet_rows.append((name, [("original", _shrink(orig, sheet_h))]
+                           + [(cap, _shrink(img, sheet_h)) for cap, img in columns]))
+    if sheet_rows:
+        sheet = contact_sheet(sheet_rows, cell_height=sheet_h, title=_sheet_title(manifest))
+        written["all_cells"] = _images.save_jpeg(sweep_dir / "grids" / "all_cells.jpg", np.asarray(sheet), quality=88)
+    written["summary_csv"] = write_summary_csv(sweep_dir / "summary.csv", cells)
+    written["index_html"] = write_gallery(sweep_dir, manifest, analysis=analysis, analysis_md_path=analysis_md_path)
+    return written
+
+
+def _sheet_title(manifest: Mapping) -> str:
+    bits = [f"dreamjax {manifest.get('dreamjax_version', '')}".strip(), str(manifest.get("backbone") or "")]
+    if manifest.get("created"):
+        bits.append(str(manifest["created"]))
+    return " · ".join(b for b in bits if b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional plots (matplotlib imported lazily)
+
+
+def _loss_series(obj: Any) -> dict[str, list[float]]:
+    """Best-effort reading of a losses.json: {"total": [...], "mixed4": [...]} or a list of
+    per-step dicts or a bare list of totals."""
+    if isinstance(obj, Mapping):
+        if "steps" in obj and isinstance(obj["steps"], list):
+            return _loss_series(obj["steps"])
+        return {str(k): [float(x) for x in v] for k, v in obj.items()
+                if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
+    if isinstance(obj, list) and obj and all(isinstance(x, Mapping) for x in obj):
+        keys = _union_keys(obj)
+        return {k: [float(d[k]) for d in obj if isinstance(d.get(k), (int, float))] for k in keys
+                if any(isinstance(d.get(k), (int, float)) for d in obj)}
+    if isinstance(obj, list) and all(isinstance(x, (int, float)) for x in obj):
+        return {"total": [float(x) for x in obj]}
+    return {}
+
+
+def plot_losses(sweep_dir: PathLike, manifest: Mapping, path: PathLike, series: str = "total") -> Path | None:
+    """Loss curves of every done cell (one line per cell) into a PNG; needs matplotlib.
+
+    Returns None when no cell has a readable losses.json containing ``series``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    sweep_dir = Path(sweep_dir)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    n = 0
+    for c in manifest.get("cells") or []:
+        rel = (c.get("outputs") or {}).get("losses")
+        if c.get("status") != "done" or not rel or not (sweep_dir / rel).is_file():
+            continue
+        try:
+            s = _loss_series(json.loads((sweep_dir / rel).read_text())).get(series)
+        except (OSError, ValueError):
+            continue
+        if s:
+            ax.plot(s, label=f"{c.get('painting')} · {c.get('label') or c.get('id')}", linewidth=1)
+            n += 1
+    if not n:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{series} loss")
+    ax.spines[["top", "right"]].set_visible(False)
+    if n <= 12:
+        ax.legend(fontsize=8, frameon=False)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return _images.atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,451 @@
+"""Executes cells: loads paintings, groups cells into batches, runs the engine, writes outputs.
+
+The same code serves a single run (one job, several paintings), the batched multirun
+launcher (all jobs' cells at once) and the ``basic`` launcher (one job per call).
+
+Per cell, in ``<job_dir>/<painting>/``: ``dream.png``, ``octave_<i>.png``, ``frames.gif``,
+``losses.json``, ``cell.yaml`` (the cell's settings) and, written last, ``cell.json``: the
+cell's record (status, outputs with their sha256, losses, times). A cell is complete when its
+``cell.json`` says "done", its fingerprint matches and every output's hash checks out; resume
+skips exactly those cells.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from dreamjax import grid, images
+from dreamjax.grid import Cell
+
+log = logging.getLogger("dreamjax")
+
+BUNDLED = Path(__file__).resolve().parent / "data" / "paintings"
+CELL_RECORD = "cell.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+def resolve_paintings(paths: Any) -> list[Path]:
+    """``data.paths`` -> painting files. "bundled" (or "bundled/<file>") names the shipped ones."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    specs = []
+    for p in paths:
+        s = str(p)
+        if s == "bundled":
+            s = str(BUNDLED)
+        elif s.startswith("bundled/"):
+            s = str(BUNDLED / s[len("bundled/"):])
+        specs.append(s)
+    try:
+        return images.find_paintings(specs)
+    except ValueError as e:
+        raise grid.ConfigError(f"data.paths: {e}") from None
+
+
+def setup_jax_cache(path: str | None = None):
+    """Persistent compilation cache: rerunning or extending a sweep does not compile again."""
+    import jax
+
+    from dreamjax.weights.store import cache_dir
+
+    path = path or os.environ.get("DREAMJAX_JAX_CACHE") or str(cache_dir() / "jax-cache")
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class CompileLog:
+    """Counts and times XLA compilations (jax.monitoring), and logs each one."""
+
+    _listeners: list = []
+
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        self.seconds = 0.0
+        if not CompileLog._listeners:
+            jax.monitoring.register_event_duration_secs_listener(CompileLog._dispatch)
+        CompileLog._listeners.append(self)
+
+    @staticmethod
+    def _dispatch(event, duration, **kw):
+        if event.endswith("backend_compile_duration"):
+            for lst in CompileLog._listeners:
+                lst.count += 1
+                lst.seconds += duration
+                if duration > 1.0:
+                    log.info("compiled a program in %.1f s", duration)
+
+    def close(self):
+        if self in CompileLog._listeners:
+            CompileLog._listeners.remove(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Completion records
+# ----------------------------------------------------------------------------------------------
+def read_record(cell: Cell) -> dict | None:
+    try:
+        return json.loads((cell.out_dir / CELL_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(cell: Cell) -> bool:
+    """Done, same settings, and every output present with the hash recorded when written."""
+    rec = read_record(cell)
+    if not rec or rec.get("status") != "done" or rec.get("fingerprint") != cell.fingerprint():
+        return False
+    for rel, digest in rec.get("hashes", {}).items():
+        p = Path(cell.job_dir) / rel
+        if not p.is_file() or images.file_sha256(p) != digest:
+            return False
+    return True
+
+
+def _record_base(cell: Cell) -> dict:
+    return {
+        "id": cell.id, "job": cell.job, "job_dir": cell.job_dir, "painting": cell.painting,
+        "painting_path": cell.painting_path, "layers": cell.layers, "label": cell.label,
+        "taps": list(cell.taps), "layer_weights": list(cell.layer_weights), "preset": cell.preset,
+        "hyper": {"step_size": cell.step_size, "max_loss": None if math.isinf(cell.max_loss) else cell.max_loss,
+                  "jitter": cell.jitter, "iterations": cell.iterations, "seed": cell.seed,
+                  "image_size": cell.image_size},
+        "static": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cell.static},
+        "backbone": cell.backbone, "overrides": list(cell.overrides), "fingerprint": cell.fingerprint(),
+    }
+
+
+def write_failed(cell: Cell, error: str):
+    rec = _record_base(cell) | {"status": "failed", "error": error, "outputs": {}, "hashes": {}}
+    cell.out_dir.mkdir(parents=True, exist_ok=True)
+    images.write_json(cell.out_dir / CELL_RECORD, rec)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Execution
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunOptions:
+    batch_size: int = 8
+    octave_images: bool = True
+    gif: bool = True
+    gif_max_side: int = 256
+    gif_frame_ms: int = 120
+    checkpoint: bool = True
+    every_steps: int = 10
+    max_to_keep: int = 2
+    max_pixels: int = 64_000_000
+    upscale_small: bool = True
+    checkpoint_root: str | None = None  # default: <first job dir's parent>/.checkpoints
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "RunOptions":
+        o, c, d = cfg.get("outputs", {}) or {}, cfg.get("checkpoint", {}) or {}, cfg.get("data", {}) or {}
+        return cls(
+            batch_size=int(cfg.get("batch_size", 8)),
+            octave_images=bool(o.get("octave_images", True)), gif=bool(o.get("gif", True)),
+            gif_max_side=int(o.get("gif_max_side", 256)), gif_frame_ms=int(o.get("gif_frame_ms", 120)),
+            checkpoint=bool(c.get("enabled", True)), every_steps=int(c.get("every_steps", 10)),
+            max_to_keep=int(c.get("max_to_keep", 2)), max_pixels=int(d.get("max_pixels", 64_000_000)),
+            upscale_small=bool(d.get("upscale_small", True)))
+
+
+class Executor:
+    """Runs cells in batches. Backbones and compiled programs are cached across batches."""
+
+    def __init__(self, options: RunOptions, stop_requested: Callable[[], bool] = lambda: False):
+        self.opt = options
+        self.stop_requested = stop_requested
+        self._backbones: dict = {}
+        self._dreamers: dict = {}
+        self.compiles = CompileLog()
+        self.stats = {"cells_done": 0, "cells_failed": 0, "cells_skipped": 0, "batches": 0, "groups": 0,
+                      "programs": 0, "cell_steps": 0, "seconds": 0.0}
+
+    # --- cached resources -----------------------------------------------------------------------
+    def backbone(self, name: str, weights: str):
+        from dreamjax.models.registry import load_backbone
+
+        key = (name, weights)
+        if key not in self._backbones:
+            t = time.perf_counter()
+            self._backbones[key] = load_backbone(name, weights=weights)
+            log.info("loaded backbone %s (%s) in %.1f s", name, self._backbones[key].weights_id[:12],
+                     time.perf_counter() - t)
+        return self._backbones[key]
+
+    def dreamer(self, cell: Cell, capacity: int, shape: tuple[int, int]):
+        from dreamjax import dream
+
+        key = cell.signature() + (capacity,)
+        if key not in self._dreamers:
+            bb = self.backbone(cell.backbone, cell.weights)
+            cfg, plan = dream_settings(cell, bb, shape)
+            self._dreamers[key] = dream.Dreamer(bb, cfg, plan, capacity)
+        return self._dreamers[key]
+
+    # --- the whole job ---------------------------------------------------------------------------
+    def run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
+        """Dream every cell; returns their records (done, failed or skipped-as-complete)."""
+        from dreamjax import dream
+
+        t0 = time.perf_counter()
+        records: dict[str, dict] = {}
+        todo = []
+        for c in cells:
+            if is_complete(c):
+                records[c.id] = read_record(c) | {"skipped": True}
+                self.stats["cells_skipped"] += 1
+            else:
+                todo.append(c)
+
+        # Load each painting once; a bad painting fails its cells, the rest go on.
+        loaded: dict[str, Any] = {}
+        buckets = []
+        for c in todo:
+            if c.painting_path not in loaded:
+                loaded[c.painting_path] = self._load(c)
+            p = loaded[c.painting_path]
+            if isinstance(p, str):
+                records[c.id] = write_failed(c, p)
+                self.stats["cells_failed"] += 1
+                continue
+            h, w = p.pixels.shape[:2]
+            buckets.append((c, images.bucket_shape(h, w, c.image_size)))
+
+        groups = grid.group_cells(buckets)
+        self.stats["groups"] += len(groups)
+        total_steps = sum(_cell_steps(c, key[-1]) for key, cs in groups.items() for c in cs)
+        bar = _progress(total_steps, self.opt.progress)
+        for key, group_cells in groups.items():
+            shape = key[-1]
+            capacity = max(c.iterations for c in group_cells)
+            try:
+                dreamer = self.dreamer(group_cells[0], capacity, shape)
+            except (ValueError, dream.DreamSettingsError) as e:
+                for c in group_cells:
+                    records[c.id] = write_failed(c, f"{type(e).__name__}: {e}")
+                    self.stats["cells_failed"] += 1
+                continue
+            # Every batch of a group has the same length (the last one padded), so one program.
+            length = pad_to(min(self.opt.batch_size, len(group_cells)), _device_count())
+            for batch in grid.batches(group_cells, self.opt.batch_size):
+                if self.stop_requested():
+                    break
+                for rec in self._run_batch(dreamer, batch, loaded, shape, bar, checkpoint_root, length):
+                    records[rec["id"]] = rec
+        bar.close()
+        self.stats["programs"] = sum(d.programs() for d in self._dreamers.values())
+        self.stats["seconds"] += time.perf_counter() - t0
+        return [records[c.id] for c in cells if c.id in records]
+
+    def _load(self, cell: Cell):
+        from dreamjax.models.registry import get_spec
+
+        try:
+            min_size = get_spec(cell.backbone).min_size
+            return images.load_painting(cell.painting_path, max_pixels=self.opt.max_pixels, min_size=min_size,
+                                        upscale_small=self.opt.upscale_small)
+        except images.ImageError as e:
+            log.warning("painting refused: %s", e)
+            return f"ImageError: {e}"
+
+    # --- one batch ---------------------------------------------------------------------------------
+    def _run_batch(self, dreamer, batch: list[Cell], loaded, shape, bar, checkpoint_root, length) -> list[dict]:
+        from dreamjax import checkpoint, dream
+
+        bb = dreamer.backbone
+        n_real = len(batch)
+        padded = batch + [batch[-1]] * (length - n_real)
+        pixels = np.stack([images.resize_uint8(loaded[c.painting_path].pixels, shape) for c in padded])
+        originals = np.asarray(bb.preprocess(pixels))
+        iterations = [c.iterations for c in batch] + [0] * (len(padded) - n_real)  # padding cells idle
+        params = dream.CellParams.make(
+            [c.layer_weights for c in padded], [c.step_size for c in padded], [c.max_loss for c in padded],
+            [c.jitter for c in padded], iterations, seed=[c.key_seed() for c in padded])
+        params = shard_batch(params)
+        originals = shard_batch(originals)
+        t_start = time.perf_counter()
+        compiles_before = self.compiles.seconds
+        try:
+            run = dream.DreamRun(dreamer, originals, params)
+        except dream.DreamSettingsError as e:
+            return [write_failed(c, f"DreamSettingsError: {e}") for c in batch]
+
+        ckpt = None
+        if self.opt.checkpoint:
+            root = Path(checkpoint_root or Path(batch[0].job_dir).parent / ".checkpoints")
+            ckpt = checkpoint.BatchCheckpointer(root / grid.batch_id(batch), batch_meta(batch, bb),
+                                                max_to_keep=self.opt.max_to_keep)
+            ckpt.restore_into(run)
+        steps_per_octave = dreamer.capacity
+        try:
+            while not run.done:
+                before = run.octave * steps_per_octave + (int(run.state.step) if run.state is not None else 0)
+                run.advance(self.opt.every_steps if ckpt else None)
+                after = run.octave * steps_per_octave + (int(run.state.step) if run.state is not None else 0)
+                bar.update(max(0, after - before) * n_real)
+                if ckpt is not None and not run.done:
+                    ckpt.save(run)
+                if self.stop_requested():
+                    if ckpt is not None:
+                        ckpt.save(run, force=True)
+                        ckpt.close()
+                    raise Interrupted(f"stopped with a checkpoint at octave {run.octave}")
+        except Interrupted:
+            raise
+        except Exception as e:  # one bad batch must not stop the sweep
+            log.exception("batch of %d cells failed", n_real)
+            if ckpt is not None:
+                ckpt.close()
+            return [write_failed(c, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    for c in batch]
+        seconds = {"run": time.perf_counter() - t_start, "compile": self.compiles.seconds - compiles_before}
+        recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)]
+        if ckpt is not None:
+            ckpt.finish()
+        self.stats["batches"] += 1
+        self.stats["cells_done"] += n_real
+        self.stats["cell_steps"] += sum(c.iterations for c in batch) * len(run.shapes)
+        return recs
+
+    def _write_cell(self, run, i: int, cell: Cell, painting, bb, seconds) -> dict:
+        out = cell.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        rel = lambda p: str(Path(p).relative_to(cell.job_dir))  # noqa: E731
+        outputs: dict[str, Any] = {}
+        to_px = lambda x: images.to_uint8(np.asarray(bb.deprocess(np.asarray(x))))  # noqa: E731
+        size = painting.original_size
+        final = images.restore_aspect(to_px(run.final[i]), size, cell.image_size)
+        outputs["dream"] = rel(images.save_png(out / "dream.png", final))
+        if self.opt.octave_images:
+            outputs["octaves"] = [rel(images.save_png(out / f"octave_{k}.png", to_px(im[i])))
+                                  for k, im in enumerate(run.octave_images)]
+        if self.opt.gif:
+            frames = [images.restore_aspect(to_px(f[i]), size, self.opt.gif_max_side)
+                      for octf in run.octave_frames for f in octf]
+            frames.append(images.restore_aspect(final, size, self.opt.gif_max_side))
+            outputs["gif"] = rel(images.save_gif(out / "frames.gif", frames, duration_ms=self.opt.gif_frame_ms,
+                                                 max_side=self.opt.gif_max_side))
+        losses = []
+        for k, (ol, sh) in enumerate(zip(run.octave_losses, run.shapes)):
+            li = np.asarray(ol)[:, i, :]
+            steps = [None if np.isnan(r).any() else [float(v) for v in r] for r in li]
+            while steps and steps[-1] is None:
+                steps.pop()
+            losses.append({"octave": k, "shape": list(sh), "per_tap": steps})
+        last = next((s for o in reversed(losses) for s in reversed(o["per_tap"]) if s is not None), None)
+        final_losses = dict(zip(cell.taps, last)) if last else {}
+        images.write_json(out / "losses.json", {"taps": list(cell.taps), "layer_weights": list(cell.layer_weights),
+                                                "octaves": losses})
+        outputs["losses"] = rel(out / "losses.json")
+        images.write_json(out / "cell_config.json", _record_base(cell))
+        outputs["config"] = rel(out / "cell_config.json")
+        hydra_cfg = Path(cell.job_dir) / ".hydra" / "config.yaml"
+        if hydra_cfg.exists():
+            outputs["hydra_config"] = rel(hydra_cfg)
+        hashed = [outputs["dream"], outputs["losses"], outputs["config"]] + outputs.get("octaves", []) + \
+            ([outputs["gif"]] if "gif" in outputs else [])
+        rec = _record_base(cell) | {
+            "status": "done", "error": None, "outputs": outputs,
+            "hashes": {r: images.file_sha256(Path(cell.job_dir) / r) for r in hashed},
+            "final_losses": final_losses,
+            "final_loss": float(np.dot(list(final_losses.values()), cell.layer_weights)) if final_losses else None,
+            "painting_sha256": painting.sha256, "painting_notes": list(painting.notes),
+            "painting_size": list(painting.original_size), "weights_id": bb.weights_id,
+            "bucket": list(run.originals.shape[1:3]), "seconds": seconds,
+        }
+        images.write_json(out / CELL_RECORD, rec)  # last: marks the cell complete
+        return rec
+
+
+class Interrupted(RuntimeError):
+    """A stop was requested (SIGTERM/SIGINT); in-flight batches were checkpointed."""
+
+
+def batch_meta(batch: Sequence[Cell], bb) -> dict:
+    from dreamjax import __version__
+
+    return {"batch_id": grid.batch_id(batch), "cells": [c.id for c in batch],
+            "fingerprints": [c.fingerprint() for c in batch], "weights_id": bb.weights_id,
+            "dreamjax_version": __version__}
+
+
+def dream_settings(cell: Cell, bb, shape):
+    """Cell's static settings -> (DreamConfig, OctavePlan) for its backbone and bucket shape."""
+    from dreamjax import dream
+
+    s = cell.static_dict()
+    if s["octaves"] is not None:
+        plan = dream.OctavePlan(tuple(s["octaves"]), float(s["octave_scale"]), s["octave_detail"])
+    else:
+        plan = dream.OctavePlan.keras(int(s["num_octaves"]), float(s["octave_scale"]), s["octave_detail"])
+    tile = s["tile_size"]
+    if tile == "auto":
+        tile = auto_tile_size(bb, cell.taps, shape, budget_gb=4.0)
+    cfg = dream.DreamConfig(
+        taps=bb.check_taps(cell.taps), norm=s["norm"], objective=s["objective"], border=int(s["border"]),
+        frame_every=int(s["frame_every"] or 0), clip=bool(s["clip"]), value_range=tuple(bb.value_range),
+        tile_size=int(tile), optimizer=s["optimizer"], grad_clip=float(s["grad_clip"] or 0),
+        compute_dtype=s["compute_dtype"], straight_through=cell.straight_through)
+    return cfg, plan
+
+
+def auto_tile_size(bb, taps, shape, budget_gb: float) -> int:
+    """Largest tile whose per-cell backward pass fits the budget (0 = untiled fits)."""
+    per_pixel = 6e3  # bytes of activations+gradients per input pixel, measured for InceptionV3 (bench)
+    h, w = shape
+    if h * w * per_pixel <= budget_gb * 2**30:
+        return 0
+    t = int(math.sqrt(budget_gb * 2**30 / per_pixel))
+    return max(bb.min_size * 2, (t // 64) * 64)
+
+
+def _cell_steps(cell: Cell, shape) -> int:
+    s = cell.static_dict()
+    n = len(s["octaves"]) if s["octaves"] is not None else int(s["num_octaves"])
+    return cell.iterations * n
+
+
+def pad_to(n: int, devices: int) -> int:
+    """Round a batch length up to a multiple of the local device count."""
+    return int(math.ceil(n / devices) * devices)
+
+
+def _device_count() -> int:
+    import jax
+
+    return jax.local_device_count()
+
+
+def shard_batch(tree):
+    """Place the batch axis across all local devices (a 1-D mesh); replicated on one device."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return tree
+    mesh = Mesh(np.array(devices), ("batch",))
+    sharding = NamedSharding(mesh, P("batch"))
+    return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a), sharding), tree)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="cell-step", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
