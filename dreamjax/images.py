@@ -138,9 +138,13 @@ def load_painting(
         raise ImageError(path, f"{w}x{h} = {w * h:,} pixels exceeds max_pixels={max_pixels:,} "
                          "(possible decompression bomb)", "downscale the image or raise max_pixels")
 
-    n_frames = int(getattr(im, "n_frames", 1) or 1)
+    try:  # counting frames scans the file; a broken tail must not escape as a bare OSError
+        n_frames = int(getattr(im, "n_frames", 1) or 1)
+        if n_frames > 1:
+            im.seek(0)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(path, f"corrupt or truncated animation ({e})", _FIX_REEXPORT) from None
     if n_frames > 1:
-        im.seek(0)
         fmt = im.format or "image"
         kind = "animated" if fmt in ("GIF", "PNG", "WEBP") else "multi-frame"
         notes.append(f"{kind} {fmt}: used frame 1 of {n_frames}")

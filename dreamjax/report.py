@@ -540,7 +540,8 @@ def _cell_html(sweep_dir: Path, c: Mapping, varying: Sequence[str], analysis: Ma
     else:
         body = f"<div class='box pending'><strong>{_esc(status)}</strong></div>"
     links = []
-    for key, text in [("dream", "png"), ("gif", "gif"), ("losses", "losses"), ("config", "config")]:
+    for key, text in [("dream", "png"), ("gif", "gif"), ("losses", "losses"), ("config", "config"),
+                      ("hydra_config", "hydra")]:
         rel = _rel_if_file(sweep_dir, o.get(key))
         if rel:
             links.append(f'<a href="{_href(rel)}">{text}</a>')
@@ -676,6 +677,8 @@ def _loss_series(obj: Any) -> dict[str, list[float]]:
     """Best-effort reading of a losses.json: {"total": [...], "mixed4": [...]} or a list of
     per-step dicts or a bare list of totals."""
     if isinstance(obj, Mapping):
+        if isinstance(obj.get("octaves"), list) and obj.get("taps"):  # dreamjax.run's format
+            return _octave_loss_series(obj)
         if "steps" in obj and isinstance(obj["steps"], list):
             return _loss_series(obj["steps"])
         return {str(k): [float(x) for x in v] for k, v in obj.items()
@@ -687,6 +690,18 @@ def _loss_series(obj: Any) -> dict[str, list[float]]:
     if isinstance(obj, list) and all(isinstance(x, (int, float)) for x in obj):
         return {"total": [float(x) for x in obj]}
     return {}
+
+
+def _octave_loss_series(obj: Mapping) -> dict[str, list[float]]:
+    """{"taps", "layer_weights", "octaves": [{"per_tap": [[loss per tap] per step]}]} -> series
+    per tap and "total" (= sum of layer_weight * tap loss), steps of all octaves concatenated."""
+    taps = [str(t) for t in obj["taps"]]
+    weights = [float(w) for w in obj.get("layer_weights") or [1.0] * len(taps)]
+    rows = [r for o in obj["octaves"] if isinstance(o, Mapping) for r in (o.get("per_tap") or [])
+            if r is not None and len(r) == len(taps)]
+    out = {t: [float(r[j]) for r in rows] for j, t in enumerate(taps)}
+    out["total"] = [sum(w * float(v) for w, v in zip(weights, r)) for r in rows]
+    return out
 
 
 def plot_losses(sweep_dir: PathLike, manifest: Mapping, path: PathLike, series: str = "total") -> Path | None:

@@ -222,3 +222,8 @@ def test_plot_losses(tmp_path):
     p = report.plot_losses(tmp_path, manifest, tmp_path / "losses.png")
     assert p is not None and Image.open(p).size[0] > 100
     assert report.plot_losses(tmp_path, manifest, tmp_path / "x.png", series="nope") is None
+    run_format = {"taps": ["mixed4", "mixed5"], "layer_weights": [1.0, 2.0],
+                  "octaves": [{"octave": 0, "shape": [8, 8], "per_tap": [[1.0, 2.0], [2.0, 3.0]]},
+                              {"octave": 1, "shape": [12, 12], "per_tap": [[3.0, 4.0]]}]}
+    assert report._loss_series(run_format) == {"mixed4": [1.0, 2.0, 3.0], "mixed5": [2.0, 3.0, 4.0],
+                                               "total": [5.0, 8.0, 11.0]}

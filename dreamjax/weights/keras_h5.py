@@ -43,7 +43,7 @@ KERAS_CLASS = {"conv": "conv2d", "bn": "batch_normalization", "dense": "dense"}
 
 @functools.lru_cache(maxsize=None)
 def expected_layers(include_top: bool):
-    """``[(flax unit path, kind, [(variable path, shape), ...]), ...]`` in Keras' order."""
+    """``[("block/unit/kind", kind, [(variable path, shape), ...]), ...]`` in Keras' order."""
     import jax
     import jax.numpy as jnp
 
@@ -60,7 +60,7 @@ def expected_layers(include_top: bool):
             for key in (*unit, *leaf):
                 node = node[key]
             leaves.append(((collection, *unit, *leaf), tuple(node.shape)))
-        out.append(("/".join(unit), kind, leaves))
+        out.append(("/".join(entry), kind, leaves))
     return out
 
 
@@ -91,7 +91,7 @@ def convert(layers: Sequence[Layer], include_top: bool, source: str = "<weights>
     missing = [unit for unit, _, _ in expected[len(layers):]]
     if not include_top and len(extra) == 1 and [np.shape(a) for a in layers[-1][1]] == [(2048, 1000), (1000,)]:
         extra = []  # the classifier of a full file, not needed here
-    if missing == ["predictions"]:
+    if missing == ["predictions/dense"]:
         raise WeightsError(f"{source}: has no classifier top (a 'notop' file, {len(layers)} weighted layers) "
                            "but include_top=True was asked; use the full weights file or include_top=False")
     if missing or extra:
