@@ -1,85 +1,148 @@
 """Orbax checkpoints of in-flight batches, so a killed sweep resumes exactly.
 
-One ``CheckpointManager`` per batch, in ``<sweep>/.checkpoints/<batch_id>/``. A checkpoint
-holds the whole :class:`~dreamjax.dream.DreamRun` state as a flat dict of arrays (current
-octave image, optimizer state, step, stop masks, loss and frame buffers, every finished
-octave's image, losses and frames; the PRNG keys are part of the batch's parameters and are
-rebuilt from the cells) plus a JSON ``meta`` item naming the batch: which cells, in which
-order, their fingerprints, the weights and the dreamjax version. A checkpoint whose meta
-does not match, or that cannot be read, is refused with a message and the batch restarts
-from its beginning; nothing else is touched.
+One ``CheckpointManager`` per batch, in ``<sweep>/.checkpoints/<batch_id>/`` (absolute path).
+A checkpoint holds the whole :class:`~dreamjax.dream.DreamRun` state as a flat dict of numpy
+arrays (octave index, the current octave's image, optimizer state, step, stop masks, loss and
+frame buffers, every finished octave's image, losses and frames, the google-mode detail; the
+PRNG keys are part of the batch's parameters and are rebuilt from the cells) plus a JSON
+``meta`` item naming the batch: which cells in which order, their fingerprints, the weights,
+the dreamjax version, a hash of the code that computes the numbers (``code``), the batch's
+array shapes and a sha256 of every array (``checksum``). A checkpoint whose meta does not
+match, whose arrays do not hash to the recorded checksum, or that cannot be read at all, is
+refused with a logged message and the batch restarts from its beginning; nothing else is
+touched.
 
-Saves are asynchronous (the next save, ``finish`` and ``close`` wait for the previous one)
-and orbax commits each step atomically (written under a temporary name, then renamed;
-``cleanup_tmp_directories`` removes what a kill left half-written).
+Saves are asynchronous: the arrays are copied on the host first, the next save, ``close`` and
+``finish`` wait for the write. Orbax commits each step atomically (written under
+``<step>.orbax-checkpoint-tmp-*``, then renamed); ``cleanup_tmp_directories`` removes what a
+kill left half-written when the manager is next opened. ``max_to_keep`` prunes old steps.
+
+Test-only fault injection: ``DREAMJAX_TEST_KILL_AT=<point>:<n>`` makes the process SIGKILL
+itself the n-th time (1-based) it reaches ``fault_point(<point>)``. Points: ``step`` (after a
+chunk of steps, before its checkpoint), ``checkpoint`` (an orbax save issued, not finished),
+``octave`` (an octave just ended, before its checkpoint), ``output`` (a cell's PNGs written,
+its GIF, losses and record not yet).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 log = logging.getLogger("dreamjax")
-FORMAT = 1
+FORMAT = 2
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process at the n-th ``name`` if ``DREAMJAX_TEST_KILL_AT=name:n`` (tests only)."""
+    spec = os.environ.get("DREAMJAX_TEST_KILL_AT")
+    if not spec:
+        return
+    point, _, n = spec.partition(":")
+    if point != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(n or 1):
+        log.warning("DREAMJAX_TEST_KILL_AT=%s: killing this process", spec)
+        for h in logging.getLogger().handlers + log.handlers:
+            h.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """Hash of the code that computes a batch's numbers (engine, models, image preprocessing,
+    this format) and of the JAX version: a checkpoint written by other code is refused."""
+    root = Path(__file__).resolve().parent
+    files = [root / "dream.py", root / "checkpoint.py", root / "images.py"] + sorted((root / "models").glob("*.py"))
+    h = hashlib.sha256(f"jax {jax.__version__}|format {FORMAT}".encode())
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _checksum(flat: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(flat):
+        a = np.ascontiguousarray(flat[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _flatten_run(run) -> dict[str, np.ndarray]:
+    # np.array(copy=True): the device buffers are donated to the next chunk while orbax writes.
+    cp = lambda x: np.array(x, copy=True)  # noqa: E731
     flat: dict[str, np.ndarray] = {"octave": np.asarray(run.octave, np.int32)}
     s = run.state
     if s is not None:
-        flat["step"] = np.asarray(s.step)
+        flat["step"] = cp(s.step)
         for name in ("image", "stopped", "losses", "frames"):
-            flat[f"state_{name}"] = np.asarray(getattr(s, name))
+            flat[f"state_{name}"] = cp(getattr(s, name))
         for i, leaf in enumerate(jax.tree_util.tree_leaves(s.opt_state)):
-            flat[f"opt_{i}"] = np.asarray(leaf)
+            flat[f"opt_{i}"] = cp(leaf)
     for i, (im, lo, fr) in enumerate(zip(run.octave_images, run.octave_losses, run.octave_frames)):
-        flat[f"oct{i}_image"], flat[f"oct{i}_losses"], flat[f"oct{i}_frames"] = im, lo, fr
+        flat[f"oct{i}_image"], flat[f"oct{i}_losses"], flat[f"oct{i}_frames"] = cp(im), cp(lo), cp(fr)
     if run.detail is not None:
-        flat["detail"] = np.asarray(run.detail)
+        flat["detail"] = cp(run.detail)
     # Zero-size arrays (no frames kept) are rebuilt on restore, not stored.
     return {k: v for k, v in flat.items() if v.size > 0}
 
 
 def _unflatten_into(run, flat: dict[str, np.ndarray]):
-    from dreamjax import dream
-
+    """Put a checkpoint's arrays back into ``run``; device arrays get exactly the shardings an
+    uninterrupted run has (so the same compiled program runs on them)."""
     d = run.dreamer
     octave = int(flat["octave"])
-    n_done = octave
-    run.octave_images, run.octave_losses, run.octave_frames = [], [], []
-    for i in range(n_done):
+    if not 0 <= octave <= len(run.shapes):
+        raise ValueError(f"octave {octave} out of range for a {len(run.shapes)}-octave plan")
+    b = run.originals.shape[0]
+    nf = (d.capacity // d.cfg.frame_every) if d.cfg.frame_every else 0
+    images, losses, frames = [], [], []
+    for i in range(octave):
         shape = run.shapes[i]
-        b = run.originals.shape[0]
-        nf = (d.capacity // d.cfg.frame_every) if d.cfg.frame_every else 0
-        run.octave_images.append(np.asarray(flat[f"oct{i}_image"]))
-        run.octave_losses.append(np.asarray(flat[f"oct{i}_losses"]))
-        run.octave_frames.append(np.asarray(flat.get(f"oct{i}_frames", np.zeros((nf, b, *shape, 3), np.float32))))
+        expect = {"image": (b, *shape, 3), "losses": (d.capacity, b, len(d.taps)), "frames": (nf, b, *shape, 3)}
+        got = {k: np.asarray(flat[f"oct{i}_{k}"]) if f"oct{i}_{k}" in flat else np.zeros(v, np.float32)
+               for k, v in expect.items()}
+        for k, v in expect.items():
+            if got[k].shape != v:
+                raise ValueError(f"oct{i}_{k} has shape {got[k].shape}, expected {v}")
+        images.append(got["image"])
+        losses.append(got["losses"])
+        frames.append(got["frames"])
+    run.octave_images, run.octave_losses, run.octave_frames = images, losses, frames
     run.detail = np.asarray(flat["detail"]) if "detail" in flat else None
     run.octave = octave
     run.state = None
     if "step" in flat:
-        # The abstract state of this octave gives the optimizer-state tree structure.
-        shape = run.shapes[octave]
-        images = jax.ShapeDtypeStruct((run.originals.shape[0], *shape, 3), np.float32)
-        abstract = jax.eval_shape(d._init_state, images, run.params)
-        leaves, treedef = jax.tree_util.tree_flatten(abstract.opt_state)
-        opt = jax.tree_util.tree_unflatten(
-            treedef, [np.asarray(flat.get(f"opt_{i}", np.zeros(l.shape, l.dtype))) for i, l in enumerate(leaves)])
-        get = lambda n, a: np.asarray(flat.get(f"state_{n}", np.zeros(a.shape, a.dtype)))  # noqa: E731
-        from dreamjax.run import shard_batch
+        if octave >= len(run.shapes):
+            raise ValueError("a state for an octave past the plan's end")
+        run._start_octave()  # a fresh state of this octave: the tree structure and the shardings
+        fresh = run.state
+        names = [f"state_{n}" for n in ("image", "stopped", "losses", "frames")]
+        opt_leaves, treedef = jax.tree_util.tree_flatten(fresh.opt_state)
 
-        run.state = shard_batch(dream.OctaveState(
-            image=get("image", abstract.image), opt_state=opt, step=np.asarray(flat["step"]),
-            stopped=get("stopped", abstract.stopped), losses=get("losses", abstract.losses),
-            frames=get("frames", abstract.frames)))
-        # step is a scalar: keep it unsharded
-        run.state = run.state._replace(step=jax.numpy.asarray(np.asarray(flat["step"])))
-        for name, a in (("image", abstract.image), ("losses", abstract.losses)):
-            if getattr(run.state, name).shape != a.shape:
-                raise ValueError(f"state_{name} has shape {getattr(run.state, name).shape}, expected {a.shape}")
+        def put(key, like):
+            a = np.asarray(flat[key]) if key in flat else np.zeros(like.shape, like.dtype)
+            if a.shape != like.shape or a.dtype != like.dtype:
+                raise ValueError(f"{key} is {a.dtype}{list(a.shape)}, expected {like.dtype}{list(like.shape)}")
+            return jax.device_put(a, like.sharding)
+
+        image, stopped, losses_, frames_ = (put(k, getattr(fresh, k[6:])) for k in names)
+        opt = jax.tree_util.tree_unflatten(treedef, [put(f"opt_{i}", l) for i, l in enumerate(opt_leaves)])
+        step = put("step", fresh.step)
+        run.state = fresh._replace(image=image, opt_state=opt, step=step, stopped=stopped, losses=losses_,
+                                   frames=frames_)
 
 
 class BatchCheckpointer:
@@ -90,13 +153,14 @@ class BatchCheckpointer:
 
         self.ocp = ocp
         self.directory = Path(directory).absolute()  # orbax wants absolute paths
-        self.meta = dict(meta) | {"format": FORMAT}
+        self.meta = dict(meta) | {"format": FORMAT, "code": code_version()}
         self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-            create=True)
+            max_to_keep=max(1, int(max_to_keep)), enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=True)
         self._mngr = None
         self.saves = 0
-        self.seconds = 0.0
+        self.seconds = 0.0  # time the run waited on checkpointing (blocking part + waits)
+        self.restored_step: tuple[int, int] | None = None
 
     @property
     def mngr(self):
@@ -105,66 +169,91 @@ class BatchCheckpointer:
                                                     item_names=("state", "meta"))
         return self._mngr
 
+    def _expected(self, run) -> dict:
+        return self.meta | {"batch_shape": list(run.originals.shape),
+                            "octave_shapes": [list(s) for s in run.shapes], "capacity": run.dreamer.capacity}
+
     @staticmethod
     def _step(run) -> int:
         s = run.state
         return run.octave * (run.dreamer.capacity + 1) + (int(s.step) if s is not None else 0)
 
     def save(self, run, force: bool = False):
-        import time
-
         t = time.perf_counter()
         step = self._step(run)
-        if step in self.mngr.all_steps():
-            return
+        latest = self.mngr.latest_step()
+        if latest is not None and step <= latest:
+            return  # already saved (e.g. the chunk before a stop)
         flat = _flatten_run(run)
-        args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(flat),
-                                       meta=self.ocp.args.JsonSave(self.meta | {"keys": sorted(flat)}))
+        meta = self._expected(run) | {"keys": sorted(flat), "checksum": _checksum(flat)}
+        args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(flat), meta=self.ocp.args.JsonSave(meta))
         self.mngr.save(step, args=args, force=force)
         self.saves += 1
+        fault_point("checkpoint")
         self.seconds += time.perf_counter() - t
 
     def restore_into(self, run) -> bool:
         """Restore the latest checkpoint into ``run``; False (and a fresh start) if none is usable."""
         if not self.directory.exists():
             return False
+        t = time.perf_counter()
+        step = None
         try:
-            step = self.mngr.latest_step()
+            step = self.mngr.latest_step()  # opening the manager removes half-written tmp steps
             if step is None:
+                self._reset(run)
                 return False
             restored = self.mngr.restore(step, args=self.ocp.args.Composite(
                 meta=self.ocp.args.JsonRestore(), state=self.ocp.args.StandardRestore()))
             meta = dict(restored["meta"])
-            mismatch = [k for k in self.meta if meta.get(k) != self.meta[k]]
+            want = self._expected(run)
+            mismatch = [k for k in want if meta.get(k) != want[k]]
             if mismatch:
-                raise ValueError(f"it was written for another batch or dreamjax version (differs in {mismatch})")
+                raise ValueError(f"it was written for another batch, config or code version (differs in "
+                                 f"{', '.join(mismatch)})")
             flat = {k: np.asarray(v) for k, v in restored["state"].items()}
             if sorted(flat) != sorted(meta.get("keys", [])):
                 raise ValueError("its arrays do not match its own index")
+            if _checksum(flat) != meta.get("checksum"):
+                raise ValueError("its arrays do not match their recorded checksum (corrupt)")
             _unflatten_into(run, flat)
         except Exception as e:  # corrupt, truncated, foreign: refuse and start over
-            log.warning("checkpoint %s refused: %s: %s; this batch restarts from its beginning",
-                        self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            log.warning("checkpoint refused: %s (step %s): %s: %s; batch %s restarts from its beginning",
+                        self.directory, step, type(e).__name__, msg[:300], self.meta.get("batch_id"))
             self._reset(run)
             return False
-        log.info("resumed batch %s from octave %d step %s", self.meta.get("batch_id"), run.octave,
-                 None if run.state is None else int(run.state.step))
+        self.restored_step = (run.octave, 0 if run.state is None else int(run.state.step))
+        self.seconds += time.perf_counter() - t
+        log.info("resumed batch %s from its checkpoint at octave %d step %d (%s)", self.meta.get("batch_id"),
+                 *self.restored_step, self.directory)
         return True
 
     def _reset(self, run):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # a broken manager must not stop the fresh start
+            self._mngr = None
         shutil.rmtree(self.directory, ignore_errors=True)
-        self._mngr = None
         run.octave, run.state, run.detail = 0, None, None
         run.octave_images, run.octave_losses, run.octave_frames = [], [], []
 
     def close(self):
+        """Wait for the in-flight save to be committed, then release the manager."""
         if self._mngr is not None:
-            self._mngr.wait_until_finished()
-            self._mngr.close()
-            self._mngr = None
+            t = time.perf_counter()
+            try:
+                self._mngr.wait_until_finished()
+                self._mngr.close()
+            finally:
+                self._mngr = None
+                self.seconds += time.perf_counter() - t
 
     def finish(self):
         """The batch's outputs are written: its checkpoints are no longer needed."""
         self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            self.directory.parent.rmdir()  # the sweep's .checkpoints, once no batch is in flight
+        except OSError:
+            pass

@@ -405,7 +405,7 @@ class Dreamer:
         rule = make_update_rule(self.cfg, params.step_size)
         lo, hi = self.cfg.value_range
         end = jnp.minimum(state.step + n_steps, self.capacity)
-        k = self.cfg.frame_every
+        k = self.cfg.frame_every if state.frames.shape[0] else 0  # no frame slot: fewer steps than k
 
         def active_mask(s):
             return (s.step < params.iterations) & ~s.stopped
@@ -513,13 +513,18 @@ class DreamRun:
         shape = self.shapes[i]
         if d.plan.detail == "google":
             base = self._google_base(i)
-            detail = jnp.zeros_like(base) if self.detail is None else d.resize(jnp.asarray(self.detail), shape)
+            detail = jnp.zeros_like(base) if self.detail is None else d.resize(self._placed(self.detail), shape)
             img = base + detail
         elif i == 0:
             img = d.resize(jnp.asarray(self.originals), shape)
         else:
-            img = d.resize(jnp.asarray(self.octave_images[-1]), shape)
+            img = d.resize(self._placed(self.octave_images[-1]), shape)
         self.state = d.init_octave(img, self.params)
+
+    def _placed(self, x):
+        """A host array (finished octave, detail) placed like ``originals`` (batch axis sharded)."""
+        sharding = getattr(self.originals, "sharding", None)
+        return jnp.asarray(x) if sharding is None else jax.device_put(np.asarray(x), sharding)
 
     def _google_base(self, i):
         """Google's octave bases: each shrunk from the next larger one, not from the painting."""

@@ -316,8 +316,29 @@ figcaption{font-size:13px;margin-top:4px}figcaption b{display:block}
 .box.pending{border-color:#999;background:#f2f2f2;color:#666}
 .painting-error{border:2px solid #aa1414;background:#ffeeee;color:#aa1414;padding:8px}
 .analysis{font-size:12px;color:#333;margin:4px 0 0;padding-left:18px}
+.analysis-head{font-size:12px;font-weight:bold;color:#7a3e00;margin-top:4px}.analysis.hallucinated{color:#7a3e00}
+.analysis.none{margin:2px 0;color:#777}.meta-inline{color:#777}
 .notes{color:#777;font-size:12px}footer{margin-top:32px;color:#888;font-size:12px}
 """
+
+
+# After load, <body data-images=N data-broken=K data-broken-src="..."> counts images that did not
+# render (tests read it with headless Chromium --dump-dom). With #selfcheck in the URL, lazy images
+# are loaded first so every image is checked.
+_SELF_CHECK = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  if (location.hash === '#selfcheck') imgs.forEach(function (i) { i.loading = 'eager'; });
+  Promise.all(imgs.map(function (i) {
+    return i.complete ? null : new Promise(function (r) { i.addEventListener('load', r); i.addEventListener('error', r); });
+  })).then(function () {
+    var bad = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; });
+    document.body.dataset.images = imgs.length;
+    document.body.dataset.brokenSrc = bad.map(function (i) { return i.getAttribute('src'); }).join(' ');
+    document.body.dataset.broken = bad.length;
+  });
+});
+</script>"""
 
 
 def safe_name(name: str) -> str:
@@ -345,7 +366,8 @@ def _fmt_value(v: Any) -> str:
 def render_analysis(analysis: Mapping[str, Any] | None) -> str:
     """HTML for a cell's (or original's) analysis dict; the hook for later analysis content.
 
-    Known keys: ``top_classes`` — list of ``[label, prob]`` rendered as a ranked list.
+    Known keys: ``top_classes`` — list of ``[label, prob]`` rendered as a ranked list;
+    ``hallucinated`` — same, under a "new in top-5" heading (dreamjax.analysis).
     Any other key is rendered as ``key: value``. Everything is escaped.
     """
     if not analysis:
@@ -356,7 +378,13 @@ def render_analysis(analysis: Mapping[str, Any] | None) -> str:
         items = "".join(f"<li>{_esc(lab)} <span class=meta-inline>{float(p) * 100:.1f}%</span></li>"
                         if isinstance(p, (int, float)) else f"<li>{_esc(lab)}</li>" for lab, p in top)
         parts.append(f'<ol class="analysis top-classes">{items}</ol>')
-    rest = {k: v for k, v in analysis.items() if k != "top_classes"}
+    if "hallucinated" in analysis:  # dreamjax.analysis: classes new in the dream's top-5
+        new = analysis.get("hallucinated") or []
+        items = "".join(f"<li>{_esc(lab)} <span class=meta-inline>{float(p) * 100:.1f}%</span></li>" for lab, p in new)
+        parts.append('<div class="analysis-head">new in top-5</div>'
+                     + (f'<ol class="analysis hallucinated">{items}</ol>' if items
+                        else '<p class="analysis none">none (same top-5 as the original)</p>'))
+    rest = {k: v for k, v in analysis.items() if k not in ("top_classes", "hallucinated")}
     if rest:
         items = "".join(f"<li>{_esc(k)}: {_esc(_fmt_value(v))}</li>" for k, v in rest.items())
         parts.append(f'<ul class="analysis">{items}</ul>')
@@ -480,6 +508,9 @@ def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[s
         md_path = Path(md) if Path(md).is_absolute() else sweep_dir / md
         if md_path.is_file():
             out.append(f'<a href="{_href(os.path.relpath(md_path, sweep_dir))}">analysis</a>')
+    for rel, text in manifest.get("analysis_links") or []:  # e.g. dreamjax.analysis plots
+        if (sweep_dir / rel).is_file():
+            out.append(f'<a href="{_href(rel)}">{_esc(text)}</a>')
     out.append("</nav>")
     if shared:
         out.append("<p class=shared>shared settings: " + _esc(", ".join(f"{k}={_fmt_value(v)}"
@@ -510,7 +541,7 @@ def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[s
             out.append(_cell_html(sweep_dir, c, varying, analysis))
         out.append("</div></section>")
     now = _dt.datetime.now().isoformat(timespec="seconds")
-    out.append(f"</main><footer>written by dreamjax.report at {_esc(now)}</footer></body></html>")
+    out.append(f"</main><footer>written by dreamjax.report at {_esc(now)}</footer>{_SELF_CHECK}</body></html>")
     return _images.atomic_write_text(sweep_dir / "index.html", "\n".join(out) + "\n")
 
 

@@ -205,13 +205,15 @@ class Executor:
 
         t0 = time.perf_counter()
         records: dict[str, dict] = {}
-        todo = []
+        complete: set[str] = set()
         for c in cells:
             if is_complete(c):
                 records[c.id] = read_record(c) | {"skipped": True}
                 self.stats["cells_skipped"] += 1
-            else:
-                todo.append(c)
+                complete.add(c.id)
+        # Batches are formed from *all* cells (complete ones included), so a resumed run has
+        # exactly the batches of an uninterrupted one: same checkpoints, same bytes.
+        todo = list(cells) if len(complete) < len(cells) else []
 
         # Load each painting once; a bad painting fails its cells, the rest go on.
         loaded: dict[str, Any] = {}
@@ -221,19 +223,22 @@ class Executor:
                 loaded[c.painting_path] = self._load(c)
             p = loaded[c.painting_path]
             if isinstance(p, str):
-                records[c.id] = write_failed(c, p)
-                self.stats["cells_failed"] += 1
+                if c.id not in complete:
+                    records[c.id] = write_failed(c, p)
+                    self.stats["cells_failed"] += 1
                 continue
             h, w = p.pixels.shape[:2]
             buckets.append((c, images.bucket_shape(h, w, c.image_size)))
 
         groups = grid.group_cells(buckets)
         self.stats["groups"] += len(groups)
-        total_steps = sum(_cell_steps(c, key[-1]) for key, cs in groups.items() for c in cs)
+        total_steps = sum(_cell_steps(c, key[-1]) for key, cs in groups.items() for c in cs if c.id not in complete)
         bar = _progress(total_steps, self.opt.progress)
         for key, group_cells in groups.items():
             shape = key[-1]
             capacity = max(c.iterations for c in group_cells)
+            if all(c.id in complete for c in group_cells):
+                continue
             try:
                 dreamer = self.dreamer(group_cells[0], capacity, shape)
             except (ValueError, dream.DreamSettingsError) as e:
@@ -246,7 +251,10 @@ class Executor:
             for batch in grid.batches(group_cells, self.opt.batch_size):
                 if self.stop_requested():
                     break
-                for rec in self._run_batch(dreamer, batch, loaded, shape, bar, checkpoint_root, length):
+                if all(c.id in complete for c in batch):
+                    continue
+                for rec in self._run_batch(dreamer, batch, loaded, shape, bar, checkpoint_root, length,
+                                           complete):
                     records[rec["id"]] = rec
         bar.close()
         self.stats["programs"] = sum(d.programs() for d in self._dreamers.values())
@@ -265,7 +273,8 @@ class Executor:
             return f"ImageError: {e}"
 
     # --- one batch ---------------------------------------------------------------------------------
-    def _run_batch(self, dreamer, batch: list[Cell], loaded, shape, bar, checkpoint_root, length) -> list[dict]:
+    def _run_batch(self, dreamer, batch: list[Cell], loaded, shape, bar, checkpoint_root, length,
+                   complete: set = frozenset()) -> list[dict]:
         from dreamjax import checkpoint, dream
 
         bb = dreamer.backbone
@@ -299,27 +308,37 @@ class Executor:
                 run.advance(self.opt.every_steps if ckpt else None)
                 after = run.octave * steps_per_octave + (int(run.state.step) if run.state is not None else 0)
                 bar.update(max(0, after - before) * n_real)
+                if ckpt is not None and ckpt.restored_step is not None and "resume_first_step_unix" not in self.stats:
+                    self.stats["resume_first_step_unix"] = time.time()  # bench: resume latency
+                checkpoint.fault_point("octave" if run.state is None else "step")
                 if ckpt is not None and not run.done:
                     ckpt.save(run)
                 if self.stop_requested():
                     if ckpt is not None:
                         ckpt.save(run, force=True)
                         ckpt.close()
-                    raise Interrupted(f"stopped with a checkpoint at octave {run.octave}")
+                    raise Interrupted(f"stopped with a checkpoint of batch {grid.batch_id(batch)} at octave "
+                                      f"{run.octave} step {0 if run.state is None else int(run.state.step)}")
         except Interrupted:
             raise
         except Exception as e:  # one bad batch must not stop the sweep
             log.exception("batch of %d cells failed", n_real)
             if ckpt is not None:
                 ckpt.close()
+            self.stats["cells_failed"] += n_real
             return [write_failed(c, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                     for c in batch]
         seconds = {"run": time.perf_counter() - t_start, "compile": self.compiles.seconds - compiles_before}
-        recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)]
+        recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
+                if c.id not in complete]
         if ckpt is not None:
             ckpt.finish()
+            self.stats["checkpoint_seconds"] = self.stats.get("checkpoint_seconds", 0.0) + ckpt.seconds
+            self.stats["checkpoint_saves"] = self.stats.get("checkpoint_saves", 0) + ckpt.saves
+            if ckpt.restored_step is not None:
+                self.stats["batches_resumed"] = self.stats.get("batches_resumed", 0) + 1
         self.stats["batches"] += 1
-        self.stats["cells_done"] += n_real
+        self.stats["cells_done"] += len(recs)
         self.stats["cell_steps"] += sum(c.iterations for c in batch) * len(run.shapes)
         return recs
 
@@ -335,6 +354,9 @@ class Executor:
         if self.opt.octave_images:
             outputs["octaves"] = [rel(images.save_png(out / f"octave_{k}.png", to_px(im[i])))
                                   for k, im in enumerate(run.octave_images)]
+        from dreamjax.checkpoint import fault_point
+
+        fault_point("output")  # tests: killed with some of this cell's outputs written
         if self.opt.gif:
             frames = [images.restore_aspect(to_px(f[i]), size, self.opt.gif_max_side)
                       for octf in run.octave_frames for f in octf]
@@ -441,8 +463,9 @@ def shard_batch(tree):
     if len(devices) == 1:
         return tree
     mesh = Mesh(np.array(devices), ("batch",))
-    sharding = NamedSharding(mesh, P("batch"))
-    return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a), sharding), tree)
+    sharding, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(np.asarray(a), sharding if np.ndim(a) else replicated), tree)
 
 
 def _progress(total: int, enabled: bool):

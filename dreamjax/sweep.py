@@ -115,7 +115,8 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_cmd: str) -> list[dict]:
+def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_cmd: str,
+            stats_path: str | Path | None = None) -> list[dict]:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
     setup_jax_cache(_plain(cfg).get("jax_cache_dir"))
     with StopFlag() as stop:
@@ -126,6 +127,8 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
             raise SystemExit(143)
     _final_table(ex, records)
+    stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
+    images.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
     return records
 
 
@@ -180,7 +183,8 @@ def task(cfg) -> Any:
         claim_dir(job_dir, list(hc.overrides.task), cfg)
     cells = plan(cfg, job=job, job_dir=job_dir, overrides=list(hc.overrides.task))
     root = (Path(hc.sweep.dir) if multirun else job_dir) / ".checkpoints"
-    records = execute(cells, cfg, checkpoint_root=root, resume_cmd=_command())
+    records = execute(cells, cfg, checkpoint_root=root, resume_cmd=_command(),
+                      stats_path=job_dir / "run_stats.json")
     if not multirun:
         collect(job_dir)
     return {r["id"]: r["status"] for r in records}
@@ -262,4 +266,8 @@ def collect(sweep_dir: str | Path) -> dict:
     images.write_json(sweep_dir / "manifest.json", manifest)
     paths = report.write_sweep_report(sweep_dir, manifest, originals)
     log.info("sweep report: %s", sweep_dir / "index.html")
+    try:  # config `analyze` (default true): classes, layer energy, change; never breaks the sweep
+        from dreamjax import analysis; analysis.analyze_after_collect(sweep_dir, manifest)  # noqa: E702
+    except Exception as e:  # noqa: BLE001
+        log.warning("analysis skipped: %s", e)
     return {"manifest": manifest, "paths": paths}

@@ -3,7 +3,10 @@
 Parity uses a Keras model with random weights and random BatchNorm statistics,
 written to the official file layout and loaded through the converter, so a
 wrong epsilon, pooling or layer pairing shows. ~1 min on 2 CPU cores (the Keras
-build and its eager forward passes dominate); 299x299 is behind ``-m slow``.
+build and its eager forward passes dominate); the 299x299 gradient is behind ``-m slow``.
+
+    python -m pytest tests/test_inception_v3.py          # ~45 s
+    python -m pytest tests/test_inception_v3.py -m slow  # ~20 s more
 """
 import re
 from pathlib import Path
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_fixtures import keras_setup
+from tests.keras_fixtures import keras_setup
 from dreamjax import available_backbones, load_backbone
 from dreamjax.models.inception_v3 import TAP_STRIDES, TAPS, InceptionV3, keras_layer_order, source_order
 from dreamjax.weights.keras_h5 import load_keras_h5
@@ -29,7 +32,7 @@ TAP_SHAPES_299 = {
 }
 DLWP_WEIGHTS = {"mixed4": 1.0, "mixed5": 1.5, "mixed6": 2.0, "mixed7": 2.5}
 PAINTING = Path(__file__).resolve().parents[1] / "dreamjax/data/paintings/van_gogh_starry_night.jpg"
-SIZES = [(75, 75), (181, 247), pytest.param((299, 299), marks=pytest.mark.slow)]
+SIZES = [(75, 75), (181, 247), (299, 299)]
 
 
 def _count(tree):
@@ -69,7 +72,7 @@ def test_taps_stop_early(random_backbone):
          for c in ("params", "batch_stats")}
     logits, out = jax.eval_shape(lambda v, x: InceptionV3(include_top=True).apply(v, x, taps=("mixed2", "mixed0")),
                                  v, jnp.zeros((1, 99, 99, 3)))
-    assert logits is None and list(out) == ["mixed2", "mixed0"]
+    assert logits is None and sorted(out) == ["mixed0", "mixed2"]
 
 
 # --- against Keras --------------------------------------------------------------------------------

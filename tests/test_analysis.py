@@ -1,0 +1,334 @@
+"""dreamjax.analysis against a hand-built sweep whose every number the test knows.
+
+The sweep has the real on-disk layout (cell records -> sweep.build_manifest -> manifest.json,
+dream.png, losses.json, frames.gif under ``<job>/<painting>/``). The classifier is injected: it
+looks every image up by its exact bytes, so the analysis must feed it exactly the dream and the
+painting resized to the dream's size, and the expected classes are fixed by the test.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamjax import analysis, images, report, sweep
+
+LABELS = analysis.imagenet_labels()
+EGYPTIAN_CAT, GOLDEN, GOLDFINCH, VOLCANO, TIMBER_WOLF = 285, 207, 11, 980, 269
+# Originals' top-5 (class, prob): mostly objects.
+ORIG_TOP = {
+    "alpha": [(400, 0.30), (401, 0.20), (402, 0.10), (950, 0.05), (403, 0.05)],
+    "beta": [(500, 0.40), (501, 0.10), (502, 0.08), (503, 0.06), (504, 0.04)],
+    "gamma": [(600, 0.25), (601, 0.20), (EGYPTIAN_CAT, 0.10), (602, 0.05), (603, 0.05)],
+}
+# Dreams' top-5 per (set, painting).
+DREAM_TOP = {
+    ("setA", "alpha"): [(EGYPTIAN_CAT, 0.35), (GOLDEN, 0.20), (400, 0.10), (GOLDFINCH, 0.05), (401, 0.04)],
+    ("setA", "beta"): [(EGYPTIAN_CAT, 0.30), (500, 0.20), (GOLDEN, 0.10), (TIMBER_WOLF, 0.06), (501, 0.05)],
+    ("setA", "gamma"): [(EGYPTIAN_CAT, 0.50), (600, 0.10), (GOLDEN, 0.08), (601, 0.06), (602, 0.02)],
+    ("setB", "alpha"): [(VOLCANO, 0.60), (400, 0.10), (401, 0.05), (402, 0.04), (403, 0.03)],
+    ("setB", "beta"): [(500, 0.40), (501, 0.10), (502, 0.08), (503, 0.06), (504, 0.04)],  # = original
+}
+SHAPES = {"alpha": (90, 60), "beta": (50, 100), "gamma": (72, 72)}  # painting sizes (h, w)
+TAPS = {"setA": ["t1", "t2"], "setB": ["t1", "t2", "t3"]}
+WEIGHTS = {"setA": [1.0, 2.0], "setB": [0.5, 1.0, 3.0]}
+LONG_SIDE = 64
+
+
+def _key(img: np.ndarray) -> str:
+    a = np.ascontiguousarray(np.asarray(img)[..., :3], dtype=np.uint8)
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _probs(top) -> np.ndarray:
+    p = np.zeros(1000)
+    for i, v in top:
+        p[i] = v
+    rest = [i for i in range(1000) if p[i] == 0]
+    p[rest] = (1.0 - p.sum()) / len(rest)  # every other class below the 5th
+    return p
+
+
+class FakeClassifier:
+    """Registry of exact images -> probabilities; features = mean colour (3 numbers)."""
+
+    def __init__(self):
+        self.table: dict[str, np.ndarray] = {}
+        self.calls = 0
+        self.seen = 0
+
+    def register(self, img, top):
+        self.table[_key(img)] = _probs(top)
+
+    def __call__(self, backbone, weights):
+        assert backbone == "tiny"
+
+        def predict(imgs):
+            self.calls += 1
+            self.seen += len(imgs)
+            probs = np.stack([self.table[_key(im)] for im in imgs])  # KeyError = unexpected image
+            feats = np.stack([np.asarray(im, np.float64).reshape(-1, 3).mean(0) for im in imgs])
+            return probs, feats
+
+        return analysis.Classifier(labels=LABELS, predict=predict, imagenet=True, name="fake", weights_id="w0")
+
+
+def _losses(rng, taps, octave_steps):
+    """losses.json like run.py writes it; the last octave ends with frozen (None) steps."""
+    octs = []
+    for k, n in enumerate(octave_steps):
+        rows = [[float(v) for v in rng.uniform(0.5, 5.0, len(taps))] for _ in range(n)]
+        if k == len(octave_steps) - 1:
+            rows += [None, None]
+        octs.append({"octave": k, "shape": [32 * (k + 1), 32 * (k + 1)], "per_tap": rows})
+    return octs
+
+
+def build_sweep(root: Path, clf: FakeClassifier | None = None, backbone: str = "tiny") -> dict:
+    """A 2-set x 3-painting sweep (setB/gamma failed) in ``root``; returns its manifest."""
+    rng = np.random.default_rng(0)
+    src = root / "paintings"
+    src.mkdir(parents=True)
+    paths = {}
+    for name, (h, w) in SHAPES.items():
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)),
+                        rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
+        paths[name] = images.save_png(src / f"{name}.png", img)
+    sweep_dir = root / "sweep"
+    records = []
+    for job, layers in enumerate(["setA", "setB"]):
+        job_dir = sweep_dir / str(job)
+        for name in SHAPES:
+            out = job_dir / name
+            out.mkdir(parents=True)
+            base = {"id": f"{job}/{name}", "job": job, "job_dir": str(job_dir), "painting": name,
+                    "painting_path": str(paths[name]), "layers": layers, "label": layers,
+                    "taps": TAPS[layers], "layer_weights": WEIGHTS[layers], "backbone": backbone,
+                    "overrides": [f"layers={layers}", "model=tiny"], "hyper": {"iterations": 4}}
+            if (layers, name) not in DREAM_TOP:
+                rec = base | {"status": "failed", "error": "DreamSettingsError: too small", "outputs": {}}
+                images.write_json(out / "cell.json", rec)
+                records.append(rec)
+                continue
+            pix = images.load_painting(paths[name]).pixels
+            dh, dw = images.restored_size((pix.shape[1], pix.shape[0]), LONG_SIDE)[::-1]
+            orig = images.resize_uint8(pix, (dh, dw))
+            dream = np.clip(orig.astype(int) + rng.integers(-40, 41, orig.shape), 0, 255).astype(np.uint8)
+            images.save_png(out / "dream.png", dream)
+            images.save_png(out / "octave_0.png", dream[::2, ::2])
+            images.save_gif(out / "frames.gif", [orig, dream], max_side=64)
+            images.write_json(out / "losses.json", {"taps": TAPS[layers], "layer_weights": WEIGHTS[layers],
+                                                    "octaves": _losses(rng, TAPS[layers], [4, 3])})
+            if clf is not None:
+                clf.register(orig, ORIG_TOP[name])
+                clf.register(dream, DREAM_TOP[(layers, name)])
+            rel = lambda f: f"{name}/{f}"  # noqa: E731
+            rec = base | {"status": "done", "error": None, "weights_id": "w0", "final_loss": 1.0,
+                          "outputs": {"dream": rel("dream.png"), "gif": rel("frames.gif"),
+                                      "losses": rel("losses.json"), "octaves": [rel("octave_0.png")]}}
+            images.write_json(out / "cell.json", rec)
+            records.append(rec)
+    manifest = sweep.build_manifest(sweep_dir, sweep.find_records(sweep_dir))
+    images.write_json(sweep_dir / "manifest.json", manifest)
+    return manifest
+
+
+@pytest.fixture()
+def fake(tmp_path):
+    clf = FakeClassifier()
+    manifest = build_sweep(tmp_path, clf)
+    sweep_dir = tmp_path / "sweep"
+    report.write_sweep_report(sweep_dir, manifest, {})  # the sweep's own report, before any analysis
+    return sweep_dir, manifest, clf
+
+
+def _top5(p):
+    return [int(i) for i in np.argsort(-p, kind="stable")[:5]]
+
+
+def _expected(sweep_dir, manifest, clf):
+    """Everything recomputed here from the files and the fake's table, independently."""
+    cells = {}
+    for c in manifest["cells"]:
+        if c["status"] != "done":
+            continue
+        with Image.open(sweep_dir / c["outputs"]["dream"]) as im:
+            dream = np.asarray(im.convert("RGB"))
+        pix = images.load_painting(manifest["paintings"][c["painting"]]["path"]).pixels
+        orig = images.resize_uint8(pix, dream.shape[:2])
+        pd, po = clf.table[_key(dream)], clf.table[_key(orig)]
+        lj = json.loads((sweep_dir / c["outputs"]["losses"]).read_text())
+        first = lj["octaves"][0]["per_tap"][0]
+        last = [r for r in lj["octaves"][-1]["per_tap"] if r is not None][-1]
+        fm, fd = orig.reshape(-1, 3).mean(0), dream.reshape(-1, 3).mean(0)
+        cells[c["id"]] = {
+            "layers": c["layers"], "painting": c["painting"],
+            "pixel": np.abs(dream.astype(float) - orig.astype(float)).mean(),
+            "perceptual": 1 - fm @ fd / (np.linalg.norm(fm) * np.linalg.norm(fd)),
+            "ratio": {t: last[j] / first[j] for j, t in enumerate(lj["taps"])},
+            "hall": [i for i in _top5(pd) if i not in set(_top5(po))], "pd": pd,
+        }
+    return cells
+
+
+def test_family_ranges():
+    fam = analysis.family_of
+    assert [fam(i) for i in (151, 207, 268)] == ["dogs"] * 3
+    assert [fam(i) for i in (269, 280, 0, 6, 25, 68, 300, 326, 397)] == ["other animals"] * 9
+    assert [fam(i) for i in (281, 285, 286, 293)] == ["cats"] * 4
+    assert [fam(i) for i in (7, 24, 80, 100, 127, 146)] == ["birds"] * 6
+    assert [fam(i) for i in (398, 500, 923, 999)] == ["objects"] * 4
+    assert [fam(i) for i in (924, 969, 980, 998)] == ["food, plants & scenes"] * 4
+    assert LABELS[281] == "tabby" and LABELS[151] == "Chihuahua" and LABELS[924] == "guacamole"
+    # ranges are disjoint and cover 0..999 exactly once
+    cover = [i for rs in analysis.FAMILY_RANGES.values() for a, b in rs for i in range(a, b + 1)]
+    assert sorted(cover) == list(range(1000))
+
+
+def test_analysis_numbers_match_the_sweep(fake):
+    sweep_dir, manifest, clf = fake
+    res = analysis.analyze(sweep_dir, classifier=clf)
+    exp = _expected(sweep_dir, manifest, clf)
+    on_disk = json.loads((sweep_dir / "analysis.json").read_text())
+    assert set(on_disk["cells"]) == set(exp) == {"0/alpha", "0/beta", "0/gamma", "1/alpha", "1/beta"}
+    assert on_disk["skipped"] == {"1/gamma": "status failed"}
+    # one batched call: 3 originals (deduplicated per painting) + 5 dreams
+    assert clf.calls == 1 and clf.seen == 8
+
+    for cid, e in exp.items():
+        r = on_disk["cells"][cid]
+        assert r["pixel_change"] == pytest.approx(e["pixel"], rel=1e-12)
+        assert r["perceptual_change"] == pytest.approx(e["perceptual"], rel=1e-9, abs=1e-12)
+        assert r["energy_ratio"] == pytest.approx(e["ratio"], rel=1e-12)
+        assert [i for _, _, i in r["hallucinated"]] == e["hall"]
+        assert [lab for lab, _, _ in r["hallucinated"]] == [LABELS[i] for i in e["hall"]]
+        assert sum(r["dream_families"].values()) == pytest.approx(1.0)
+    assert exp["1/beta"]["hall"] == []  # dream kept the original's top-5
+
+    setA, setB = on_disk["sets"]["setA"], on_disk["sets"]["setB"]
+    counts = {h["label"]: (h["paintings"], h["of"]) for h in setA["hallucinated"]}
+    # Egyptian cat is new on alpha and beta, but already in gamma's original top-5
+    assert counts == {"Egyptian_cat": (2, 3), "golden_retriever": (3, 3), "goldfinch": (1, 3), "timber_wolf": (1, 3)}
+    assert setA["hallucinated"][0]["label"] == "golden_retriever"
+    assert {h["label"]: h["paintings"] for h in setB["hallucinated"]} == {"volcano": 1}
+    assert setB["hallucinated"][0]["of"] == 2 and setB["hallucinated"][0]["family"] == "food, plants & scenes"
+
+    for name, s in on_disk["sets"].items():
+        ids = [cid for cid, e in exp.items() if e["layers"] == name]
+        assert s["cells"] == len(ids)
+        assert s["pixel_change"] == pytest.approx(np.mean([exp[i]["pixel"] for i in ids]))
+        for t in TAPS[name]:
+            assert s["energy_ratio"][t] == pytest.approx(np.mean([exp[i]["ratio"][t] for i in ids]))
+        # family share: top-5 mass per family / top-5 mass, mean over the set's dreams
+        for fam in analysis.FAMILIES:
+            want = np.mean([sum(exp[i]["pd"][k] for k in _top5(exp[i]["pd"]) if analysis.family_of(k) == fam)
+                            / sum(exp[i]["pd"][k] for k in _top5(exp[i]["pd"])) for i in ids])
+            assert s["dream_families"][fam] == pytest.approx(want)
+    assert setA["dream_families"]["cats"] == pytest.approx(np.mean([0.35 / 0.74, 0.30 / 0.71, 0.50 / 0.76]))
+
+    # mean loss curves: octave 0 has 4 steps, octave 1 3 (frozen steps dropped)
+    lc = setA["loss_curves"]
+    assert [len(o["t1"]) for o in lc["octaves"]] == [4, 3]
+    l0 = [json.loads((sweep_dir / f"0/{p}/losses.json").read_text())["octaves"][1]["per_tap"][2][0]
+          for p in ("alpha", "beta", "gamma")]
+    assert lc["octaves"][1]["t1"][2] == pytest.approx(np.mean(l0))
+    assert res["sets"].keys() == on_disk["sets"].keys()
+
+    md = (sweep_dir / "analysis.md").read_text()
+    assert ("- **setA** → 'golden_retriever' (3 of 3 paintings), 'Egyptian_cat' (2 of 3 paintings), "
+            "'timber_wolf' (1 of 3 paintings), 'goldfinch' (1 of 3 paintings)") in md
+    assert "- **setB** → 'volcano' (1 of 2 paintings)" in md
+    assert f"| setA | 3 | {np.mean([exp[i]['pixel'] for i in ('0/alpha', '0/beta', '0/gamma')]):.1f} |" in md
+    for png in ("loss_curves.png", "families.png", "change.png"):
+        assert f"](analysis/{png})" in md
+        with open(sweep_dir / "analysis" / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gallery_rewritten_with_analysis(fake):
+    sweep_dir, manifest, clf = fake
+    before = (sweep_dir / "index.html").read_text()
+    assert "new in top-5" not in before and 'href="analysis.md"' not in before
+    analysis.analyze(sweep_dir, classifier=clf)
+    html = (sweep_dir / "index.html").read_text()
+    assert 'href="analysis.md"' in html and 'href="analysis/loss_curves.png"' in html
+    fig = html.split('id="cell-0/alpha"')[1].split("</figure>")[0]
+    assert "new in top-5" in fig and "Egyptian_cat" in fig and "golden_retriever" in fig
+    assert 'href="0/alpha/frames.gif"' in fig  # a click opens the iteration GIF
+    fig_b = html.split('id="cell-1/beta"')[1].split("</figure>")[0]
+    assert "same top-5 as the original" in fig_b
+    # original's own top classes under the original
+    orig_fig = html.split('id="p-alpha"')[1].split("</figure>")[0]
+    assert LABELS[400] in orig_fig
+    # a later collect-style report without analysis, then analysis again: analysis is back
+    report.write_sweep_report(sweep_dir, manifest, {})
+    assert "new in top-5" not in (sweep_dir / "index.html").read_text()
+    analysis.analyze(sweep_dir, classifier=clf)
+    assert "new in top-5" in (sweep_dir / "index.html").read_text()
+
+
+def test_energy_stats_and_change_helpers():
+    lj = {"taps": ["a", "b"], "layer_weights": [1.0, 3.0],
+          "octaves": [{"per_tap": [[1.0, 2.0], [2.0, 3.0]]}, {"per_tap": [[4.0, 1.0], [8.0, 2.0], None]}]}
+    e = analysis.energy_stats(lj)
+    assert e["energy_ratio"] == {"a": 8.0, "b": 1.0}
+    assert e["octave_energy_ratios"] == {"a": [2.0, 2.0], "b": [1.5, 2.0]}
+    assert e["final_share"] == pytest.approx({"a": 8 / 14, "b": 6 / 14})
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = np.full((4, 4, 3), 10, np.uint8)
+    assert analysis.pixel_change(a, b) == 10.0
+    assert analysis.cosine_distance([1, 0], [0, 2]) == pytest.approx(1.0)
+    assert math.isnan(analysis.cosine_distance([0, 0], [1, 1]))
+
+
+def test_backbone_classifier_batched_per_bucket(tiny_backbone):
+    """The real classifier path on the tiny backbone: one program per aspect bucket, and the
+    same probabilities as running each bucket-resized image alone."""
+    import jax
+
+    clf = analysis.BackboneClassifier("tiny", "random", batch_size=4)
+    assert len(clf.labels) == 10 and not clf.imagenet
+    rng = np.random.default_rng(1)
+    shapes = [(64, 64), (80, 40), (64, 64), (40, 80), (70, 72), (81, 40), (64, 64), (64, 64), (65, 66)]
+    imgs = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+    probs, feats = clf.predict(imgs)
+    assert probs.shape == (9, 10) and feats.shape == (9, 32)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    buckets = {images.bucket_shape(h, w, 64) for h, w in shapes}
+    assert clf.compilations == len(buckets) == 3
+    for im, p in zip(imgs[:3], probs[:3]):
+        x = images.resize_uint8(im, images.bucket_shape(*im.shape[:2], 64))[None]
+        want = jax.nn.softmax(tiny_backbone.logits(tiny_backbone.preprocess(x)))[0]
+        np.testing.assert_allclose(p, np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+def test_collect_runs_the_analysis_on_the_real_tiny_top(tmp_path, monkeypatch):
+    """sweep.collect -> analysis with the default classifier (the tiny backbone's random top)."""
+    monkeypatch.delenv("DREAMJAX_ANALYZE", raising=False)
+    build_sweep(tmp_path)
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "manifest.json").unlink()
+    sweep.collect(sweep_dir)
+    res = json.loads((sweep_dir / "analysis.json").read_text())
+    assert len(res["cells"]) == 5 and res["classifiers"]["tiny:auto"]["classes"] == 10
+    assert all(len(c["dream_top"]) == 5 and c["dream_top"][0][0].startswith("tiny_class_")
+               for c in res["cells"].values())
+    assert "new in top-5" in (sweep_dir / "index.html").read_text()
+    # analyze=false in the sweep's overrides: collect skips it; a broken sweep never raises
+    assert analysis.analyze_after_collect(sweep_dir, {"cells": [{"overrides": ["analyze=false"]}]}) is None
+    assert analysis.analyze_after_collect(tmp_path / "nowhere") is None
+
+
+def test_cli(fake, monkeypatch, capsys):
+    sweep_dir, _, clf = fake
+    monkeypatch.setattr(analysis, "BackboneClassifier", lambda b, w: clf(b, w))
+    assert analysis.main([str(sweep_dir), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "setA** → 'golden_retriever' (3 of 3 paintings)" in out
+    assert analysis.main([str(sweep_dir / "missing")]) == 2
