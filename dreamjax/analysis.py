@@ -325,16 +325,43 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+class _Originals:
+    """Each painting resized to a dream's size, cached; the full painting is decoded once and only
+    the current one is kept (cells come sorted by painting)."""
+
+    def __init__(self, paintings: Mapping):
+        self.paintings = paintings
+        self.current: tuple[str, np.ndarray | None] | None = None
+        self.resized: dict[tuple, np.ndarray | None] = {}
+
+    def get(self, name: str, shape) -> np.ndarray | None:
+        key = (name, tuple(shape))
+        if key not in self.resized:
+            if self.current is None or self.current[0] != name:
+                p = self.paintings.get(name) or {}
+                try:
+                    pix = _rgb(np.asarray(images.load_painting(p["path"]).pixels))
+                except (KeyError, TypeError, images.ImageError, OSError) as e:
+                    log.warning("analysis: painting %s unreadable (%s): no original to compare with", name, e)
+                    pix = None
+                self.current = (name, pix)
+            pix = self.current[1]
+            self.resized[key] = images.resize_uint8(pix, key[1]) if pix is not None else None
+        return self.resized[key]
+
+
 ClassifierArg = Union[Classifier, Callable[[str, str], Classifier], None]
 
 
 def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, classifier: ClassifierArg = None,
-            plots: bool = True, gallery: bool = True, top_k: int = TOP_K) -> dict:
+            plots: bool = True, gallery: bool = True, top_k: int = TOP_K, chunk_size: int = 64) -> dict:
     """Analyse a collected sweep; write analysis.json, analysis.md, plots and the gallery.
 
     ``classifier``: a :class:`Classifier` used for every cell, or a factory
     ``(backbone_name, weights) -> Classifier``; default: :class:`BackboneClassifier` (the
-    backbone's own top). Returns ``{"cells": {cell_id: analysis dict}, "sets": {...},
+    backbone's own top). Images are read ``chunk_size`` cells at a time, each chunk classified in
+    one ``predict`` call (originals once per painting and dream size). Returns
+    ``{"cells": {cell_id: analysis dict}, "sets": {...},
     "gallery": {cell_id: dict for report.render_analysis}, "paths": {...}}`` (the JSON's content).
     """
     sweep_dir = Path(sweep_dir).resolve()
@@ -344,26 +371,14 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
     skipped = {str(c.get("id")): f"status {c.get('status')}" for c in cells if c.get("status") != "done"}
     paintings = manifest.get("paintings") or {}
 
-    # --- load images: dreams, and each painting at each dream size (cached) ------------------------
-    loaded_paintings: dict[str, np.ndarray | None] = {}
+    # --- what to read: dream files, losses, which classifier ---------------------------------------
     items: list[dict] = []
-    for c in done:
+    for c in sorted(done, key=lambda c: str(c.get("painting"))):  # one painting decoded at a time
         cid = str(c["id"])
         rel = (c.get("outputs") or {}).get("dream")
         if not rel or not (sweep_dir / rel).is_file():
             skipped[cid] = "dream.png missing"
             continue
-        dream = _read_rgb(sweep_dir / rel)
-        name = str(c.get("painting"))
-        if name not in loaded_paintings:
-            p = paintings.get(name) or {}
-            try:
-                loaded_paintings[name] = np.asarray(images.load_painting(p["path"]).pixels)
-            except (KeyError, TypeError, images.ImageError, OSError) as e:
-                log.warning("analysis: painting %s unreadable (%s): no original to compare with", name, e)
-                loaded_paintings[name] = None
-        pix = loaded_paintings[name]
-        original = images.resize_uint8(_rgb(pix), dream.shape[:2]) if pix is not None else None
         losses = {}
         lrel = (c.get("outputs") or {}).get("losses")
         if lrel and (sweep_dir / lrel).is_file():
@@ -371,9 +386,10 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
                 losses = json.loads((sweep_dir / lrel).read_text())
             except ValueError as e:
                 log.warning("analysis: unreadable %s: %s", lrel, e)
-        items.append({"cell": c, "dream": dream, "original": original, "losses": losses})
+        items.append({"cell": c, "dream_path": sweep_dir / rel, "losses": losses})
+    originals = _Originals(paintings)
 
-    # --- classify, per backbone ----------------------------------------------------------------------
+    # --- read images in chunks (memory stays bounded), classify each chunk in one call -------------
     by_backbone: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for it in items:
         by_backbone[(str(it["cell"].get("backbone") or manifest.get("backbone")),
@@ -381,39 +397,43 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
     classifiers: dict[str, dict] = {}
     for (bname, wspec), its in by_backbone.items():
         clf = _get_classifier(classifier, bname, wspec)
-        if clf is None:
-            for it in its:
-                it["probs"] = None
-            continue
-        ids = {str(it["cell"].get("weights_id")) for it in its if it["cell"].get("weights_id")}
-        mismatch = bool(clf.weights_id) and bool(ids) and ids != {clf.weights_id}
-        if mismatch:
-            log.warning("analysis: classifier weights %s differ from the sweep's %s", clf.weights_id[:12],
-                        ", ".join(i[:12] for i in ids))
-        classifiers[f"{bname}:{wspec}"] = {"backbone": bname, "weights": wspec, "weights_id": clf.weights_id,
-                                           "imagenet": clf.imagenet, "classes": len(clf.labels),
-                                           "feature_layer": clf.feature_layer, "weights_mismatch": mismatch}
-        batch, owners = [], []
-        orig_key: dict[tuple, int] = {}
-        for it in its:
-            if it["original"] is not None:
-                key = (str(it["cell"].get("painting")), it["original"].shape)
-                if key not in orig_key:
-                    orig_key[key] = len(batch)
-                    batch.append(it["original"])
-                    owners.append(None)
-                it["orig_slot"] = orig_key[key]
-            it["dream_slot"] = len(batch)
-            batch.append(it["dream"])
-        probs, feats = clf.predict(batch)
-        probs, feats = np.asarray(probs, np.float64), np.asarray(feats, np.float64)
-        for it in its:
-            it["clf"] = clf
-            it["probs"] = probs[it["dream_slot"]]
-            it["feats"] = feats[it["dream_slot"]] if feats.size else None
-            s = it.get("orig_slot")
-            it["orig_probs"] = probs[s] if s is not None else None
-            it["orig_feats"] = feats[s] if s is not None and feats.size else None
+        if clf is not None:
+            ids = {str(it["cell"].get("weights_id")) for it in its if it["cell"].get("weights_id")}
+            mismatch = bool(clf.weights_id) and bool(ids) and ids != {clf.weights_id}
+            if mismatch:  # e.g. InceptionV3: the with-top Keras file vs the no-top file the dreams used
+                log.info("analysis: classifier weights file %s is not the sweep's %s (same backbone %s)",
+                         clf.weights_id[:12], ", ".join(i[:12] for i in ids), bname)
+            classifiers[f"{bname}:{wspec}"] = {"backbone": bname, "weights": wspec, "weights_id": clf.weights_id,
+                                               "imagenet": clf.imagenet, "classes": len(clf.labels),
+                                               "feature_layer": clf.feature_layer, "weights_mismatch": mismatch}
+        orig_out: dict[tuple, tuple] = {}  # (painting, shape) -> (probs, feats) of the resized original
+        for start in range(0, len(its), chunk_size):
+            chunk = its[start:start + chunk_size]
+            batch, slots, new_orig = [], [], {}
+            for it in chunk:
+                dream = _read_rgb(it["dream_path"])
+                it["dream_shape"] = list(dream.shape[:2])
+                name = str(it["cell"].get("painting"))
+                original = originals.get(name, dream.shape[:2])
+                key = (name, dream.shape[:2])
+                if original is not None:
+                    it["pixel_change"] = pixel_change(original, dream)
+                    if key not in orig_out and key not in new_orig:
+                        new_orig[key] = len(batch)
+                        batch.append(original)
+                it["orig_key"] = key if original is not None else None
+                slots.append(len(batch))
+                batch.append(dream)
+            if clf is None:
+                continue
+            probs, feats = clf.predict(batch)
+            probs, feats = np.asarray(probs, np.float64), np.asarray(feats, np.float64)
+            row = lambda i: (probs[i], feats[i] if feats.size else None)  # noqa: E731
+            orig_out.update({k: row(i) for k, i in new_orig.items()})
+            for it, i in zip(chunk, slots):
+                it["clf"] = clf
+                it["probs"], it["feats"] = row(i)
+                it["orig_probs"], it["orig_feats"] = orig_out.get(it["orig_key"], (None, None))
 
     # --- per cell ----------------------------------------------------------------------------------
     out_cells: dict[str, dict] = {}
@@ -421,9 +441,9 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
         c = it["cell"]
         cid = str(c["id"])
         rec: dict[str, Any] = {"id": cid, "painting": c.get("painting"), "layers": c.get("layers"),
-                               "label": c.get("label"), "dream_shape": list(it["dream"].shape[:2])}
-        if it["original"] is not None:
-            rec["pixel_change"] = pixel_change(it["original"], it["dream"])
+                               "label": c.get("label"), "dream_shape": it["dream_shape"]}
+        if it.get("pixel_change") is not None:
+            rec["pixel_change"] = it["pixel_change"]
         rec.update(energy_stats(it["losses"]) if it["losses"] else {})
         clf = it.get("clf")
         if clf is not None and it.get("probs") is not None:
@@ -432,7 +452,7 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
             rec["dream_top"] = [[lab(i), float(p[i]), i] for i in _topk(p, top_k)]
             if clf.imagenet:
                 rec["dream_families"] = family_shares(p, top_k)
-            if it["orig_probs"] is not None:
+            if it.get("orig_probs") is not None:
                 po = it["orig_probs"]
                 rec["original_top"] = [[lab(i), float(po[i]), i] for i in _topk(po, top_k)]
                 rec["hallucinated"] = [[lab(i), float(p[i]), i] for i in hallucinated(p, po, top_k)]
@@ -513,7 +533,8 @@ def _set_summaries(cells: Mapping[str, dict], items: Sequence[dict]) -> dict:
         hall = sorted(({"label": e["label"], "index": e["index"], "paintings": len(e["paintings"]),
                         "of": len(classified), "cells": e["cells"], "mean_prob": float(np.mean(e["probs"])),
                         "family": family_of(e["index"]) if "dream_families" in rs[0] else None}
-                       for e in counts.values()), key=lambda e: (-e["paintings"], -e["cells"], -e["mean_prob"], e["label"]))
+                       for e in counts.values()),
+                      key=lambda e: (-e["paintings"], -e["cells"], -e["mean_prob"], e["label"]))
         taps = next((r["taps"] for r in rs if r.get("taps")), [])
         s: dict[str, Any] = {
             "cells": len(rs), "paintings": len(paintings), "classified_paintings": len(classified),
@@ -564,9 +585,9 @@ def _gallery_entry(r: Mapping) -> dict:
         g["hallucinated"] = [[lab, p] for lab, p, _ in r["hallucinated"][:3]]
     bits = []
     if r.get("pixel_change") is not None:
-        bits.append(f"{r['pixel_change']:.1f}/255")
+        bits.append(f"pixels {r['pixel_change']:.1f}/255")
     if r.get("perceptual_change") is not None:
-        bits.append(f"features {r['perceptual_change']:.3f}")
+        bits.append(f"features {r['perceptual_change']:.3g}")
     if bits:
         g["change"] = " · ".join(bits)
     return g
@@ -592,8 +613,8 @@ def write_gallery(sweep_dir: Path, manifest: Mapping, result: Mapping) -> Path:
     m["paintings"] = {name: dict(p) | ({"top_classes": result["originals"][name]} if name in result["originals"]
                                        else {}) for name, p in (manifest.get("paintings") or {}).items()}
     m["analysis_md"] = ANALYSIS_MD
-    m["analysis_links"] = [[f"{PLOTS_DIR}/{Path(p).name}", t] for t, p in
-                           (result.get("paths", {}).get("plots") or {}).items()]
+    titles = {"losses": "loss curves", "families": "class families", "change": "pixel/perceptual change"}
+    m["analysis_links"] = [[p, titles.get(k, k)] for k, p in (result.get("paths", {}).get("plots") or {}).items()]
     return report.write_gallery(sweep_dir, m, analysis=result["gallery"], analysis_md_path=sweep_dir / ANALYSIS_MD)
 
 
@@ -628,9 +649,10 @@ def render_markdown(result: Mapping) -> str:
     out = [f"# Analysis · {Path(result['sweep_dir']).name}", ""]
     clfs = list(result["classifiers"].values())
     if clfs:
+        kind = lambda c: ", ImageNet" if c["imagenet"] else ", not ImageNet: no families"  # noqa: E731
+        other = lambda c: " (a different file from the sweep's, e.g. with top)" if c["weights_mismatch"] else ""  # noqa
         out.append("Classifier: " + "; ".join(
-            f"{c['backbone']} top ({c['classes']} classes{', ImageNet' if c['imagenet'] else ', not ImageNet: no families'}"
-            f", weights {c['weights_id'][:12]}{' — DIFFERENT from the sweep' if c['weights_mismatch'] else ''})"
+            f"{c['backbone']} top ({c['classes']} classes{kind(c)}, weights {c['weights_id'][:12]}{other(c)})"
             for c in clfs) + ".")
     else:
         out.append("No classifier was available: class and perceptual numbers are missing.")
@@ -646,8 +668,9 @@ def render_markdown(result: Mapping) -> str:
         out += [f"### Class families (share of top-{k} probability mass, mean over dreams; originals in brackets)", "",
                 "| set | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
         for n, s in fam_sets.items():
-            out.append(f"| {n} | " + " | ".join(f"{_fmt(s['dream_families'][f], '.0%')} "
-                                                 f"({_fmt(s['original_families'][f], '.0%')})" for f in FAMILIES) + " |")
+            shares = [f"{_fmt(s['dream_families'][f], '.0%')} ({_fmt(s['original_families'][f], '.0%')})"
+                      for f in FAMILIES]
+            out.append(f"| {n} | " + " | ".join(shares) + " |")
         out.append("")
     if "families" in plots:
         out += [f"![class families]({plots['families']})", ""]

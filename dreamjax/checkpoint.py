@@ -17,8 +17,10 @@ Saves are asynchronous: the arrays are copied on the host first, the next save, 
 ``<step>.orbax-checkpoint-tmp-*``, then renamed); ``cleanup_tmp_directories`` removes what a
 kill left half-written when the manager is next opened. ``max_to_keep`` prunes old steps.
 
-Test-only fault injection: ``DREAMJAX_TEST_KILL_AT=<point>:<n>`` makes the process SIGKILL
-itself the n-th time (1-based) it reaches ``fault_point(<point>)``. Points: ``step`` (after a
+Test-only fault injection: ``DREAMJAX_TEST_KILL_AT=<point>:<n>[:<SIG>]`` makes the process send
+itself SIGKILL (or SIG<SIG>, e.g. USR2 = a SLURM preemption for submitit) the n-th time
+(1-based) it reaches ``fault_point(<point>)``; with ``DREAMJAX_TEST_KILL_ONCE=<file>`` only the
+first process to get there does (the marker file is created). Points: ``step`` (after a
 chunk of steps, before its checkpoint), ``checkpoint`` (an orbax save issued, not finished),
 ``octave`` (an octave just ended, before its checkpoint), ``output`` (a cell's PNGs written,
 its GIF, losses and record not yet).
@@ -39,6 +41,7 @@ import numpy as np
 
 log = logging.getLogger("dreamjax")
 FORMAT = 2
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step being written
 _FAULT_COUNTS: dict[str, int] = {}
 
 
@@ -47,15 +50,24 @@ def fault_point(name: str) -> None:
     spec = os.environ.get("DREAMJAX_TEST_KILL_AT")
     if not spec:
         return
-    point, _, n = spec.partition(":")
+    parts = spec.split(":")
+    point, n, sig = parts[0], (parts[1:2] or ["1"])[0], (parts[2:3] or ["KILL"])[0]
     if point != name:
         return
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] == int(n or 1):
-        log.warning("DREAMJAX_TEST_KILL_AT=%s: killing this process", spec)
-        for h in logging.getLogger().handlers + log.handlers:
-            h.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _FAULT_COUNTS[name] != int(n or 1):
+        return
+    once = os.environ.get("DREAMJAX_TEST_KILL_ONCE")  # a marker file: fire in one process only
+    if once:
+        try:
+            with open(once, "x"):
+                pass
+        except FileExistsError:
+            return
+    log.warning("DREAMJAX_TEST_KILL_AT=%s: sending SIG%s to this process", spec, sig)
+    for h in logging.getLogger().handlers + log.handlers:
+        h.flush()
+    os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,6 +177,14 @@ class BatchCheckpointer:
     @property
     def mngr(self):
         if self._mngr is None:
+            # Half-written steps of a killed process: removed here, whole. (orbax's own
+            # cleanup_tmp_directories removes nested tmp dirs concurrently and can race with itself:
+            # FileNotFoundError on a subdirectory the outer rmtree already took.)
+            if self.directory.is_dir():
+                for p in self.directory.iterdir():
+                    if TMP_MARK in p.name:
+                        log.info("removing a half-written checkpoint %s", p)
+                        shutil.rmtree(p, ignore_errors=True)
             self._mngr = self.ocp.CheckpointManager(self.directory, options=self._options,
                                                     item_names=("state", "meta"))
         return self._mngr

@@ -8,7 +8,8 @@ traced program is static (:class:`DreamConfig`, :class:`OctavePlan`, the image s
 Data flow per octave (host loop, because shapes change between octaves)::
 
     init_octave(images)  ->  OctaveState
-    run_steps(state, n)  ->  OctaveState      # n steps on the device, one jitted call,
+    run_steps(state, n)  ->  OctaveState      # n steps, one jitted while_loop (GPU/TPU) or one
+                                              # jitted step per call (CPU, see Dreamer.device_loop),
                                               # buffers donated, frames + per-tap losses kept
     end_octave(state)    ->  next images       # DLwP lost-detail re-injection
 
@@ -35,7 +36,7 @@ NORMS = ("l2", "mean_abs", "std")
 OBJECTIVES = ("mean_square", "keras_io", "mean")
 DETAIL_MODES = ("dlwp", "google", "none")
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "momentum")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 class DreamSettingsError(ValueError):
@@ -64,7 +65,9 @@ class DreamConfig:
     optimizer: "sgd" (plain normalised-gradient ascent, as all four references) or an optax
       optimizer applied after the per-cell normalisation.
     grad_clip: if > 0, clip each update element to [-grad_clip, grad_clip] (optax.clip).
-    compute_dtype: dtype of the backbone's activations; the image and its updates stay float32.
+    compute_dtype: dtype of the backbone's activations; the image and its updates stay float32
+      (float64 only with ``jax_enable_x64``: the image is float64 too; used by the parity tests,
+      where float32 rounding would let two correct implementations part ways).
     """
 
     taps: tuple[str, ...]
@@ -80,6 +83,10 @@ class DreamConfig:
     compute_dtype: str = "float32"
     straight_through: bool = True  # dream-path module variant (e.g. straight-through ReLU6)
 
+    @property
+    def image_dtype(self):
+        return jnp.float64 if self.compute_dtype == "float64" else jnp.float32
+
     def __post_init__(self):
         _one_of("dream.norm", self.norm, NORMS)
         _one_of("dream.objective", self.objective, OBJECTIVES)
@@ -91,6 +98,8 @@ class DreamConfig:
             raise DreamSettingsError(f"dream.border must be >= 0, got {self.border}")
         if self.frame_every < 0:
             raise DreamSettingsError(f"dream.frame_every must be >= 0 (0 = no frames), got {self.frame_every}")
+        if self.compute_dtype == "float64" and not jax.config.jax_enable_x64:
+            raise DreamSettingsError("dream.compute_dtype=float64 needs JAX_ENABLE_X64=1")
         if self.tile_size < 0:
             raise DreamSettingsError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
 
@@ -254,11 +263,11 @@ def make_update_rule(cfg: DreamConfig, step_size: jax.Array) -> optax.GradientTr
 # Objective and gradient
 # ----------------------------------------------------------------------------------------------
 def tap_losses(acts: dict, taps: Sequence[str], cfg: DreamConfig) -> jax.Array:
-    """Per-cell, per-tap objective values, f32[B, T] (computed in float32)."""
+    """Per-cell, per-tap objective values, [B, T], computed in at least float32."""
     cols = []
     c = cfg.border
     for t in taps:
-        a = acts[t].astype(jnp.float32)
+        a = acts[t].astype(jnp.promote_types(acts[t].dtype, jnp.float32))
         if cfg.objective == "mean":
             cols.append(jnp.mean(a, axis=(1, 2, 3)))
             continue
@@ -291,7 +300,7 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
             return jnp.sum(per_tap * weights), per_tap
 
         (_, per_tap), g = jax.value_and_grad(total, has_aux=True)(images)
-        return per_tap, g.astype(jnp.float32)
+        return per_tap, g.astype(images.dtype)
 
     if not cfg.tile_size:
         return loss_and_grad
@@ -316,7 +325,7 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
             grads = jax.lax.dynamic_update_slice(grads, cur + g, (0, y, x, 0))
             return losses + per_tap, grads
 
-        zeros = (jnp.zeros((images.shape[0], len(cfg.taps)), jnp.float32), jnp.zeros_like(images))
+        zeros = (jnp.zeros((images.shape[0], len(cfg.taps)), cfg.image_dtype), jnp.zeros_like(images))
         losses, grads = jax.lax.fori_loop(0, starts.shape[0], body, zeros)
         return losses / starts.shape[0], grads
 
@@ -364,6 +373,15 @@ class Dreamer:
         feature_fn = backbone.feature_fn(self.taps, dream=cfg.straight_through, dtype=cfg.compute_dtype)
         self._grad = make_grad_fn(feature_fn, cfg)
         self._run = jax.jit(self._run_steps, donate_argnums=(1,))
+        self._step = jax.jit(self._one_step, donate_argnums=(1,))
+        self._finish = jax.jit(self._finish_steps, donate_argnums=(0,))
+        # Where the steps of an octave loop. On the device (one while_loop per call) is the design,
+        # and what GPUs/TPUs get. On XLA:CPU a while body keeps the input-gradient convolutions'
+        # kernels in the transposed (01oi) layout, which XLA's fast convolution library (YNNPACK)
+        # does not take, so they fall back to XLA's own loop emitter: a step ran 2.5-4x slower than
+        # the same step outside a loop (results/bench/README.md). So on CPU the host drives one
+        # jitted, donated step per call; the results are the same to float rounding.
+        self.device_loop = jax.default_backend() != "cpu"
         self._init = jax.jit(self._init_state)
         self._resize = jax.jit(_resize, static_argnums=(1,))
         self.compile_events: list[tuple[tuple[int, ...], float]] = []
@@ -393,27 +411,24 @@ class Dreamer:
         rule = make_update_rule(self.cfg, params.step_size)
         nf = (self.capacity // self.cfg.frame_every) if self.cfg.frame_every else 0
         return OctaveState(
-            image=images.astype(jnp.float32),
+            image=images.astype(self.cfg.image_dtype),
             opt_state=rule.init(images),
             step=jnp.zeros((), jnp.int32),
             stopped=jnp.zeros((b,), bool),
-            losses=jnp.full((self.capacity, b, len(self.taps)), jnp.nan, jnp.float32),
-            frames=jnp.zeros((nf, b, h, w, c), jnp.float32),
+            losses=jnp.full((self.capacity, b, len(self.taps)), jnp.nan, self.cfg.image_dtype),
+            frames=jnp.zeros((nf, b, h, w, c), self.cfg.image_dtype),
         )
 
-    def _run_steps(self, variables, state: OctaveState, params: CellParams, octave, n_steps):
+    def _step_body(self, variables, params: CellParams, octave):
+        """One dream step of every active cell: ``body(state) -> state`` (step + 1)."""
         rule = make_update_rule(self.cfg, params.step_size)
         lo, hi = self.cfg.value_range
-        end = jnp.minimum(state.step + n_steps, self.capacity)
-        k = self.cfg.frame_every if state.frames.shape[0] else 0  # no frame slot: fewer steps than k
 
         def active_mask(s):
             return (s.step < params.iterations) & ~s.stopped
 
-        def cond(s):
-            return (s.step < end) & jnp.any(active_mask(s))
-
         def body(s: OctaveState):
+            k = self._frames_every(s)
             active = active_mask(s)
             keys = jax.vmap(_step_key, in_axes=(0, None, None))(params.key, octave, s.step)
             amp = params.jitter[:, None]
@@ -442,24 +457,58 @@ class Dreamer:
                     jnp.where(take, image, frames[jnp.minimum(fi, frames.shape[0] - 1)]))
             return OctaveState(image, opt_state, s.step + 1, stopped, losses, frames)
 
+        return body, active_mask
+
+    def _frames_every(self, state: OctaveState) -> int:
+        return self.cfg.frame_every if state.frames.shape[0] else 0  # no frame slot: fewer steps than k
+
+    def _run_steps(self, variables, state: OctaveState, params: CellParams, octave, n_steps):
+        end = jnp.minimum(state.step + n_steps, self.capacity)
+        body, active_mask = self._step_body(variables, params, octave)
+
+        def cond(s):
+            return (s.step < end) & jnp.any(active_mask(s))
+
         s = jax.lax.while_loop(cond, body, state)
+        return self._finish_steps(s, end)
+
+    def _one_step(self, variables, state: OctaveState, params: CellParams, octave):
+        """One step (host loop, see ``device_loop``); the caller checks the loop condition."""
+        return self._step_body(variables, params, octave)[0](state)
+
+    def _finish_steps(self, s: OctaveState, end):
+        k = self._frames_every(s)
         if k:
             # Slots past the last step taken hold the current image: frozen cells keep their
             # final image; a later chunk overwrites the slots it reaches.
             fill = jnp.arange(s.frames.shape[0]) >= s.step // k
             s = s._replace(frames=jnp.where(fill[:, None, None, None, None], s.image[None], s.frames))
-        return s._replace(step=end)
+        return s._replace(step=jnp.asarray(end, jnp.int32))
 
     # --- host API ------------------------------------------------------------------------------
     def init_octave(self, images, params: CellParams) -> OctaveState:
-        return self._init(jnp.asarray(images, jnp.float32), params)
+        return self._init(jnp.asarray(images, self.cfg.image_dtype), params)
 
     def run_steps(self, state: OctaveState, params: CellParams, octave: int, n_steps: int) -> OctaveState:
-        return self._run(self.variables, state, params, jnp.int32(octave), jnp.int32(n_steps))
+        if self.device_loop:
+            return self._run(self.variables, state, params, jnp.int32(octave), jnp.int32(n_steps))
+        # Host loop, same condition as the device loop's: stop at `end` or when no cell is active.
+        step = int(state.step)
+        end = min(step + int(n_steps), self.capacity)
+        iterations = np.asarray(params.iterations)
+        stopped = np.asarray(state.stopped)
+        watch = bool(np.any(np.isfinite(np.asarray(params.max_loss))))  # else `stopped` never changes
+        octave = jnp.int32(octave)
+        while step < end and np.any((step < iterations) & ~stopped):
+            state = self._step(self.variables, state, params, octave)
+            step += 1
+            if watch:
+                stopped = np.asarray(state.stopped)
+        return self._finish(state, jnp.int32(end))
 
     def programs(self) -> int:
         """How many octave programs this dreamer has compiled (one per octave shape)."""
-        return self._run._cache_size()
+        return (self._run if self.device_loop else self._step)._cache_size()
 
     def resize(self, images, shape):
         return self._resize(images, tuple(int(s) for s in shape))
@@ -467,8 +516,10 @@ class Dreamer:
     def lower(self, height: int, width: int, batch: int):
         """The lowered octave program for a shape (for cost analysis and compile counting)."""
         params = CellParams.make(np.ones((batch, len(self.taps))), 1.0, iterations=1)
-        images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+        images = jax.ShapeDtypeStruct((batch, height, width, 3), self.cfg.image_dtype)
         state = jax.eval_shape(self._init_state, images, params)
+        if not self.device_loop:  # the program run_steps runs: one step
+            return self._step.lower(self.variables, state, params, jnp.int32(0))
         return self._run.lower(self.variables, state, params, jnp.int32(0), jnp.int32(1))
 
 
@@ -593,4 +644,4 @@ def dream(backbone, images, params: CellParams, cfg: DreamConfig, plan: OctavePl
     """Dream a batch of preprocessed images (same shape) to the end; returns the finished run."""
     cap = int(np.max(params.iterations)) if steps_capacity is None else steps_capacity
     dreamer = Dreamer(backbone, cfg, plan, max(cap, 1))
-    return DreamRun(dreamer, np.asarray(images, np.float32), params).run()
+    return DreamRun(dreamer, np.asarray(images, cfg.image_dtype), params).run()

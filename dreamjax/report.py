@@ -324,21 +324,17 @@ figcaption{font-size:13px;margin-top:4px}figcaption b{display:block}
 
 # After load, <body data-images=N data-broken=K data-broken-src="..."> counts images that did not
 # render (tests read it with headless Chromium --dump-dom). With #selfcheck in the URL, lazy images
-# are loaded first so every image is checked.
-_SELF_CHECK = """<script>
-window.addEventListener('load', function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  if (location.hash === '#selfcheck') imgs.forEach(function (i) { i.loading = 'eager'; });
-  Promise.all(imgs.map(function (i) {
-    return i.complete ? null : new Promise(function (r) { i.addEventListener('load', r); i.addEventListener('error', r); });
-  })).then(function () {
-    var bad = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; });
-    document.body.dataset.images = imgs.length;
-    document.body.dataset.brokenSrc = bad.map(function (i) { return i.getAttribute('src'); }).join(' ');
-    document.body.dataset.broken = bad.length;
-  });
-});
-</script>"""
+# are loaded first so every image is checked. A body onload attribute, not a <script> element.
+_SELF_CHECK_JS = (
+    "var imgs=Array.prototype.slice.call(document.images);"
+    "if(location.hash==='#selfcheck')imgs.forEach(function(i){i.loading='eager';});"
+    "Promise.all(imgs.map(function(i){return i.complete?null:new Promise(function(r){"
+    "i.addEventListener('load',r);i.addEventListener('error',r);});})).then(function(){"
+    "var bad=imgs.filter(function(i){return !i.complete||i.naturalWidth===0;});"
+    "document.body.dataset.images=imgs.length;"
+    "document.body.dataset.brokenSrc=bad.map(function(i){return i.getAttribute('src');}).join(' ');"
+    "document.body.dataset.broken=bad.length;});"
+)
 
 
 def safe_name(name: str) -> str:
@@ -482,7 +478,7 @@ def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[s
     out: list[str] = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body onload=\"{_esc(_SELF_CHECK_JS)}\">",
         f"<header><h1>{_esc(title)}</h1><dl class=facts>",
     ]
     wid = str(manifest.get("weights_id") or "")
@@ -541,7 +537,7 @@ def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[s
             out.append(_cell_html(sweep_dir, c, varying, analysis))
         out.append("</div></section>")
     now = _dt.datetime.now().isoformat(timespec="seconds")
-    out.append(f"</main><footer>written by dreamjax.report at {_esc(now)}</footer>{_SELF_CHECK}</body></html>")
+    out.append(f"</main><footer>written by dreamjax.report at {_esc(now)}</footer></body></html>")
     return _images.atomic_write_text(sweep_dir / "index.html", "\n".join(out) + "\n")
 
 

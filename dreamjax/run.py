@@ -250,7 +250,7 @@ class Executor:
             length = pad_to(min(self.opt.batch_size, len(group_cells)), _device_count())
             for batch in grid.batches(group_cells, self.opt.batch_size):
                 if self.stop_requested():
-                    break
+                    raise Interrupted("stopped between batches")
                 if all(c.id in complete for c in batch):
                     continue
                 for rec in self._run_batch(dreamer, batch, loaded, shape, bar, checkpoint_root, length,
@@ -300,7 +300,8 @@ class Executor:
             root = Path(checkpoint_root or Path(batch[0].job_dir).parent / ".checkpoints")
             ckpt = checkpoint.BatchCheckpointer(root / grid.batch_id(batch), batch_meta(batch, bb),
                                                 max_to_keep=self.opt.max_to_keep)
-            ckpt.restore_into(run)
+            if ckpt.restore_into(run):
+                self.stats.setdefault("resume_restored_unix", time.time())  # bench: resume latency
         steps_per_octave = dreamer.capacity
         try:
             while not run.done:
@@ -328,6 +329,10 @@ class Executor:
             self.stats["cells_failed"] += n_real
             return [write_failed(c, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                     for c in batch]
+        except BaseException:  # SystemExit (submitit's requeue on preemption), KeyboardInterrupt
+            if ckpt is not None:
+                ckpt.close()  # the in-flight async save is committed before the process goes
+            raise
         seconds = {"run": time.perf_counter() - t_start, "compile": self.compiles.seconds - compiles_before}
         recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
                 if c.id not in complete]

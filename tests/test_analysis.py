@@ -332,3 +332,24 @@ def test_cli(fake, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "setA** → 'golden_retriever' (3 of 3 paintings)" in out
     assert analysis.main([str(sweep_dir / "missing")]) == 2
+
+
+def test_chunked_reading_gives_the_same_numbers(fake):
+    sweep_dir, _, clf = fake
+    whole = analysis.analyze(sweep_dir, classifier=clf, plots=False, gallery=False)
+    clf.calls = clf.seen = 0
+    chunked = analysis.analyze(sweep_dir, classifier=clf, plots=False, gallery=False, chunk_size=2)
+    assert clf.calls == 3 and clf.seen == 8  # each original still classified once
+    assert chunked["cells"] == whole["cells"] and chunked["sets"] == whole["sets"]
+
+
+def test_without_matplotlib_no_plots_but_everything_else(fake, monkeypatch):
+    import sys
+
+    sweep_dir, _, clf = fake
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    res = analysis.analyze(sweep_dir, classifier=clf)
+    assert res["paths"]["plots"] == {} and not (sweep_dir / "analysis").exists()
+    md = (sweep_dir / "analysis.md").read_text()
+    assert "![" not in md and "'golden_retriever' (3 of 3 paintings)" in md
+    assert "new in top-5" in (sweep_dir / "index.html").read_text()

@@ -104,10 +104,34 @@ BLOCKS = (
     ("mixed10", _block_e()),
 )
 
-# Keras BatchNormalization(scale=False) uses epsilon 1e-3; Flax's default 1e-5
-# would shift every activation where a moving variance is small. Statistics are
-# always the stored ones: dreams must never update them.
-BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, use_scale=False, epsilon=1e-3)
+class KerasBatchNorm(nn.Module):
+    """Inference BatchNorm(scale=False) computed in Keras' own order.
+
+    Keras BatchNormalization uses epsilon 1e-3 (Flax's default 1e-5 would shift every
+    activation whose moving variance is small), and its JAX backend computes
+    ``x * inv + (-mean * inv + beta)`` with ``inv = rsqrt(var + eps)``, where Flax's BatchNorm
+    computes ``(x - mean) * inv + beta``. Equal up to rounding, but the rounding decides which
+    ReLUs sit exactly at 0, and DeepDream's normalised step amplifies each flip: this order
+    keeps the dlwp preset within 1e-3 of the Keras loop over 90 steps. Statistics are always
+    the stored ones (dreams never update them); variable names are Flax BatchNorm's.
+    """
+
+    epsilon: float = 1e-3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
+        var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
+        beta = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        stats = jnp.promote_types(self.dtype, jnp.float32)  # bf16 compute keeps f32 statistics
+        inv = jax.lax.rsqrt(var.astype(stats) + self.epsilon)
+        res = -mean.astype(stats) * inv + beta.astype(stats)
+        return x * inv.astype(self.dtype) + res.astype(self.dtype)
+
+
+BatchNorm = KerasBatchNorm
 
 
 class ConvBN(nn.Module):

@@ -1,0 +1,655 @@
+"""Benchmarks of the dream engine (library logic; the CLIs are scripts/bench.py, scripts/bench_sweep.py).
+
+Engine benchmark (:func:`run_engine_bench`): for each (size, batch) the octave program of the
+DLwP step (InceptionV3 mixed4..7, L2-normalised ascent) is compiled once (timed), then
+modes are timed *interleaved* over repeats (round robin, so background load hits all
+modes alike):
+
+* ``batched``   B cells in one program, ``steps`` steps per call;
+* ``per_cell``  the same engine at B=1, cell after cell (B calls of the B=1 program);
+* ``keras``     the Keras 3 (JAX backend) DLwP loop, one cell at a time, one jitted gradient
+                step per Python iteration (Keras' own random init: only speed matters here);
+* ``tf``        the DLwP notebook step on TensorFlow (tf.function), one cell at a time, in a
+                separate interpreter (``tf_python``), driven over a pipe.
+
+Reported per row: compile seconds, seconds per step, cell-steps per second, XLA's FLOPs per
+step (``compiled.cost_analysis()``), achieved FLOP/s and its ratio to a float32 matmul peak
+measured in the same run, XLA's memory analysis, compilations. Peak RSS comes from a fresh
+subprocess per case (``rss=True``), the only honest resident-set number.
+
+Sweep benchmark (:func:`run_sweep_bench`): wall time of a Hydra multirun under several
+launchers, cold (fresh persistent compilation cache) and warm (same cache again), with the
+compile counts and seconds from each ``run_stats.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DLWP_TAPS = ("mixed4", "mixed5", "mixed6", "mixed7")
+DLWP_WEIGHTS = (1.0, 1.5, 2.0, 2.5)
+TINY_TAPS = ("conv2", "conv3", "conv4")
+# extra batched modes for studies (EngineCase keyword arguments)
+VARIANTS = {
+    "devloop": {"device_loop": True},  # the device while_loop (the engine's path on GPU/TPU)
+    "hostloop": {"device_loop": False},
+    "bf16": {"compute_dtype": "bfloat16"},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def summary(xs: Sequence[float]) -> dict:
+    xs = [float(x) for x in xs]
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+
+
+def machine_info() -> dict:
+    import jax
+
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_start": list(os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
+    """Best-of-``reps`` float32 GFLOP/s of one jitted ``jnp.dot`` n x n (the peak we compare with)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    flops = 2.0 * n ** 3
+    return {"n": n, "gflops_best": flops / min(ts) / 1e9, "gflops_median": flops / statistics.median(ts) / 1e9}
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring) between start() and stop()."""
+
+    _active: list = []
+    _registered = False
+
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        self.seconds = 0.0
+        if not CompileCounter._registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileCounter._listen)
+            CompileCounter._registered = True
+
+    @staticmethod
+    def _listen(event, duration, **kw):
+        if event.endswith("backend_compile_duration"):
+            for c in CompileCounter._active:
+                c.count += 1
+                c.seconds += duration
+
+    def __enter__(self):
+        CompileCounter._active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        CompileCounter._active.remove(self)
+
+
+def _first(x):
+    # cost_analysis() is a dict in new jax, a list of dicts in old ones
+    return x[0] if isinstance(x, (list, tuple)) else (x or {})
+
+
+def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    if backbone.name == "inception_v3":
+        return DLWP_TAPS, DLWP_WEIGHTS
+    if backbone.name == "efficientnet_lite0":
+        return ("block7", "block9", "block10_dwpre", "block12"), DLWP_WEIGHTS
+    return TINY_TAPS, (1.0, 1.5, 2.0)
+
+
+def dlwp_config(backbone, compute_dtype="float32", tile_size=0):
+    from dreamjax.dream import DreamConfig
+
+    taps, _ = default_taps(backbone)
+    return DreamConfig(taps=taps, norm="l2", objective="mean_square", border=2, frame_every=0,
+                       clip=False, tile_size=tile_size, compute_dtype=compute_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# dreamjax engine cases
+# ----------------------------------------------------------------------------------------------
+class EngineCase:
+    """One octave program (size x size, batch B) of the dreamjax engine, run through
+    ``Dreamer.run_steps`` (the path real dreams take). ``device_loop`` forces the device
+    while_loop (True) or the host step loop (False); None = the engine's default."""
+
+    def __init__(self, backbone, size: int, batch: int, steps: int, compute_dtype="float32",
+                 tile_size=0, height=None, device_loop=None):
+        import jax
+        import jax.numpy as jnp
+
+        from dreamjax.dream import CellParams, Dreamer, OctavePlan
+
+        self.size, self.batch, self.steps = size, batch, steps
+        h, w = (height or size), size
+        cfg = dlwp_config(backbone, compute_dtype, tile_size)
+        _, weights = default_taps(backbone)
+        self.dreamer = Dreamer(backbone, cfg, OctavePlan(), steps_capacity=steps)
+        if device_loop is not None:
+            self.dreamer.device_loop = bool(device_loop)
+        self.device_loop = self.dreamer.device_loop
+        self.params = CellParams.make(np.tile(np.asarray(weights, np.float32), (batch, 1)), 20.0,
+                                      iterations=steps, seed=np.arange(batch))
+        rng = np.random.default_rng(0)
+        self.images = rng.uniform(-1, 1, (batch, h, w, 3)).astype(np.float32)
+        self._jnp = jnp
+        self._jax = jax
+        # XLA's cost analysis of the program run_steps runs: one step (host loop), or the
+        # while_loop whose body it counts once (device loop): FLOPs of one step either way.
+        cost = _first(self.dreamer.lower(h, w, batch).cost_analysis())
+        self.flops_per_step = float(cost.get("flops", float("nan")))
+        self.bytes_per_step = float(cost.get("bytes accessed", float("nan")))
+        with CompileCounter() as cc:
+            t0 = time.perf_counter()
+            self.run(self.fresh_state())  # compiles init, step (or loop) and finish programs
+            self.first_call_seconds = time.perf_counter() - t0
+        self.compilations = cc.count
+        self.compile_seconds = cc.seconds
+        self.memory = None
+
+    def fresh_state(self, images=None, params=None):
+        return self.dreamer.init_octave(self.images if images is None else images,
+                                        self.params if params is None else params)
+
+    def run(self, state, params=None):
+        out = self.dreamer.run_steps(state, self.params if params is None else params, 0, self.steps)
+        return self._jax.block_until_ready(out)
+
+    def time_batched(self) -> float:
+        """Seconds for ``steps`` steps of all B cells in one call."""
+        state = self.fresh_state()
+        self._jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        self.run(state)
+        return time.perf_counter() - t0
+
+    def time_cells(self, images: np.ndarray, params) -> float:
+        """This (B=1) program over ``len(images)`` cells, one after the other."""
+        states = [self.fresh_state(images[i:i + 1], params.take(slice(i, i + 1))) for i in range(len(images))]
+        cell_params = [params.take(slice(i, i + 1)) for i in range(len(images))]
+        self._jax.block_until_ready(states)
+        t0 = time.perf_counter()
+        for s, p in zip(states, cell_params):
+            self.run(s, p)
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# Keras 3 (JAX backend) reference: the DLwP loop
+# ----------------------------------------------------------------------------------------------
+class KerasCase:
+    """DLwP's gradient-ascent step on keras.applications.InceptionV3 (random init), Keras 3 + JAX.
+
+    As the DLwP notebook: a feature extractor returning mixed4..7, loss = sum of coeff *
+    mean(square(act[:, 2:-2, 2:-2])), one jitted step (grad, l2-normalise, ascend) called once per
+    iteration from Python, one image at a time. The gradient is jax.grad over the model's
+    ``stateless_call`` (the jitted-JAX way to call a Keras 3 model).
+    """
+
+    _model = None
+
+    def __init__(self, size: int, steps: int):
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import jax
+        import jax.numpy as jnp
+        import keras
+
+        if keras.backend.backend() != "jax":
+            raise RuntimeError(f"Keras backend is {keras.backend.backend()!r}; set KERAS_BACKEND=jax")
+        if KerasCase._model is None:
+            base = keras.applications.InceptionV3(weights=None, include_top=False)
+            outs = {n: base.get_layer(n).output for n in DLWP_TAPS}
+            KerasCase._model = keras.Model(inputs=base.inputs, outputs=outs)
+        model = KerasCase._model
+        self.size, self.steps = size, steps
+        coeffs = dict(zip(DLWP_TAPS, DLWP_WEIGHTS))
+        tv = [v.value for v in model.trainable_variables]
+        ntv = [v.value for v in model.non_trainable_variables]
+
+        def loss_fn(x):
+            outs, _ = model.stateless_call(tv, ntv, x, training=False)
+            loss = 0.0
+            for n, c in coeffs.items():
+                a = outs[n]
+                loss = loss + c * jnp.mean(jnp.square(a[:, 2:-2, 2:-2, :]))
+            return loss
+
+        @jax.jit
+        def step(x):
+            loss, g = jax.value_and_grad(loss_fn)(x)
+            g = g / jnp.sqrt(jnp.maximum(jnp.sum(g * g), 1e-12))  # tf.math.l2_normalize
+            return loss, x + 20.0 * g
+
+        self._step = step
+        self._jax = jax
+        self.image = np.random.default_rng(0).uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
+        with CompileCounter() as cc:
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(jnp.asarray(self.image)))
+            self.compile_seconds = time.perf_counter() - t0  # trace + compile + one step
+        self.compilations = cc.count
+
+    def time_cells(self, cells: int) -> float:
+        import jax.numpy as jnp
+
+        x0 = jnp.asarray(self.image)
+        t0 = time.perf_counter()
+        for _ in range(cells):
+            x = x0
+            for _ in range(self.steps):
+                loss, x = self._step(x)
+                if float(loss) > 1e30:  # DLwP checks max_loss on the host every step
+                    break
+            self._jax.block_until_ready(x)
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow reference (separate interpreter): the DLwP notebook step
+# ----------------------------------------------------------------------------------------------
+TF_WORKER = r'''
+import json, os, sys, time
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
+from tensorflow import keras
+base = keras.applications.InceptionV3(weights=None, include_top=False)
+layer_settings = {"mixed4": 1.0, "mixed5": 1.5, "mixed6": 2.0, "mixed7": 2.5}
+outs = {n: base.get_layer(n).output for n in layer_settings}
+fe = keras.Model(inputs=base.inputs, outputs=outs)
+
+def compute_loss(x):
+    features = fe(x)
+    loss = tf.zeros(shape=())
+    for name in features.keys():
+        c = layer_settings[name]
+        a = features[name]
+        loss += c * tf.reduce_mean(tf.square(a[:, 2:-2, 2:-2, :]))
+    return loss
+
+@tf.function
+def gradient_ascent_step(image, learning_rate):
+    with tf.GradientTape() as tape:
+        tape.watch(image)
+        loss = compute_loss(image)
+    grads = tape.gradient(loss, image)
+    grads = tf.math.l2_normalize(grads)
+    image += learning_rate * grads
+    return loss, image
+
+print(json.dumps({"ready": True, "tf": tf.__version__}), flush=True)
+warm = set()
+for line in sys.stdin:
+    req = json.loads(line)
+    size, steps, cells = req["size"], req["steps"], req["cells"]
+    img = tf.constant(np.random.default_rng(0).uniform(-1, 1, (1, size, size, 3)).astype("float32"))
+    out = {}
+    if size not in warm:
+        t0 = time.perf_counter()
+        l, x = gradient_ascent_step(img, 20.0); float(l)
+        out["compile_seconds"] = time.perf_counter() - t0
+        warm.add(size)
+    t0 = time.perf_counter()
+    for _ in range(cells):
+        x = img
+        for _ in range(steps):
+            loss, x = gradient_ascent_step(x, 20.0)
+            if float(loss) > 1e30:
+                break
+        x.numpy()
+    out["seconds"] = time.perf_counter() - t0
+    import resource
+    out["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out), flush=True)
+'''
+
+
+class TFWorker:
+    def __init__(self, python: str):
+        self.dir = tempfile.mkdtemp(prefix="dreamjax_tfbench_")
+        path = Path(self.dir) / "tf_worker.py"
+        path.write_text(TF_WORKER)
+        env = dict(os.environ, KERAS_BACKEND="tensorflow")  # ours is jax; the notebook's Keras runs on TF
+        self.proc = subprocess.Popen([python, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1, env=env)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the TensorFlow worker ({python}) did not start; see its stderr above")
+        hello = json.loads(line)
+        self.version = hello["tf"]
+
+    def request(self, size, steps, cells) -> dict:
+        self.proc.stdin.write(json.dumps({"size": size, "steps": steps, "cells": cells}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the TensorFlow worker died")
+        return json.loads(line)
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak RSS in a fresh interpreter
+# ----------------------------------------------------------------------------------------------
+def rss_worker(backbone: str, weights: str, size: int, batch: int, steps: int, compute_dtype="float32",
+               tile_size=0, height=None, device_loop=None) -> dict:
+    """Runs in a fresh interpreter: load, compile and run one case; report ru_maxrss and timings."""
+    from dreamjax import load_backbone
+
+    bb = load_backbone(backbone, weights=weights)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    case = EngineCase(bb, size, batch, steps, compute_dtype, tile_size, height, device_loop)
+    t = case.time_batched()
+    return {"backbone": backbone, "size": size, "height": height or size, "batch": batch, "steps": steps,
+            "tile_size": tile_size, "compute_dtype": compute_dtype,
+            "compile_seconds": case.compile_seconds, "first_call_seconds": case.first_call_seconds, "seconds": t, "seconds_per_step": t / steps,
+            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_load_mib": base_rss, "xla_memory": case.memory}
+
+
+def measure_rss(backbone: str, weights: str, size: int, batch: int, steps: int = 1, compute_dtype="float32",
+                tile_size=0, height=None, device_loop=None, timeout=1800) -> dict:
+    args = json.dumps(dict(backbone=backbone, weights=weights, size=size, batch=batch, steps=steps,
+                           compute_dtype=compute_dtype, tile_size=tile_size, height=height,
+                           device_loop=device_loop))
+    code = ("import json,sys; from dreamjax.bench import rss_worker; "
+            "print('@@' + json.dumps(rss_worker(**json.loads(sys.argv[1]))))")
+    p = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("@@"):
+            return json.loads(line[2:])
+    raise RuntimeError(f"RSS worker failed (rc {p.returncode}): {p.stderr[-2000:]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine benchmark
+# ----------------------------------------------------------------------------------------------
+def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256, 512), batches=(1, 4, 8),
+                     repeats=3, steps=3, keras=False, tf_python=None, rss=False, compute_dtype="float32",
+                     tiled=None, tile_size=512, peak_n=2048, variants=(), log=print) -> dict:
+    """Interleaved, repeated timing of batched / per-cell / Keras / TF modes. Returns a JSON-able dict.
+
+    variants: extra batched modes from :data:`VARIANTS` (e.g. "devloop", "bf16"), timed in the
+    same round robin and reported as ``batched_<variant>`` with its ratio to ``batched``.
+    """
+    import jax
+
+    from dreamjax import load_backbone
+
+    bb = load_backbone(backbone_name, weights=weights)
+    info = machine_info()
+    peak = matmul_peak(peak_n)
+    log(f"float32 matmul peak ({peak_n}^3, best of 10): {peak['gflops_best']:.1f} GFLOP/s")
+    tfw = None
+    if tf_python:
+        tfw = TFWorker(tf_python)
+        info["tensorflow"] = tfw.version
+    if keras:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras as _k
+
+        info["keras"] = _k.__version__
+    batches = sorted(set(int(b) for b in batches))
+    rows, ratios = [], []
+    try:
+        for size in sizes:
+            # ---- compile every case of this size (timed) ----
+            cases = {b: EngineCase(bb, size, b, steps, compute_dtype) for b in batches}
+            vcases = {(v, b): EngineCase(bb, size, b, steps, **{"compute_dtype": compute_dtype, **VARIANTS[v]})
+                      for v in variants for b in batches}
+            one = cases.get(1) or EngineCase(bb, size, 1, steps, compute_dtype)
+            kcase = KerasCase(size, steps) if keras and backbone_name == "inception_v3" else None
+            tf_compile = None
+            if tfw is not None:
+                tf_compile = tfw.request(size, 1, 1).get("compile_seconds")
+            # ---- interleaved repeats ----
+            times: dict[tuple[str, int], list[float]] = {}
+            for r in range(repeats):
+                for b in batches:
+                    times.setdefault(("batched", b), []).append(cases[b].time_batched())
+                    for v in variants:
+                        times.setdefault((f"batched_{v}", b), []).append(vcases[(v, b)].time_batched())
+                    if b > 1:
+                        times.setdefault(("per_cell", b), []).append(
+                            one.time_cells(cases[b].images, cases[b].params))
+                    if kcase is not None:
+                        times.setdefault(("keras", b), []).append(kcase.time_cells(b))
+                    if tfw is not None:
+                        res = tfw.request(size, steps, b)
+                        times.setdefault(("tf", b), []).append(res["seconds"])
+                log(f"  size {size}: repeat {r + 1}/{repeats} done (load {os.getloadavg()[0]:.2f})")
+            # ---- rows ----
+            for (mode, b), ts in times.items():
+                c = cases[b] if mode == "batched" else vcases.get((mode[len("batched_"):], b), one)
+                per_step = [t / steps for t in ts]  # seconds per step of the whole batch of b cells
+                cps = [b * steps / t for t in ts]
+                row = {"size": size, "batch": b, "mode": mode, "steps_per_call": steps,
+                       "seconds_per_step": summary(per_step),
+                       "cell_steps_per_s": summary(cps)}
+                if mode.startswith("batched") or mode == "per_cell":
+                    fl = c.flops_per_step * (b if mode == "per_cell" else 1)
+                    achieved = [fl / t for t in per_step]
+                    row.update(compile_seconds=c.compile_seconds, compilations=c.compilations,
+                               programs=1, flops_per_step=fl,
+                               achieved_gflops=summary([a / 1e9 for a in achieved]),
+                               peak_ratio=summary([a / 1e9 / peak["gflops_best"] for a in achieved]),
+                               xla_memory=c.memory)
+                elif mode == "keras":
+                    row.update(compile_seconds=kcase.compile_seconds, compilations=kcase.compilations,
+                               programs=1, weights="keras random init (speed only)")
+                elif mode == "tf":
+                    row.update(compile_seconds=tf_compile, weights="keras random init (speed only)")
+                rows.append(row)
+            for b in batches:
+                base = times[("batched", b)]
+                for other in ("per_cell", "keras", "tf", *(f"batched_{v}" for v in variants)):
+                    if (other, b) in times:
+                        # throughput ratio batched / other, paired by repeat
+                        rr = [o / t for t, o in zip(base, times[(other, b)])]
+                        ratios.append({"size": size, "batch": b, "vs": other, "ratio": summary(rr)})
+            if rss:
+                for b in batches:
+                    m = measure_rss(backbone_name, weights, size, b, 1, compute_dtype)
+                    for row in rows:
+                        if row["size"] == size and row["batch"] == b and row["mode"] == "batched":
+                            row["peak_rss_mib"] = m["ru_maxrss_mib"]
+                    log(f"  size {size} batch {b}: peak RSS {m['ru_maxrss_mib']:.0f} MiB (fresh process)")
+            del cases, vcases, one, kcase
+            jax.clear_caches()
+    finally:
+        if tfw is not None:
+            tfw.close()
+    out = {"kind": "engine", "backbone": backbone_name, "weights": weights, "compute_dtype": compute_dtype,
+           "steps_per_call": steps, "repeats": repeats, "machine": info, "matmul_peak": peak,
+           "rows": rows, "ratios": ratios}
+    if tiled:
+        log(f"tiled {tiled}x{tiled}, tile {tile_size}: running in a fresh process ...")
+        out["tiled"] = measure_rss(backbone_name, weights, tiled, 1, 1, compute_dtype, tile_size=tile_size)
+        out["tiled"]["peak_rss_gib"] = out["tiled"]["ru_maxrss_mib"] / 1024
+    out["machine"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def format_engine_table(res: dict) -> str:
+    lines = [f"backbone {res['backbone']} ({res['weights']}), compute {res['compute_dtype']}, "
+             f"{res['steps_per_call']} steps/call, {res['repeats']} repeats; "
+             f"f32 matmul peak {res['matmul_peak']['gflops_best']:.1f} GFLOP/s; "
+             f"XLA_FLAGS={res['machine']['XLA_FLAGS'] or '-'}"]
+    hdr = (f"{'size':>5} {'B':>3} {'mode':<9} {'compile s':>9} {'s/step med':>10} "
+           f"{'cell-steps/s min/med/max':>26} {'GFLOP/step':>10} {'GFLOP/s med':>11} {'%peak':>6} {'RSS MiB':>8}")
+    lines += [hdr, "-" * len(hdr)]
+    for r in res["rows"]:
+        c = r["cell_steps_per_s"]
+        comp = r.get("compile_seconds")
+        fl = r.get("flops_per_step")
+        ag = r.get("achieved_gflops", {}).get("median")
+        mode = r["mode"].replace("batched_", "b_")
+        pr = r.get("peak_ratio", {}).get("median")
+        lines.append(
+            f"{r['size']:>5} {r['batch']:>3} {mode:<9} {comp if comp is not None else float('nan'):>9.1f} "
+            f"{r['seconds_per_step']['median']:>10.3f} "
+            f"{c['min']:>8.2f}/{c['median']:>8.2f}/{c['max']:>8.2f} "
+            f"{(fl or float('nan')) / 1e9:>10.1f} {ag if ag is not None else float('nan'):>11.1f} "
+            f"{100 * pr if pr is not None else float('nan'):>5.0f}% "
+            f"{r.get('peak_rss_mib', float('nan')):>8.0f}")
+    if res["ratios"]:
+        lines.append("")
+        lines.append("throughput ratio batched / other (paired by repeat): min / median / max")
+        for q in res["ratios"]:
+            s = q["ratio"]
+            lines.append(f"  size {q['size']:>4} B={q['batch']:<2} vs {q['vs']:<16} "
+                         f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}")
+    if "tiled" in res:
+        t = res["tiled"]
+        lines.append("")
+        lines.append(f"tiled {t['size']}x{t['height']} (tile {t['tile_size']}), 1 cell, 1 step: peak RSS "
+                     f"{t['peak_rss_gib']:.2f} GiB, compile {t['compile_seconds']:.1f} s, step {t['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep benchmark
+# ----------------------------------------------------------------------------------------------
+def _stats_in(sweep_dir: Path) -> dict:
+    files = sorted(sweep_dir.rglob("run_stats.json"))
+    comp, secs, runs = 0, 0.0, []
+    for f in files:
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        comp += int(d.get("compilations", 0))
+        secs += float(d.get("compile_seconds", 0.0))
+        runs.append({"file": str(f.relative_to(sweep_dir)), **d})
+    return {"stats_files": len(files), "compilations": comp, "compile_seconds": secs, "runs": runs}
+
+
+LAUNCHERS = {
+    "dreamjax": ["hydra/launcher=dreamjax"],
+    "basic": ["hydra/launcher=basic"],
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+}
+
+
+def run_sweep_once(overrides: Sequence[str], launcher: str, workdir: Path, cache_dir: Path,
+                   timeout: int = 1800) -> dict:
+    sweep_dir = workdir / f"sweep_{launcher}_{int(time.time() * 1000)}"
+    env = dict(os.environ, DREAMJAX_JAX_CACHE=str(cache_dir))
+    cmd = [sys.executable, "-m", "dreamjax.cli", "-m", *overrides, *LAUNCHERS[launcher],
+           f"hydra.sweep.dir={sweep_dir}", "analyze=false"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(workdir))
+    wall = time.perf_counter() - t0
+    res = {"launcher": launcher, "wall_seconds": wall, "rc": p.returncode, "sweep_dir": str(sweep_dir),
+           "command": " ".join(cmd)}
+    if p.returncode != 0:
+        res["stderr_tail"] = p.stderr[-3000:]
+    res.update(_stats_in(sweep_dir))
+    res["records"] = len(list(sweep_dir.rglob("cell.json")))
+    return res
+
+
+def run_sweep_bench(overrides: Sequence[str], launchers=("dreamjax", "basic", "joblib"), repeats=1,
+                    workdir=None, keep=False, log=print) -> dict:
+    """Cold (fresh persistent cache) then warm (same cache) runs of one multirun per launcher.
+
+    Order per repeat: for each launcher, cold then warm; launchers interleaved across repeats.
+    """
+    base = Path(workdir or tempfile.mkdtemp(prefix="dreamjax_sweepbench_"))
+    base.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    results = []
+    try:
+        for r in range(repeats):
+            order = list(launchers) if r % 2 == 0 else list(reversed(launchers))
+            for launcher in order:
+                cache = base / f"cache_{launcher}_{r}"
+                shutil.rmtree(cache, ignore_errors=True)
+                for start in ("cold", "warm"):
+                    res = run_sweep_once(overrides, launcher, base, cache)
+                    res.update(start=start, repeat=r)
+                    results.append(res)
+                    log(f"  {launcher:<8} {start:<4} wall {res['wall_seconds']:7.1f} s  rc {res['rc']}  "
+                        f"compilations {res['compilations']:4d} ({res['compile_seconds']:.1f} s)  "
+                        f"records {res['records']}  (load {os.getloadavg()[0]:.2f})")
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+    info["loadavg_end"] = list(os.getloadavg())
+    table = []
+    for launcher in launchers:
+        for start in ("cold", "warm"):
+            rs = [x for x in results if x["launcher"] == launcher and x["start"] == start]
+            if not rs:
+                continue
+            table.append({"launcher": launcher, "start": start, "wall_seconds": summary([x["wall_seconds"] for x in rs]),
+                          "compilations": summary([x["compilations"] for x in rs]),
+                          "compile_seconds": summary([x["compile_seconds"] for x in rs]),
+                          "records": rs[0]["records"], "ok": all(x["rc"] == 0 for x in rs)})
+    for res in results:  # keep the JSON small: per-job run stats summarised above
+        res["runs"] = [{k: v for k, v in run.items() if k in ("file", "compilations", "compile_seconds", "seconds",
+                                                              "batches", "programs", "cells")}
+                       for run in res["runs"]]
+    return {"kind": "sweep", "overrides": list(overrides), "machine": info, "table": table, "runs": results}
+
+
+def format_sweep_table(res: dict) -> str:
+    lines = [f"sweep: {' '.join(res['overrides'])}"]
+    hdr = f"{'launcher':<9} {'start':<5} {'wall s min/med/max':>24} {'compiles':>9} {'compile s':>10} {'cells':>6} ok"
+    lines += [hdr, "-" * len(hdr)]
+    for t in res["table"]:
+        w = t["wall_seconds"]
+        lines.append(f"{t['launcher']:<9} {t['start']:<5} {w['min']:>7.1f}/{w['median']:>7.1f}/{w['max']:>7.1f} "
+                     f"{t['compilations']['median']:>9.0f} {t['compile_seconds']['median']:>10.1f} "
+                     f"{t['records']:>6} {t['ok']}")
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=float))

@@ -1,0 +1,189 @@
+"""SLURM sweeps through submitit: ``hydra/launcher=dreamjax_slurm`` (``dreamjax_slurm_local`` runs
+the same code with submitit's local executor, for tests and single machines).
+
+The launcher plans every job exactly like the batched launcher (``DreamjaxLauncher.compose_jobs``:
+same job dirs, ``.hydra/`` files, config checks before any compute), splits the cells, grouped by
+static signature, into chunks of ``cells_per_task`` (or into about ``tasks`` chunks; always whole
+batches) and submits one SLURM array task per chunk with ``executor.map_array``. Each task runs its
+cells with the same :class:`~dreamjax.run.Executor` as a local sweep: orbax checkpoints of its
+in-flight batches go to ``<sweep>/.checkpoints``, complete cells are skipped. When every task has
+ended the launcher collects the sweep (manifest, summary, grids, index.html); with
+``wait=false`` it returns after submitting and ``dreamjax-collect SWEEP_DIR`` does that later.
+
+Preemption / timeout: :class:`SweepTasks` is a ``submitit.helpers.Checkpointable``; on SLURM's
+USR2 signal submitit calls its ``checkpoint()``, which resubmits the same task (same cells), and
+the requeued task resumes every batch from its last orbax checkpoint (at most
+``checkpoint.every_steps`` steps are redone). Rerunning the same command resubmits only the chunks
+that still have incomplete cells.
+
+Example (4 GPUs worth of array tasks, 16 cells each)::
+
+    dreamjax -m +experiment=seed_study hydra/launcher=dreamjax_slurm \\
+        hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 hydra.launcher.cpus_per_task=8 \\
+        hydra.launcher.mem_gb=32 hydra.launcher.timeout_min=120 hydra.launcher.cells_per_task=16 \\
+        '+hydra.launcher.additional_parameters={account: myproj}'
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+
+from dreamjax import grid
+from dreamjax.launcher import DreamjaxLauncher
+
+log = logging.getLogger("dreamjax")
+
+# Launcher keys that are dreamjax's own (not submitit parameters).
+OWN = {"submitit_executor", "submitit_folder", "cells_per_task", "tasks", "wait", "max_num_timeout", "poll_s"}
+# submitit's cluster-independent parameters (AutoExecutor); everything else is SLURM-specific.
+GENERIC = {"name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node",
+           "stderr_to_stdout"}
+LOCAL_ONLY = {"visible_gpus", "signal_delay_s", "setup"}
+
+
+def split_cells(cells: Sequence[grid.Cell], batch_size: int, cells_per_task: int | None = None,
+                tasks: int | None = None) -> list[list[grid.Cell]]:
+    """Chunks of cells for array tasks: each chunk holds cells of one static signature, in whole
+    batches (a multiple of ``batch_size``), in plan order. Deterministic: the same sweep always
+    gives the same chunks, so a resubmitted task finds its batches' checkpoints."""
+    groups: dict[tuple, list[grid.Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.signature(), []).append(c)
+    if cells_per_task is None:
+        n = max(1, int(tasks or 1))
+        cells_per_task = math.ceil(len(cells) / n)
+    per = max(batch_size, int(math.ceil(int(cells_per_task) / batch_size) * batch_size))
+    return [g[i:i + per] for g in groups.values() for i in range(0, len(g), per)]
+
+
+class SweepTasks(submitit.helpers.Checkpointable):
+    """The array task: ``tasks(index, cells)`` dreams ``cells`` (complete ones skipped, in-flight
+    batches resumed from ``<sweep>/.checkpoints``). ``checkpoint()`` (submitit, on preemption or
+    timeout) resubmits itself with the same arguments."""
+
+    def __init__(self, cfg: dict, sweep_dir: str, resume_cmd: str):
+        self.cfg = cfg
+        self.sweep_dir = str(sweep_dir)
+        self.resume_cmd = resume_cmd
+
+    def __call__(self, index: int, cells: list[grid.Cell]) -> dict[str, str]:
+        from dreamjax import sweep
+
+        _task_logging()
+        sweep_dir = Path(self.sweep_dir)
+        try:
+            env = submitit.JobEnvironment()
+            where = f"job {env.job_id}"
+        except RuntimeError:  # called directly, not under submitit
+            where = "in-process"
+        log.info("dreamjax task %d (%s): %d cells", index, where, len(cells))
+        records = sweep.execute(cells, self.cfg, checkpoint_root=sweep_dir / ".checkpoints",
+                                resume_cmd=self.resume_cmd,
+                                stats_path=sweep_dir / ".submitit" / f"task_{index}_stats.json")
+        return {r["id"]: r["status"] for r in records}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        log.warning("dreamjax task %s preempted or timed out: resubmitting it; it resumes from its orbax "
+                    "checkpoints in %s", args[0] if args else "?", Path(self.sweep_dir) / ".checkpoints")
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _task_logging():
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.getLogger("dreamjax").setLevel(logging.INFO)
+
+
+def make_executor(params: dict, folder: str | Path):
+    """A submitit executor from the launcher's config: generic keys as they are, the rest
+    passed to the chosen cluster (``slurm_<key>``), ``additional_parameters`` included."""
+    kind = str(params.get("submitit_executor", "slurm"))
+    if kind not in ("slurm", "local"):
+        raise ValueError(f"hydra.launcher.submitit_executor={kind!r}: use slurm or local")
+    init = {f"{kind}_max_num_timeout": int(params.get("max_num_timeout", 3))} if kind == "slurm" else {}
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=kind, **init)
+    upd: dict[str, Any] = {}
+    for k, v in params.items():
+        if k in OWN or k.startswith("_") or v is None:
+            continue
+        if k in GENERIC:
+            upd[k] = v
+        elif kind == "slurm" and k not in ("visible_gpus",):
+            upd[f"slurm_{k}"] = v
+        elif kind == "local" and k in LOCAL_ONLY:
+            upd[f"local_{k}"] = v if k != "visible_gpus" else tuple(v)
+    if kind == "local":  # AutoExecutor rejects local_* keys other than 'setup'; set the rest directly
+        for k in ("signal_delay_s", "visible_gpus"):
+            if f"local_{k}" in upd:
+                ex._executor.parameters[k] = upd.pop(f"local_{k}")
+    ex.update_parameters(**upd)
+    return ex
+
+
+class DreamjaxSlurmLauncher(DreamjaxLauncher):
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        self.params = params
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        from hydra.core.utils import configure_log, setup_globals
+        from omegaconf import OmegaConf
+
+        from dreamjax import run, sweep
+
+        setup_globals()
+        assert self.config is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        params = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
+                  for k, v in self.params.items()}
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        sweep.claim_dir(sweep_dir, list(self.config.hydra.overrides.task), self.config)
+        log.info("dreamjax submitit launcher (%s): planning %d jobs in %s", params.get("submitit_executor"),
+                 len(job_overrides), sweep_dir)
+        rets = self.compose_jobs(job_overrides, initial_job_idx)
+        cells = [c for r in rets for c in r.return_value]
+        cfg = sweep._plain(self.config)
+        chunks = split_cells(cells, int(cfg.get("batch_size", 8)), params.get("cells_per_task"),
+                             params.get("tasks"))
+        todo = [(i, ch) for i, ch in enumerate(chunks) if not all(run.is_complete(c) for c in ch)]
+        log.info("%d cells in %d array tasks; %d with work left", len(cells), len(chunks), len(todo))
+        by_job: dict[int, dict] = {}
+        failed: list[int] = []
+        if todo:
+            folder = params.get("submitit_folder") or str(sweep_dir / ".submitit" / "%j")
+            ex = make_executor(params, folder)
+            runner = SweepTasks(cfg, str(sweep_dir), sweep._command())
+            jobs = ex.map_array(runner, [i for i, _ in todo], [ch for _, ch in todo])
+            log.info("submitted array %s (%d tasks); logs in %s", jobs[0].job_id.split("_")[0], len(jobs),
+                     Path(folder).parent if "%j" in folder else folder)
+            if not params.get("wait", True):
+                log.info("not waiting: when the tasks are done, run  dreamjax-collect %s", sweep_dir)
+                return self._returns(rets, initial_job_idx, by_job)
+            for (i, _), job in zip(todo, jobs):
+                try:
+                    for cid, status in job.result().items():
+                        by_job.setdefault(int(cid.split("/")[0]), {})[cid] = status
+                except Exception as e:  # a task that died: its cells stay incomplete
+                    failed.append(i)
+                    log.error("array task %d (%s) failed: %s", i, job.job_id, str(e).strip().splitlines()[-1:])
+        try:
+            sweep.collect(sweep_dir)
+        except FileNotFoundError as e:
+            log.warning("%s", e)
+        if failed:
+            msg = (f"{len(failed)} array tasks failed ({failed}); rerun the same command to resubmit them (they "
+                   f"resume from their checkpoints): {sweep._command()}")
+            log.error("%s", msg)
+            raise RuntimeError(msg)
+        return self._returns(rets, initial_job_idx, by_job)
+
+    @staticmethod
+    def _returns(rets, initial_job_idx, by_job):
+        for i, ret in enumerate(rets):
+            ret.return_value = by_job.get(initial_job_idx + i, {})
+        return rets

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Engine benchmark: batched vs per-cell loop vs Keras 3 (JAX) vs TensorFlow (DLwP step).
+
+  python scripts/bench.py --backbone inception_v3 --sizes 256 512 --batch 1 4 8 --repeats 3 \
+      --keras [--tf-python /tmp/tfvenv/bin/python] [--rss] [--tiled 4096] --json results/bench/engine_cpu.json
+
+Logic lives in dreamjax/bench.py. Set XLA_FLAGS in the environment to study XLA options.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="inception_v3")
+    p.add_argument("--weights", default="random", help="random (default; speed only) or auto / a path")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image side(s)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8], help="cells per program")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="dream steps per timed call")
+    p.add_argument("--keras", action="store_true", help="also time the Keras 3 + JAX DLwP loop")
+    p.add_argument("--tf-python", default=None, help="python of a venv with tensorflow (DLwP notebook step)")
+    p.add_argument("--rss", action="store_true", help="peak RSS per batched case in a fresh subprocess")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--matmul-precision", default=None, help="jax_default_matmul_precision")
+    p.add_argument("--tiled", type=int, default=0, help="also dream one NxN image tiled, report peak RSS")
+    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--variants", nargs="*", default=[], help="extra batched modes: devloop hostloop bf16")
+    p.add_argument("--json", default=None, help="write results here")
+    a = p.parse_args(argv)
+
+    import jax
+
+    if a.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", a.matmul_precision)
+    from dreamjax import bench
+
+    res = bench.run_engine_bench(a.backbone, a.weights, a.sizes, a.batch, a.repeats, a.steps, keras=a.keras,
+                                 tf_python=a.tf_python, rss=a.rss, compute_dtype=a.compute_dtype,
+                                 tiled=a.tiled or None, tile_size=a.tile_size, variants=a.variants)
+    res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
+    res["matmul_precision"] = a.matmul_precision
+    print(bench.format_engine_table(res))
+    if a.json:
+        bench.write_json(a.json, res)
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
