@@ -653,3 +653,22 @@ def write_json(path, obj):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=float))
+
+
+def run_memory_bench(backbone_name="inception_v3", weights="random", sizes=(256, 512), batches=(1, 8),
+                     tiled=None, tile_size=512, log=print) -> dict:
+    """Peak RSS (ru_maxrss) of one compile + one step, each case in a fresh interpreter."""
+    rows = []
+    for size in sizes:
+        for b in batches:
+            m = measure_rss(backbone_name, weights, size, b, 1)
+            rows.append(m)
+            log(f"  {size}x{size} B={b}: peak RSS {m['ru_maxrss_mib']:.0f} MiB, step {m['seconds']:.2f} s")
+    out = {"kind": "memory", "backbone": backbone_name, "machine": machine_info(), "rows": rows}
+    if tiled:
+        t = measure_rss(backbone_name, weights, tiled, 1, 1, tile_size=tile_size)
+        t["peak_rss_gib"] = t["ru_maxrss_mib"] / 1024
+        out["tiled"] = t
+        log(f"  tiled {tiled}x{tiled} (tile {tile_size}): peak RSS {t['peak_rss_gib']:.2f} GiB, "
+            f"one step {t['seconds']:.1f} s, compile {t['compile_seconds']:.1f} s")
+    return out

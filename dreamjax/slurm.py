@@ -16,12 +16,17 @@ the requeued task resumes every batch from its last orbax checkpoint (at most
 ``checkpoint.every_steps`` steps are redone). Rerunning the same command resubmits only the chunks
 that still have incomplete cells.
 
-Example (4 GPUs worth of array tasks, 16 cells each)::
+Example (array tasks of 16 cells, one GPU each; any other sbatch option through
+``+hydra.launcher.additional_parameters.<option>=<value>``)::
 
     dreamjax -m +experiment=seed_study hydra/launcher=dreamjax_slurm \\
         hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 hydra.launcher.cpus_per_task=8 \\
         hydra.launcher.mem_gb=32 hydra.launcher.timeout_min=120 hydra.launcher.cells_per_task=16 \\
-        '+hydra.launcher.additional_parameters={account: myproj}'
+        hydra.launcher.account=myproj +hydra.launcher.additional_parameters.reservation=dream
+
+Tasks run ``python -m submitit.core._submit`` with this interpreter on the compute nodes (same
+filesystem); ``hydra.launcher.setup=['module load cuda','source /path/venv/bin/activate']`` adds
+shell lines before each task. The same line runs locally with ``hydra/launcher=dreamjax_slurm_local``.
 """
 from __future__ import annotations
 

@@ -29,6 +29,8 @@ def main(argv=None):
     p.add_argument("--tiled", type=int, default=0, help="also dream one NxN image tiled, report peak RSS")
     p.add_argument("--tile-size", type=int, default=512)
     p.add_argument("--variants", nargs="*", default=[], help="extra batched modes: devloop hostloop bf16")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only peak RSS per (size, batch) and --tiled, each in a fresh process")
     p.add_argument("--json", default=None, help="write results here")
     a = p.parse_args(argv)
 
@@ -38,6 +40,12 @@ def main(argv=None):
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     from dreamjax import bench
 
+    if a.memory_only:
+        res = bench.run_memory_bench(a.backbone, a.weights, a.sizes, a.batch, a.tiled or None, a.tile_size)
+        if a.json:
+            bench.write_json(a.json, res)
+            print(f"wrote {a.json}")
+        return
     res = bench.run_engine_bench(a.backbone, a.weights, a.sizes, a.batch, a.repeats, a.steps, keras=a.keras,
                                  tf_python=a.tf_python, rss=a.rss, compute_dtype=a.compute_dtype,
                                  tiled=a.tiled or None, tile_size=a.tile_size, variants=a.variants)

@@ -13,16 +13,19 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_resume import OUTPUTS, SWEEP, cli, outputs, reference  # noqa: F401
+from tests.test_resume import cli, outputs, reference  # noqa: F401
 
 ENV2 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
 
 SCRIPT = textwrap.dedent("""
-    import sys, numpy as np, jax
+    import os, sys, numpy as np, jax
+    jax.config.update("jax_compilation_cache_dir", os.environ["TEST_JAX_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from jax.sharding import NamedSharding
     from dreamjax import checkpoint, dream, load_backbone
     from dreamjax.dream import CellParams, DreamConfig, OctavePlan
@@ -65,7 +68,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_batch_equals_single_device(tmp_path):
-    env = dict(os.environ, **ENV2)
+    env = dict(os.environ, **ENV2, TEST_JAX_CACHE=jax.config.jax_compilation_cache_dir or str(tmp_path / "jc"))
     p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ck")], capture_output=True, text=True,
                        env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-5000:]

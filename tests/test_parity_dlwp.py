@@ -64,6 +64,20 @@ def _parity_run(weights_h5: str, keras_weights: str, painting: str, dtype: str) 
     from dreamjax.run import dream_settings
 
     keras.config.set_floatx(dtype)
+    if dtype == "float64":
+        # Keras 3's BatchNormalization computes in backend.result_type(inputs.dtype, "float32"),
+        # which is float32 even for float64 inputs: the reference would round every BN to float32.
+        from keras.src.layers.normalization import batch_normalization as kbn
+
+        class _Backend:
+            def __getattr__(self, name):
+                return getattr(kbn.backend, name)
+
+            @staticmethod
+            def result_type(*dtypes):
+                return "float64"
+
+        kbn.backend = _Backend()
     base = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(None, None, 3))
     base.load_weights(keras_weights)
     bb = load_backbone("inception_v3", weights=weights_h5)

@@ -51,7 +51,7 @@ def _assert_same(a, b):
             assert np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
 
 
-@pytest.mark.parametrize("stop_after", [1, 5])  # mid-octave 0; mid-octave 1 (after an octave end)
+@pytest.mark.parametrize("stop_after", [1, 4, 5])  # mid-octave 0; at the octave end; mid-octave 1
 def test_checkpoint_restore_is_bit_identical(tiny_backbone, tmp_path, stop_after):
     d, images, params = _setup(tiny_backbone)
     ref = dream.DreamRun(d, images, params).run(chunk=2)
@@ -90,6 +90,7 @@ def _largest_file(directory: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, after a failed read
 @pytest.mark.parametrize("damage", ["truncate", "foreign", "code"])
 def test_bad_checkpoint_is_refused_and_batch_restarts(tiny_backbone, tmp_path, caplog, damage, monkeypatch):
     d, images, params = _saved_run(tiny_backbone, tmp_path / "ck")
@@ -234,4 +235,26 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(reference, tmp_path):
     assert not list(sw.rglob("*orbax-checkpoint-tmp*"))  # the async save finished before exit
     p = cli(sw)
     assert "resumed batch" in p.stdout + p.stderr
+    assert_complete_and_identical(reference, sw)
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once_and_resume_is_still_exact(reference, tmp_path):
+    sw = tmp_path / "sw"
+    sw.parent.mkdir(parents=True, exist_ok=True)
+    e = dict(os.environ)
+    e.pop("DREAMJAX_TEST_KILL_AT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *SWEEP, f"hydra.sweep.dir={sw}"],
+                            cwd=sw.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    ck = sw / ".checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ck.is_dir() and any(ck.rglob("commit_success.txt"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, (out + err)[-3000:])
+    assert "Ctrl-C again to exit now" in out + err
+    p = cli(sw)  # whatever the hard exit left half-written is removed; the batch resumes or restarts
     assert_complete_and_identical(reference, sw)

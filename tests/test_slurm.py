@@ -15,7 +15,7 @@ import submitit
 
 from dreamjax import slurm
 from dreamjax.grid import Cell
-from tests.test_resume import SWEEP, assert_complete_and_identical, cli, reference  # noqa: F401
+from tests.test_resume import assert_complete_and_identical, cli, reference  # noqa: F401
 
 
 def _cell(job, sig="a"):
