@@ -33,13 +33,16 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--settings", nargs="*", default=None, help="names from SETTINGS (default: all)")
+    p.add_argument("--rounds", type=int, default=1, help="round robin over the settings this many times")
     p.add_argument("--json", default="results/bench/xla_flags_cpu.json")
     a = p.parse_args(argv)
     here = Path(__file__).resolve().parent
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, flags, extra in SETTINGS:
-            js = Path(tmp) / f"{name}.json"
+        chosen = [x for x in SETTINGS if a.settings is None or x[0] in a.settings]
+        for rnd, (name, flags, extra) in [(r, x) for r in range(a.rounds) for x in chosen]:
+            js = Path(tmp) / f"{name}_{rnd}.json"
             env = dict(os.environ, XLA_FLAGS=flags)
             cmd = [sys.executable, str(here / "bench.py"), "--sizes", str(a.size), "--batch", str(a.batch),
                    "--repeats", str(a.repeats), "--steps", str(a.steps), "--json", str(js), *extra]
@@ -50,7 +53,7 @@ def main(argv=None):
             else:
                 res = json.loads(js.read_text())
                 b = next(x for x in res["rows"] if x["mode"] == "batched")
-                row = {"setting": name, "XLA_FLAGS": flags, "extra": extra, "ok": True,
+                row = {"setting": name, "round": rnd, "XLA_FLAGS": flags, "extra": extra, "ok": True,
                        "seconds_per_step": b["seconds_per_step"], "cell_steps_per_s": b["cell_steps_per_s"],
                        "compile_seconds": b["compile_seconds"], "gflops_median": b["achieved_gflops"]["median"],
                        "matmul_peak_gflops": res["matmul_peak"]["gflops_best"],
