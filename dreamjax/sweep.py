@@ -118,6 +118,7 @@ class StopFlag:
 def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_cmd: str,
             stats_path: str | Path | None = None) -> list[dict]:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" on every start
     setup_jax_cache(_plain(cfg).get("jax_cache_dir"))
     with StopFlag() as stop:
         ex = Executor(options(cfg), stop_requested=stop)

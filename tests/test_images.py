@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import make_bad_images as bad
+from tests import make_bad_images as bad
 from dreamjax import images
 from dreamjax.images import ImageError, bucket_shape, load_painting
 
