@@ -18,8 +18,9 @@ from typing import Any, Iterable, Mapping, Sequence
 PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
 # ... and those that define the compiled program.
 STATIC_KEYS = ("norm", "objective", "border", "frame_every", "clip", "tile_size", "optimizer",
-               "grad_clip", "compute_dtype", "octaves", "num_octaves", "octave_scale", "octave_detail")
-KNOWN_DREAM_KEYS = set(PER_CELL_KEYS) | set(STATIC_KEYS) | {"name", "memory_budget_gb"}
+               "grad_clip", "compute_dtype", "octaves", "num_octaves", "octave_scale", "octave_detail",
+               "memory_budget_gb")
+KNOWN_DREAM_KEYS = set(PER_CELL_KEYS) | set(STATIC_KEYS) | {"name"}
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,7 @@ skips exactly those cells.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -188,13 +189,14 @@ class Executor:
                      time.perf_counter() - t)
         return self._backbones[key]
 
-    def dreamer(self, cell: Cell, capacity: int, shape: tuple[int, int]):
+    def dreamer(self, cell: Cell, capacity: int, shape: tuple[int, int], batch: int = 1):
+        """One Dreamer (its compiled programs) per distinct static configuration."""
         from dreamjax import dream
 
-        key = cell.signature() + (capacity,)
+        bb = self.backbone(cell.backbone, cell.weights)
+        cfg, plan = dream_settings(cell, bb, shape, batch)
+        key = (cell.backbone, cell.weights, cfg, plan, capacity)
         if key not in self._dreamers:
-            bb = self.backbone(cell.backbone, cell.weights)
-            cfg, plan = dream_settings(cell, bb, shape)
             self._dreamers[key] = dream.Dreamer(bb, cfg, plan, capacity)
         return self._dreamers[key]
 
@@ -239,15 +241,15 @@ class Executor:
             capacity = max(c.iterations for c in group_cells)
             if all(c.id in complete for c in group_cells):
                 continue
+            # Every batch of a group has the same length (the last one padded), so one program.
+            length = pad_to(min(self.opt.batch_size, len(group_cells)), _device_count())
             try:
-                dreamer = self.dreamer(group_cells[0], capacity, shape)
+                dreamer = self.dreamer(group_cells[0], capacity, shape, length)
             except (ValueError, dream.DreamSettingsError) as e:
                 for c in group_cells:
                     records[c.id] = write_failed(c, f"{type(e).__name__}: {e}")
                     self.stats["cells_failed"] += 1
                 continue
-            # Every batch of a group has the same length (the last one padded), so one program.
-            length = pad_to(min(self.opt.batch_size, len(group_cells)), _device_count())
             for batch in grid.batches(group_cells, self.opt.batch_size):
                 if self.stop_requested():
                     raise Interrupted("stopped between batches")
@@ -412,7 +414,7 @@ def batch_meta(batch: Sequence[Cell], bb) -> dict:
             "dreamjax_version": __version__}
 
 
-def dream_settings(cell: Cell, bb, shape):
+def dream_settings(cell: Cell, bb, shape, batch: int = 1):
     """Cell's static settings -> (DreamConfig, OctavePlan) for its backbone and bucket shape."""
     from dreamjax import dream
 
@@ -423,7 +425,8 @@ def dream_settings(cell: Cell, bb, shape):
         plan = dream.OctavePlan.keras(int(s["num_octaves"]), float(s["octave_scale"]), s["octave_detail"])
     tile = s["tile_size"]
     if tile == "auto":
-        tile = auto_tile_size(bb, cell.taps, shape, budget_gb=4.0)
+        tile = auto_tile_size(bb, cell.taps, shape, budget_gb=float(s.get("memory_budget_gb") or 4.0),
+                              batch=batch, compute_dtype=s["compute_dtype"])
     cfg = dream.DreamConfig(
         taps=bb.check_taps(cell.taps), norm=s["norm"], objective=s["objective"], border=int(s["border"]),
         frame_every=int(s["frame_every"] or 0), clip=bool(s["clip"]), value_range=tuple(bb.value_range),
@@ -432,14 +435,36 @@ def dream_settings(cell: Cell, bb, shape):
     return cfg, plan
 
 
-def auto_tile_size(bb, taps, shape, budget_gb: float) -> int:
-    """Largest tile whose per-cell backward pass fits the budget (0 = untiled fits)."""
-    per_pixel = 6e3  # bytes of activations+gradients per input pixel, measured for InceptionV3 (bench)
+def auto_tile_size(bb, taps, shape, budget_gb: float, batch: int = 1, compute_dtype: str = "float32") -> int:
+    """The largest tile (multiple of 64) whose backward pass for ``batch`` cells fits the budget;
+    0 (untiled) when the whole image does."""
+    per_pixel = gradient_bytes_per_pixel(bb, tuple(taps), compute_dtype)
+    budget = budget_gb * 2**30
     h, w = shape
-    if h * w * per_pixel <= budget_gb * 2**30:
+    if batch * h * w * per_pixel <= budget:
         return 0
-    t = int(math.sqrt(budget_gb * 2**30 / per_pixel))
-    return max(bb.min_size * 2, (t // 64) * 64)
+    t = int(math.sqrt(budget / (batch * per_pixel))) // 64 * 64
+    return max(t, ((2 * bb.min_size + 63) // 64) * 64)
+
+
+@functools.lru_cache(maxsize=None)
+def gradient_bytes_per_pixel(bb, taps: tuple[str, ...], compute_dtype: str = "float32") -> float:
+    """Temporary memory of one cell's gradient per input pixel, as XLA itself reports it
+    (``memory_analysis`` of the compiled gradient at a 128x128 probe): follows the backbone, the
+    taps and the compute dtype instead of a constant."""
+    import jax
+    import jax.numpy as jnp
+
+    from dreamjax import dream
+
+    cfg = dream.DreamConfig(taps=taps, compute_dtype=compute_dtype, border=0)
+    grad = dream.make_grad_fn(bb.feature_fn(taps, dtype=compute_dtype), cfg)
+    probe = 128
+    x = jax.ShapeDtypeStruct((1, probe, probe, 3), jnp.float32)
+    w = jax.ShapeDtypeStruct((1, len(taps)), jnp.float32)
+    mem = jax.jit(grad).lower(bb.variables, x, w).compile().memory_analysis()
+    temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
+    return max(float(temp), 1.0) / probe**2
 
 
 def _cell_steps(cell: Cell, shape) -> int:

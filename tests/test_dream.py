@@ -224,3 +224,15 @@ def test_loss_rises_over_an_octave_on_real_weights(lite, paintings_dir):
     run = dream.dream(lite, np.asarray(lite.preprocess(px)), params, cfg, OctavePlan((0,), 1.4, "none"))
     total = np.einsum("sbt,bt->sb", run.octave_losses[0], w)
     assert np.all(total[-1] > 1.2 * total[0]), total
+
+
+def test_auto_tile_follows_xla_memory(tiny_backbone):
+    from dreamjax.run import auto_tile_size, gradient_bytes_per_pixel
+
+    per_px = gradient_bytes_per_pixel(tiny_backbone, ("conv2", "conv3"))
+    assert per_px > 12  # at least the float32 input and its gradient
+    assert auto_tile_size(tiny_backbone, ("conv2", "conv3"), (256, 256), budget_gb=1.0) == 0
+    budget = 300 * 300 * per_px / 2**30  # fits a 300x300 tile, not 4096x4096
+    t = auto_tile_size(tiny_backbone, ("conv2", "conv3"), (4096, 4096), budget_gb=budget)
+    assert t % 64 == 0 and 256 <= t <= 300
+    assert auto_tile_size(tiny_backbone, ("conv2", "conv3"), (4096, 4096), budget_gb=budget, batch=4) < t
