@@ -490,10 +490,15 @@ def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[s
         ("paintings", f"{len(paintings) - p_failed} ok, {p_failed} failed" if paintings else "0"),
         ("cells", f"{len(cells)} total: " + ", ".join(f"{v} {_esc(k)}" for k, v in sorted(status_counts.items()))),
     ]
-    total = {k: sum(float((c.get("seconds") or {}).get(k) or 0) for c in cells)
-             for k in _union_keys(c.get("seconds") for c in cells)}
-    if total:
-        facts.append(("seconds", ", ".join(f"{_esc(k)} {v:.1f}" for k, v in total.items())))
+    # Times: the sweep's own wall clock (run_stats.json). Per-cell seconds are their batch's and
+    # would count a batch once per cell if summed.
+    try:
+        st = json.loads((sweep_dir / "run_stats.json").read_text())
+        facts.append(("time", f"{float(st.get('seconds', 0)):.1f} s, of which compiling "
+                              f"{float(st.get('compile_seconds', 0)):.1f} s ({int(st.get('programs', 0))} dream "
+                              f"programs, {int(st.get('batches', 0))} batches)"))
+    except (OSError, ValueError, TypeError):
+        pass
     out += [f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts] + ["</dl><nav>"]
     for rel, text in [("summary.csv", "summary.csv"), ("manifest.json", "manifest.json"),
                       ("grids/all_cells.jpg", "all cells (contact sheet)")]:
@@ -552,7 +557,8 @@ def _cell_html(sweep_dir: Path, c: Mapping, varying: Sequence[str], analysis: Ma
         meta.append(f"loss {c['final_loss']:.4g}")
     secs = c.get("seconds") or {}
     if secs:
-        meta.append(" + ".join(f"{k} {float(v):.1f}s" for k, v in secs.items() if isinstance(v, (int, float))))
+        meta.append("batch " + " + ".join(f"{k} {float(v):.1f}s" for k, v in secs.items()
+                                          if isinstance(v, (int, float))))
     dream = _rel_if_file(sweep_dir, o.get("dream")) if status == "done" else None
     gif = _rel_if_file(sweep_dir, o.get("gif"))
     if dream:
