@@ -50,14 +50,15 @@ class Cell:
     image_size: int
     overrides: tuple[str, ...] = ()
     preset: str = ""
+    set_dir: str = ""  # "" = one layer set per job; else the set's folder inside the job
 
     @property
     def id(self) -> str:
-        return f"{self.job}/{self.painting}"
+        return "/".join(str(p) for p in (self.job, self.set_dir, self.painting) if p != "")
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.job_dir) / self.painting
+        return Path(self.job_dir) / self.set_dir / self.painting
 
     @property
     def label(self) -> str:
@@ -126,29 +127,44 @@ def dream_static(dream: Mapping) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(out.items()))
 
 
-def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int = 0,
-                      job_dir: str | Path = ".", overrides: Sequence[str] = ()) -> list[Cell]:
-    """The cells of one job: one per painting, all under this job's layers and dream settings."""
-    model = _get(cfg, "model")
-    layers = _get(cfg, "layers")
-    dream = _get(cfg, "dream")
-    backbone = str(_get(model, "name"))
+def _layer_set(layers: Mapping, backbone: str, key: str = "layers") -> tuple[str, tuple[str, ...], tuple[float, ...]]:
+    """(name, taps, effective weights = weights * scale) of one layer-weight set, validated."""
+    name = str(layers.get("name", "custom"))
     lb = layers.get("backbone")
     if lb and lb != backbone:
-        raise ConfigError(f"layers={layers.get('name')!r} is a set for backbone {lb!r} but model={backbone!r}; "
+        raise ConfigError(f"{key}={name!r} is a set for backbone {lb!r} but model={backbone!r}; "
                           f"choose a layer set made for {backbone} (e.g. layers=set1 for inception_v3, "
                           f"layers=lite_balanced for efficientnet_lite0)")
     taps = tuple(str(t) for t in _get(layers, "taps"))
-    weights = [_num(f"layers.weights[{i}]", w) for i, w in enumerate(_get(layers, "weights"))]
+    weights = [_num(f"{key}.weights[{i}]", w) for i, w in enumerate(_get(layers, "weights"))]
     if len(weights) != len(taps):
-        raise ConfigError(f"layers.weights has {len(weights)} values but layers.taps has {len(taps)} "
+        raise ConfigError(f"{key}.weights has {len(weights)} values but {key}.taps has {len(taps)} "
                           f"({', '.join(taps)}); give one weight per tap")
     scale = layers.get("scale")
     if scale is None:
         scale = [1.0] * len(taps)
     if len(scale) != len(taps):
-        raise ConfigError(f"layers.scale has {len(scale)} values but layers.taps has {len(taps)}")
-    eff = tuple(float(w) * _num("layers.scale", s) for w, s in zip(weights, scale))
+        raise ConfigError(f"{key}.scale has {len(scale)} values but {key}.taps has {len(taps)}")
+    return name, taps, tuple(float(w) * _num(f"{key}.scale", s) for w, s in zip(weights, scale))
+
+
+def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int = 0,
+                      job_dir: str | Path = ".", overrides: Sequence[str] = (),
+                      layer_sets: Sequence[Mapping] | None = None) -> list[Cell]:
+    """The cells of one job: one per painting and layer set, under this job's dream settings.
+
+    ``layer_sets`` (several weight sets in one run, the ``layer_sets=[...]`` option) replaces the
+    job's single ``layers``; their cells go to ``<job_dir>/<set>/<painting>/``.
+    """
+    model = _get(cfg, "model")
+    dream = _get(cfg, "dream")
+    backbone = str(_get(model, "name"))
+    if layer_sets:
+        sets = [_layer_set(ls, backbone, f"layer_sets[{i}]") for i, ls in enumerate(layer_sets)]
+        if len({n for n, _, _ in sets}) != len(sets):
+            raise ConfigError(f"layer_sets names a set twice: {[n for n, _, _ in sets]}")
+    else:
+        sets = [_layer_set(_get(cfg, "layers"), backbone)]
     step = _num("dream.step_size", dream.get("step_size"), minimum=0.0, strict=True)
     max_loss = _num("dream.max_loss", dream.get("max_loss"), allow_none=True)
     jitter = int(_num("dream.jitter", dream.get("jitter", 0) or 0, int, minimum=0))
@@ -157,19 +173,23 @@ def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int
     static = dream_static(dream)
     seed = int(_get(cfg, "seed", 0))
     names: dict[str, int] = {}
-    cells = []
+    unique = []
     for p in paintings:
         stem = Path(p).stem
         n = names.get(stem, 0)
         names[stem] = n + 1
-        cells.append(Cell(
-            job=job, job_dir=str(Path(job_dir).resolve()), painting=stem if n == 0 else f"{stem}_{n}",
-            painting_path=str(p), backbone=backbone, weights=str(model.get("weights", "auto")),
-            straight_through=bool(model.get("straight_through", False)), layers=str(layers.get("name", "custom")),
-            taps=taps, layer_weights=eff, step_size=step,
-            max_loss=math.inf if max_loss is None else max_loss, jitter=jitter, iterations=iterations,
-            seed=seed, static=static, image_size=image_size, overrides=tuple(overrides),
-            preset=str(dream.get("name", ""))))
+        unique.append((stem if n == 0 else f"{stem}_{n}", str(p)))
+    cells = []
+    for name, taps, eff in sets:
+        for painting, path in unique:
+            cells.append(Cell(
+                job=job, job_dir=str(Path(job_dir).resolve()), painting=painting, painting_path=path,
+                backbone=backbone, weights=str(model.get("weights", "auto")),
+                straight_through=bool(model.get("straight_through", False)), layers=name,
+                taps=taps, layer_weights=eff, step_size=step,
+                max_loss=math.inf if max_loss is None else max_loss, jitter=jitter, iterations=iterations,
+                seed=seed, static=static, image_size=image_size, overrides=tuple(overrides),
+                preset=str(dream.get("name", "")), set_dir=name if layer_sets else ""))
     return cells
 
 

@@ -43,15 +43,36 @@ def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -
 
     c = _plain(cfg)
     paintings = resolve_paintings(c["data"]["paths"])
-    cells = grid.cells_from_config(c, paintings, job=job, job_dir=job_dir, overrides=overrides)
+    cells = grid.cells_from_config(c, paintings, job=job, job_dir=job_dir, overrides=overrides,
+                                   layer_sets=load_layer_sets(c.get("layer_sets")))
     spec = get_spec(cells[0].backbone) if cells else None
-    if spec is not None:
-        unknown = [t for t in cells[0].taps if t not in spec.taps]
+    for cell in {c.layers: c for c in cells}.values() if spec is not None else ():
+        unknown = [t for t in cell.taps if t not in spec.taps]
         if unknown:
             raise grid.ConfigError(f"layers.taps: unknown tap(s) {unknown} for backbone {spec.name!r}; "
                                    f"allowed: {', '.join(spec.taps)}")
-        _check_plan(cells[0], spec)
+        _check_plan(cell, spec)
     return cells
+
+
+def load_layer_sets(names) -> list[dict] | None:
+    """``layer_sets=[set1,set2,...]``: several layer-weight sets dreamed in one run (one batch)."""
+    if not names:
+        return None
+    from omegaconf import OmegaConf
+
+    folder = Path(__file__).resolve().parent / "conf" / "layers"
+    out = []
+    for n in names:
+        if isinstance(n, dict):
+            out.append(n)
+            continue
+        f = folder / f"{n}.yaml"
+        if not f.is_file():
+            allowed = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+            raise grid.ConfigError(f"layer_sets: unknown layer set {n!r}; allowed: {allowed}")
+        out.append(OmegaConf.to_container(OmegaConf.load(f), resolve=True))
+    return out
 
 
 def _check_plan(cell: grid.Cell, spec):
@@ -203,7 +224,7 @@ def find_records(sweep_dir: Path) -> list[dict]:
             recs.append(json.loads(p.read_text()))
         except (OSError, ValueError) as e:
             log.warning("unreadable cell record %s: %s", p, e)
-    recs.sort(key=lambda r: (int(r.get("job", 0)), r.get("painting", "")))
+    recs.sort(key=lambda r: (int(r.get("job", 0)), r.get("painting", ""), r.get("layers", "")))
     return recs
 
 
