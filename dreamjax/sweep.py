@@ -148,19 +148,31 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
             raise SystemExit(143)
-    _final_table(ex, records)
+    _final_table(ex, records, Path(stats_path).parent if stats_path else Path(checkpoint_root).parent)
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
     images.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
     return records
 
 
-def _final_table(ex: Executor, records: list[dict]):
+def _final_table(ex: Executor, records: list[dict], out_dir: Path | None = None):
+    """What ran, what failed and where the outputs are: one row per (backbone, layer set, bucket)."""
     done = sum(r.get("status") == "done" for r in records)
     failed = [r for r in records if r.get("status") == "failed"]
     st = ex.stats
-    log.info("cells: %d done (%d already complete), %d failed | %d groups, %d batches, %d programs, "
-             "%d compilations (%.1f s) | %.1f s", done, st["cells_skipped"], len(failed), st["groups"],
-             st["batches"], st["programs"], ex.compiles.count, ex.compiles.seconds, st["seconds"])
+    rows: dict[tuple, list[int]] = {}
+    for r in records:
+        key = (r.get("backbone", "?"), r.get("layers", "?"), "x".join(map(str, r.get("bucket") or [])) or "-")
+        row = rows.setdefault(key, [0, 0, 0])
+        row[0 if r.get("status") == "done" else 1] += 1
+        row[2] += bool(r.get("skipped"))
+    lines = [f"{'backbone':<20} {'layers':<16} {'bucket':<9} {'done':>5} {'failed':>6} {'skipped':>7}"]
+    lines += [f"{b:<20} {l:<16} {k:<9} {d:>5} {f:>6} {sk:>7}" for (b, l, k), (d, f, sk) in sorted(rows.items())]
+    lines.append(f"{done} done ({st['cells_skipped']} already complete), {len(failed)} failed | {st['groups']} groups, "
+                 f"{st['batches']} batches, {st['programs']} dream programs, {ex.compiles.count} compilations "
+                 f"({ex.compiles.seconds:.1f} s) | {st['seconds']:.1f} s")
+    if out_dir is not None:
+        lines.append(f"outputs: {out_dir} (index.html, summary.csv, manifest.json)")
+    log.info("cells:\n%s", "\n".join(lines))
     for r in failed:
         log.warning("FAILED %s: %s", r["id"], r.get("error"))
 
