@@ -91,34 +91,11 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
     return {"n": n, "gflops_best": flops / min(ts) / 1e9, "gflops_median": flops / statistics.median(ts) / 1e9}
 
 
-class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring) between start() and stop()."""
+def CompileCounter():
+    """Counts XLA backend compilations (jax.monitoring) inside a ``with`` block."""
+    from dreamjax.run import CompileLog
 
-    _active: list = []
-    _registered = False
-
-    def __init__(self):
-        import jax
-
-        self.count = 0
-        self.seconds = 0.0
-        if not CompileCounter._registered:
-            jax.monitoring.register_event_duration_secs_listener(CompileCounter._listen)
-            CompileCounter._registered = True
-
-    @staticmethod
-    def _listen(event, duration, **kw):
-        if event.endswith("backend_compile_duration"):
-            for c in CompileCounter._active:
-                c.count += 1
-                c.seconds += duration
-
-    def __enter__(self):
-        CompileCounter._active.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        CompileCounter._active.remove(self)
+    return CompileLog(active=False)
 
 
 def _first(x):

@@ -66,18 +66,25 @@ def setup_jax_cache(path: str | None = None):
 
 
 class CompileLog:
-    """Counts and times XLA compilations (jax.monitoring), and logs each one."""
+    """Counts and times XLA compilations (jax.monitoring), and logs the slow ones.
+
+    Counting starts at construction (``active=True``) or on entering a ``with`` block, and stops
+    at ``close()`` / leaving the block.
+    """
 
     _listeners: list = []
+    _registered = False
 
-    def __init__(self):
+    def __init__(self, active: bool = True):
         import jax
 
         self.count = 0
         self.seconds = 0.0
-        if not CompileLog._listeners:
+        if not CompileLog._registered:
             jax.monitoring.register_event_duration_secs_listener(CompileLog._dispatch)
-        CompileLog._listeners.append(self)
+            CompileLog._registered = True
+        if active:
+            CompileLog._listeners.append(self)
 
     @staticmethod
     def _dispatch(event, duration, **kw):
@@ -85,8 +92,16 @@ class CompileLog:
             for lst in CompileLog._listeners:
                 lst.count += 1
                 lst.seconds += duration
-                if duration > 1.0:
-                    log.info("compiled a program in %.1f s", duration)
+            if duration > 1.0 and CompileLog._listeners:
+                log.info("compiled a program in %.1f s", duration)
+
+    def __enter__(self):
+        if self not in CompileLog._listeners:
+            CompileLog._listeners.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         if self in CompileLog._listeners:
