@@ -132,6 +132,8 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc):
+        if self.requested:
+            return  # exiting after a stop: a second Ctrl-C during shutdown still exits at once
         for s, h in self._old.items():
             signal.signal(s, h)
 

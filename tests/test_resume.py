@@ -254,7 +254,10 @@ def test_second_ctrl_c_exits_at_once_and_resume_is_still_exact(reference, tmp_pa
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, (out + err)[-3000:])
+    # 130: the second Ctrl-C cut the run short. 143 only if the first one's clean exit (checkpoint
+    # + message) had already completed when the second arrived 50 ms later.
+    clean = proc.returncode == 143 and "Resume with the same command" in out + err
+    assert proc.returncode == 130 or clean, (proc.returncode, (out + err)[-3000:])
     assert "Ctrl-C again to exit now" in out + err
     p = cli(sw)  # whatever the hard exit left half-written is removed; the batch resumes or restarts
     assert_complete_and_identical(reference, sw)
