@@ -384,7 +384,6 @@ class Dreamer:
         self.device_loop = jax.default_backend() != "cpu"
         self._init = jax.jit(self._init_state)
         self._resize = jax.jit(_resize, static_argnums=(1,))
-        self.compile_events: list[tuple[tuple[int, ...], float]] = []
 
     # --- checks before any compute -----------------------------------------------------------
     def validate(self, height: int, width: int, params: CellParams):
