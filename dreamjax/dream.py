@@ -82,6 +82,10 @@ class DreamConfig:
     grad_clip: float = 0.0
     compute_dtype: str = "float32"
     straight_through: bool = True  # dream-path module variant (e.g. straight-through ReLU6)
+    # Bake the weights into the compiled program as constants: XLA then folds the kernel
+    # transposes of the backward pass at compile time (measured 14 % faster per step on CPU,
+    # InceptionV3 256 px), at the price of slower compiles and cached programs that embed the weights.
+    constant_weights: bool = False
 
     @property
     def image_dtype(self):
@@ -372,8 +376,13 @@ class Dreamer:
         self.variables = backbone.variables if variables is None else variables
         feature_fn = backbone.feature_fn(self.taps, dream=cfg.straight_through, dtype=cfg.compute_dtype)
         self._grad = make_grad_fn(feature_fn, cfg)
-        self._run = jax.jit(self._run_steps, donate_argnums=(1,))
-        self._step = jax.jit(self._one_step, donate_argnums=(1,))
+        run_steps, one_step = self._run_steps, self._one_step
+        if cfg.constant_weights:  # the variables argument is then unused, so jit drops it
+            consts = self.variables
+            run_steps = lambda _v, *a: self._run_steps(consts, *a)  # noqa: E731
+            one_step = lambda _v, *a: self._one_step(consts, *a)  # noqa: E731
+        self._run = jax.jit(run_steps, donate_argnums=(1,))
+        self._step = jax.jit(one_step, donate_argnums=(1,))
         self._finish = jax.jit(self._finish_steps, donate_argnums=(0,))
         # Where the steps of an octave loop. On the device (one while_loop per call) is the design,
         # and what GPUs/TPUs get. On XLA:CPU a while body keeps the input-gradient convolutions'

@@ -236,3 +236,13 @@ def test_auto_tile_follows_xla_memory(tiny_backbone):
     t = auto_tile_size(tiny_backbone, ("conv2", "conv3"), (4096, 4096), budget_gb=budget)
     assert t % 64 == 0 and 256 <= t <= 300
     assert auto_tile_size(tiny_backbone, ("conv2", "conv3"), (4096, 4096), budget_gb=budget, batch=4) < t
+
+
+def test_constant_weights_is_the_same_dream(tiny_backbone):
+    params = CellParams.make(np.ones((2, 2)), [0.01, 0.02], jitter=4, iterations=4, seed=[0, 1])
+    images = _images(tiny_backbone, 2)
+    a = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS, norm="mean_abs"), PLAN).final
+    b = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS, norm="mean_abs", constant_weights=True),
+                    PLAN).final
+    assert np.abs(a - images).max() > 0.01  # the dream moved
+    np.testing.assert_allclose(a, b, atol=1e-5)  # same math; XLA folds it with other rounding
