@@ -139,6 +139,29 @@ class OctavePlan:
             raise DreamSettingsError(f"dream.num_octaves must be >= 1, got {num_octaves}")
         return cls(tuple(range(-(num_octaves - 1), 1)), scale, detail)
 
+    @classmethod
+    def from_settings(cls, s: dict) -> "OctavePlan":
+        """From the dream config: explicit ``octaves`` exponents, else ``num_octaves`` ending at 0."""
+        if s.get("octaves") is not None:
+            return cls(tuple(int(e) for e in s["octaves"]), float(s["octave_scale"]), s["octave_detail"])
+        return cls.keras(int(s["num_octaves"]), float(s["octave_scale"]), s["octave_detail"])
+
+    def check(self, height: int, width: int, *, backbone: str, min_size: int, deepest_stride: int,
+              border: int, objective: str):
+        """Every octave must be at least the backbone's minimum input, and its deepest tap larger
+        than the border crop; raises DreamSettingsError naming the octave, its size and the fix."""
+        for i, (h, w) in enumerate(self.shapes(height, width)):
+            if min(h, w) < min_size:
+                raise DreamSettingsError(
+                    f"octave {i} of the plan (exponent {self.exponents[i]}, scale {self.scale}) is {h}x{w} for a "
+                    f"{height}x{width} image, below {backbone}'s minimum input size {min_size}; use fewer "
+                    f"octaves (dream.num_octaves), a smaller dream.octave_scale or a larger data.image_size")
+            if objective != "mean" and min(h, w) // deepest_stride <= 2 * border:
+                raise DreamSettingsError(
+                    f"octave {i} is {h}x{w} for a {height}x{width} image: its deepest tap (stride "
+                    f"{deepest_stride}) is no larger than the border crop (dream.border={border}); use fewer "
+                    f"octaves (dream.num_octaves), a smaller dream.border or a larger data.image_size")
+
     def shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         if self.detail == "google":
             # Google's notebook: each base is the previous one zoomed by 1/scale (nd.zoom rounds).
@@ -400,18 +423,9 @@ class Dreamer:
         if np.any(np.asarray(params.iterations) > self.capacity):
             raise DreamSettingsError(f"dream.iterations {int(np.max(params.iterations))} exceeds the group's "
                                      f"steps capacity {self.capacity}")
-        strides = self.backbone.tap_strides
-        for i, (h, w) in enumerate(self.plan.shapes(height, width)):
-            if min(h, w) < self.backbone.min_size:
-                raise DreamSettingsError(
-                    f"octave {i} of the plan (exponent {self.plan.exponents[i]}, scale {self.plan.scale}) is "
-                    f"{h}x{w}, below {self.backbone.name}'s minimum input size {self.backbone.min_size}; use "
-                    f"fewer octaves (dream.num_octaves), a smaller dream.octave_scale or a larger data.image_size")
-            deepest = max(strides[t] for t in self.taps)
-            if self.cfg.objective != "mean" and min(h, w) // deepest <= 2 * self.cfg.border:
-                raise DreamSettingsError(
-                    f"octave {i} is {h}x{w}: its deepest tap (stride {deepest}) is smaller than twice "
-                    f"dream.border={self.cfg.border}; use fewer octaves or a larger data.image_size")
+        self.plan.check(height, width, backbone=self.backbone.name, min_size=self.backbone.min_size,
+                        deepest_stride=max(self.backbone.tap_strides[t] for t in self.taps),
+                        border=self.cfg.border, objective=self.cfg.objective)
 
     # --- device programs ---------------------------------------------------------------------
     def _init_state(self, images, params: CellParams):

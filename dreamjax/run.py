@@ -165,7 +165,6 @@ class RunOptions:
     max_to_keep: int = 2
     max_pixels: int = 64_000_000
     upscale_small: bool = True
-    checkpoint_root: str | None = None  # default: <first job dir's parent>/.checkpoints
     progress: bool = True
 
     @classmethod
@@ -249,7 +248,7 @@ class Executor:
 
         groups = grid.group_cells(buckets)
         self.stats["groups"] += len(groups)
-        total_steps = sum(_cell_steps(c, key[-1]) for key, cs in groups.items() for c in cs if c.id not in complete)
+        total_steps = sum(_cell_steps(c) for cs in groups.values() for c in cs if c.id not in complete)
         bar = _progress(total_steps, self.opt.progress)
         for key, group_cells in groups.items():
             shape = key[-1]
@@ -434,10 +433,7 @@ def dream_settings(cell: Cell, bb, shape, batch: int = 1):
     from dreamjax import dream
 
     s = cell.static_dict()
-    if s["octaves"] is not None:
-        plan = dream.OctavePlan(tuple(s["octaves"]), float(s["octave_scale"]), s["octave_detail"])
-    else:
-        plan = dream.OctavePlan.keras(int(s["num_octaves"]), float(s["octave_scale"]), s["octave_detail"])
+    plan = dream.OctavePlan.from_settings(s)
     tile = s["tile_size"]
     if tile == "auto":
         tile = auto_tile_size(bb, cell.taps, shape, budget_gb=float(s.get("memory_budget_gb") or 4.0),
@@ -483,10 +479,10 @@ def gradient_bytes_per_pixel(bb, taps: tuple[str, ...], compute_dtype: str = "fl
     return max(float(temp), 1.0) / probe**2
 
 
-def _cell_steps(cell: Cell, shape) -> int:
-    s = cell.static_dict()
-    n = len(s["octaves"]) if s["octaves"] is not None else int(s["num_octaves"])
-    return cell.iterations * n
+def _cell_steps(cell: Cell) -> int:
+    from dreamjax import dream
+
+    return cell.iterations * len(dream.OctavePlan.from_settings(cell.static_dict()).exponents)
 
 
 def pad_to(n: int, devices: int) -> int:

@@ -76,29 +76,18 @@ def load_layer_sets(names) -> list[dict] | None:
 
 
 def _check_plan(cell: grid.Cell, spec):
-    """The octave plan must keep every octave above the backbone's minimum input size."""
+    """The octave plan must fit the backbone, checked before any compute on the square bucket;
+    a painting whose elongated bucket is too small fails alone at run time (the rest go on)."""
     from dreamjax import dream
 
     s = cell.static_dict()
-    if s["octaves"] is not None:
-        p = dream.OctavePlan(tuple(s["octaves"]), float(s["octave_scale"]), s["octave_detail"])
-    else:
-        p = dream.OctavePlan.keras(int(s["num_octaves"]), float(s["octave_scale"]), s["octave_detail"])
-    # Checked on the square bucket; a painting whose elongated bucket is too small for the plan
-    # fails alone at run time (recorded in the manifest), the rest of the sweep goes on.
-    short = cell.image_size
-    deepest = max(spec.tap_strides[t] for t in cell.taps)
-    for i, (h, w) in enumerate(p.shapes(short, cell.image_size)):
-        if min(h, w) < spec.min_size:
-            raise grid.ConfigError(
-                f"dream octave {i} (exponent {p.exponents[i]}) would be {h}x{w} for a {cell.image_size}-px "
-                f"painting, below {spec.name}'s minimum input size {spec.min_size}; raise data.image_size or "
-                f"lower dream.num_octaves / dream.octave_scale")
-        if s["objective"] != "mean" and min(h, w) // deepest <= 2 * int(s["border"]):
-            raise grid.ConfigError(
-                f"dream octave {i} would be {h}x{w} for a {cell.image_size}-px painting: its deepest tap "
-                f"(stride {deepest}) would be no larger than the border crop (dream.border={s['border']}); "
-                f"raise data.image_size, lower dream.num_octaves or dream.border")
+    try:
+        dream.OctavePlan.from_settings(s).check(
+            cell.image_size, cell.image_size, backbone=spec.name, min_size=spec.min_size,
+            deepest_stride=max(spec.tap_strides[t] for t in cell.taps), border=int(s["border"]),
+            objective=s["objective"])
+    except dream.DreamSettingsError as e:
+        raise grid.ConfigError(str(e)) from None
 
 
 def options(cfg) -> RunOptions:

@@ -212,26 +212,34 @@ def test_truncated_checkpoint_is_refused_then_recomputed(reference, tmp_path):
     assert_complete_and_identical(reference, sw)
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(reference, tmp_path):
-    sw = tmp_path / "sw"
+def _signal_after_first_checkpoint(sw, *signals, gap=0.05):
+    """Start the sweep, wait until one checkpoint is committed, send ``signals``; returns
+    (returncode, stdout + stderr). Hydra logs to stdout."""
     sw.parent.mkdir(parents=True, exist_ok=True)
     e = dict(os.environ)
     e.pop("DREAMJAX_TEST_KILL_AT", None)
-    # Slow each chunk down a little so the signal lands mid-batch deterministically enough.
     proc = subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *SWEEP, f"hydra.sweep.dir={sw}"],
                             cwd=sw.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-    deadline = time.time() + 300
     ck = sw / ".checkpoints"
+    deadline = time.time() + 300
     while time.time() < deadline and not (ck.is_dir() and any(ck.rglob("commit_success.txt"))):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(gap)
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    err = out + err  # Hydra logs to stdout
-    assert proc.returncode == 143, (proc.returncode, err[-3000:])
-    assert "SIGTERM received" in err and "Resume with the same command" in err, err[-3000:]
-    assert "hydra.sweep.dir=" in err.split("Resume with the same command")[-1]
-    assert any(ck.iterdir())  # the in-flight batch was checkpointed
+    return proc.returncode, out + err
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(reference, tmp_path):
+    sw = tmp_path / "sw"
+    code, out = _signal_after_first_checkpoint(sw, signal.SIGTERM)
+    assert code == 143, (code, out[-3000:])
+    assert "SIGTERM received" in out and "Resume with the same command" in out, out[-3000:]
+    assert "hydra.sweep.dir=" in out.split("Resume with the same command")[-1]
+    assert any((sw / ".checkpoints").iterdir())  # the in-flight batch was checkpointed
     assert not list(sw.rglob("*orbax-checkpoint-tmp*"))  # the async save finished before exit
     p = cli(sw)
     assert "resumed batch" in p.stdout + p.stderr
@@ -241,23 +249,11 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(reference, tmp_path):
 @pytest.mark.slow
 def test_second_ctrl_c_exits_at_once_and_resume_is_still_exact(reference, tmp_path):
     sw = tmp_path / "sw"
-    sw.parent.mkdir(parents=True, exist_ok=True)
-    e = dict(os.environ)
-    e.pop("DREAMJAX_TEST_KILL_AT", None)
-    proc = subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *SWEEP, f"hydra.sweep.dir={sw}"],
-                            cwd=sw.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-    ck = sw / ".checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ck.is_dir() and any(ck.rglob("commit_success.txt"))):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    code, out = _signal_after_first_checkpoint(sw, signal.SIGINT, signal.SIGINT)
     # 130: the second Ctrl-C cut the run short. 143 only if the first one's clean exit (checkpoint
     # + message) had already completed when the second arrived 50 ms later.
-    clean = proc.returncode == 143 and "Resume with the same command" in out + err
-    assert proc.returncode == 130 or clean, (proc.returncode, (out + err)[-3000:])
-    assert "Ctrl-C again to exit now" in out + err
-    p = cli(sw)  # whatever the hard exit left half-written is removed; the batch resumes or restarts
+    clean = code == 143 and "Resume with the same command" in out
+    assert code == 130 or clean, (code, out[-3000:])
+    assert "Ctrl-C again to exit now" in out
+    cli(sw)  # whatever the hard exit left half-written is removed; the batch resumes or restarts
     assert_complete_and_identical(reference, sw)
