@@ -6,7 +6,6 @@ the Keras 3 + JAX step, timed interleaved with repeats.
   python scripts/bench_breakdown.py --size 256 --batch 1 --repeats 5 [--json results/bench/breakdown_cpu.json]
 """
 import argparse
-import json
 import os
 import statistics
 import time

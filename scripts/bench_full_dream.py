@@ -6,7 +6,6 @@ N steps, square images, InceptionV3 (random weights), B cells in one dream() cal
   python scripts/bench_full_dream.py --cases 256x8 512x1 --iterations 30 [--json results/bench/full_dream_cpu.json]
 """
 import argparse
-import json
 import os
 import time
 

@@ -26,7 +26,6 @@ ignored): a dream never changes the network.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamjax.images import file_sha256
 from dreamjax.models.registry import BackboneSpec, register
 
 # Per stage: depthwise kernel, stride of the first block, expansion, output width, blocks.
@@ -283,7 +283,7 @@ def _load(weights, include_top):
     path = package_weights_path() if weights in ("auto", None) else Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"efficientnet_lite0 weights file not found: {path}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     return convert_state_dict(load_torch_file(path), include_top), digest
 
 

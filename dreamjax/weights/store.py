@@ -11,9 +11,7 @@ the source file and the converter version), so conversion runs once per file.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 from dreamjax.weights.keras_h5 import WeightsError, load_keras_h5
@@ -43,11 +41,9 @@ def weights_url(include_top: bool) -> str:
 
 
 def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from dreamjax.images import file_sha256
+
+    return file_sha256(path)
 
 
 def _offline_help() -> str:
@@ -84,18 +80,6 @@ def cached_source(include_top: bool) -> Path | None:
     return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def converted_path(sha256: str, include_top: bool) -> Path:
     top = "top" if include_top else "notop"
     return cache_dir() / "converted" / f"inception_v3-{top}-{sha256[:32]}-v{CONVERTER_VERSION}.msgpack"
@@ -104,7 +88,9 @@ def converted_path(sha256: str, include_top: bool) -> Path:
 def save_variables(variables, path) -> None:
     from flax import serialization
 
-    _atomic_write(Path(path), serialization.msgpack_serialize(variables))
+    from dreamjax.images import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), serialization.msgpack_serialize(variables))
 
 
 def load_variables(path) -> dict:
