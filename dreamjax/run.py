@@ -474,7 +474,7 @@ def gradient_bytes_per_pixel(bb, taps: tuple[str, ...], compute_dtype: str = "fl
     probe = 128
     x = jax.ShapeDtypeStruct((1, probe, probe, 3), jnp.float32)
     w = jax.ShapeDtypeStruct((1, len(taps)), jnp.float32)
-    mem = jax.jit(grad).lower(bb.variables, x, w).compile().memory_analysis()
+    mem = jax.jit(grad).lower(bb.dream_variables, x, w).compile().memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
     return max(float(temp), 1.0) / probe**2
 

@@ -95,7 +95,7 @@ def _parity_run(weights_h5: str, keras_weights: str, painting: str, dtype: str) 
                                    cell.iterations, seed=cell.key_seed())
     import jax
 
-    variables = jax.tree_util.tree_map(lambda a: a.astype(dtype), bb.variables)
+    variables = jax.tree_util.tree_map(lambda a: a.astype(dtype), bb.dream_variables)
     d = dream.Dreamer(bb, dcfg, plan, cell.iterations, variables=variables)
     ours = dream.DreamRun(d, x, params).run().final
     ref = keras_dlwp(base, x)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamjax.images import file_sha256
+from dreamjax.models.ops import Conv2D
 from dreamjax.models.registry import BackboneSpec, register
 
 # Per stage: depthwise kernel, stride of the first block, expansion, output width, blocks.
@@ -101,8 +102,8 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
-                    feature_group_count=self.groups, use_bias=False, dtype=self.dtype, name="conv")(x)
+        x = Conv2D(self.features, (self.kernel, self.kernel), self.stride, "SAME",
+                   feature_group_count=self.groups, dtype=self.dtype, name="conv")(x)
         return nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=self.dtype, name="bn")(x)
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamjax.models.ops import Conv2D, avg_pool_same, max_pool
 from dreamjax.models.registry import BackboneSpec, keras_deprocess, keras_preprocess, register
 
 MIN_SIZE = 75  # Keras' own limit: smaller inputs shrink to nothing before mixed8.
@@ -141,8 +142,7 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         s = self.spec
-        x = nn.Conv(s.filters, s.kernel, s.strides, padding=s.padding, use_bias=False, dtype=self.dtype,
-                    name="conv")(x)
+        x = Conv2D(s.filters, s.kernel, s.strides, padding=s.padding, dtype=self.dtype, name="conv")(x)
         return nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x))
 
 
@@ -156,11 +156,12 @@ class Block(nn.Module):
             if isinstance(s, Conv):
                 return ConvBN(s, self.dtype, name=s.name)(y)
             if s == AVG:
-                # Keras excludes the zero padding from the mean; Flax counts it by default,
-                # which darkens every border pixel of every branch_pool.
-                return nn.avg_pool(y, (3, 3), (1, 1), "SAME", count_include_pad=False)
+                # Keras excludes the zero padding from the mean (Flax's avg_pool counts it by
+                # default, which darkens every border pixel of every branch_pool). Both pools
+                # are slice-based (dreamjax.models.ops): same values, fused on CPU.
+                return avg_pool_same(y, 3)
             if s == MAX:
-                return nn.max_pool(y, (3, 3), (2, 2), "VALID")
+                return max_pool(y, 3, 2)
             return jnp.concatenate([step(y, t) for t in s], axis=-1)
 
         outs = []

@@ -97,6 +97,7 @@ class Backbone:
         self.dtype = jnp.dtype(dtype)
         self.module = spec.build(include_top=include_top, dtype=self.dtype, dream=False)
         self._jitted: dict = {}
+        self._dream_variables = None
 
     # --- facts -----------------------------------------------------------------------------
     name = property(lambda self: self.spec.name)
@@ -120,6 +121,18 @@ class Backbone:
             raise ValueError(f"unknown tap(s) {unknown} for backbone {self.name!r}; "
                              f"allowed: {', '.join(self.spec.taps)}")
         return taps
+
+    @property
+    def dream_variables(self):
+        """``variables`` plus what the dream path precomputes once per backbone (the backward
+        kernels of :mod:`dreamjax.models.ops`); made on first use, ~1 s for InceptionV3."""
+        if self._dream_variables is None:
+            from dreamjax.models.ops import prepare_dream_variables
+
+            module = self.spec.build(include_top=False, dtype=jnp.float32, dream=True)
+            size = self.spec.min_size
+            self._dream_variables = prepare_dream_variables(module, self.variables, (1, size, size, 3))
+        return self._dream_variables
 
     def param_count(self) -> int:
         return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(self.variables["params"])))

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dreamjax.models.ops import Conv2D
 from dreamjax.models.registry import BackboneSpec, keras_deprocess, keras_preprocess, register
 
 TAPS = ("conv1", "conv2", "conv3", "conv4")
@@ -35,8 +36,7 @@ class TinyCNN(nn.Module):
         out = {}
         x = x.astype(self.dtype)
         for i, (name, width) in enumerate(zip(TAPS, WIDTHS)):
-            x = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
-                        dtype=self.dtype, name=f"{name}_conv")(x)
+            x = Conv2D(width, (3, 3), 2, "SAME", dtype=self.dtype, name=f"{name}_conv")(x)
             x = nn.relu(norm(name=f"{name}_bn")(x))
             out[name] = x
             if i == stop and taps:

@@ -1,0 +1,192 @@
+"""Convolution and pooling written for the dream path's input gradient.
+
+A dream differentiates the network with respect to its *input*, thousands of times with
+the same weights. JAX's transpose rule for a convolution feeds the backward pass the kernel
+with its in/out axes swapped and its taps flipped; XLA:CPU's convolution library (YNNPACK)
+takes kernels only in the plain ``HWIO`` layout, so every step paid for ~70 transposed kernel
+copies (a fifth of an InceptionV3 step at 256 px, ``results/bench/README.md``), and inside a
+``while_loop`` XLA kept the swapped layout and fell back to a slow loop emitter instead.
+
+:class:`Conv2D` is a drop-in for ``nn.Conv`` (no bias, same ``kernel`` parameter) that, when
+the variables carry a prepared *backward kernel* (collection ``"dream"``, made once per
+backbone by :func:`prepare_dream_variables`), computes the input gradient as an ordinary
+forward convolution with that kernel. Without the collection it is exactly ``nn.Conv``.
+Gradients with respect to the kernel stay correct (computed by JAX's own rule when asked for).
+
+The pools are written as elementwise maxima / sums of strided slices: XLA fuses them into a
+single loop (forward and backward), where ``reduce_window`` and its ``select_and_scatter``
+gradient run as slow standalone loops on CPU. The max pool keeps ``reduce_window``'s tie rule
+(the first maximum in row-major window order gets the gradient), so gradients are identical.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DN = ("NHWC", "HWIO", "NHWC")
+DREAM = "dream"  # the variables collection holding backward kernels
+
+
+def _pads(in_hw, kernel_hw, strides, padding) -> tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(in_hw, kernel_hw, strides, padding))
+    return tuple(tuple(p) for p in padding)
+
+
+def _is_pointwise(kernel_shape, strides, pads, groups) -> bool:
+    return tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and groups == 1 \
+        and all(p == (0, 0) for p in pads)
+
+
+def _conv(x, kernel, strides, pads, groups):
+    if _is_pointwise(kernel.shape, strides, pads, groups):
+        # A 1x1 convolution is a matrix product; XLA:CPU's dot runs it ~1.5-2x faster.
+        return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=DN, feature_group_count=groups)
+
+
+def backward_kernel(kernel, groups: int = 1):
+    """The kernel whose forward convolution is the input gradient of ``kernel``'s.
+
+    Taps flipped; for an ordinary convolution the in/out axes swapped (``[kh,kw,O,I]``);
+    for a depthwise one (``groups`` = channels, multiplier 1) the same shape.
+    """
+    kernel = jnp.asarray(kernel)
+    flipped = kernel[::-1, ::-1]
+    if groups == 1:
+        return jnp.swapaxes(flipped, 2, 3)
+    if kernel.shape[2] == 1 and kernel.shape[3] == groups:
+        return flipped
+    raise ValueError(f"backward kernel for grouped convolutions needs groups in (1, channels); "
+                     f"kernel {kernel.shape}, groups {groups}")
+
+
+def supports_backward_kernel(kernel_shape, groups: int) -> bool:
+    return groups == 1 or (kernel_shape[2] == 1 and kernel_shape[3] == groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def conv_with_backward_kernel(x, kernel, kernel_bwd, strides, pads, groups, in_hw):
+    """``conv(x, kernel)`` whose input gradient is a forward convolution with ``kernel_bwd``."""
+    return _conv(x, kernel, strides, pads, groups)
+
+
+def _fwd(x, kernel, kernel_bwd, strides, pads, groups, in_hw):
+    y = _conv(x.value, kernel.value, strides, pads, groups)
+    # Keep x only when the kernel's own gradient is wanted (never in a dream).
+    saved_x = x.value if kernel.perturbed else None
+    return y, (kernel_bwd.value, kernel.value if kernel.perturbed else None, saved_x)
+
+
+def _bwd(strides, pads, groups, in_hw, res, g):
+    kernel_bwd, kernel, x = res
+    if _is_pointwise(kernel_bwd.shape, strides, pads, groups):
+        dx = lax.dot_general(g, kernel_bwd[0, 0], (((3,), (0,)), ((), ())))
+    else:
+        # Input gradient of a strided, padded convolution: dilate g by the stride, pad it by
+        # (k-1-lo) before and whatever makes the result the input's size after, convolve with
+        # the flipped, axis-swapped kernel at stride 1.
+        k_hw, out_hw = kernel_bwd.shape[:2], g.shape[1:3]
+        back_pads = [(k - 1 - lo, n + lo - (o - 1) * s - 1)
+                     for k, n, o, s, (lo, _) in zip(k_hw, in_hw, out_hw, strides, pads)]
+        dx = lax.conv_general_dilated(g, kernel_bwd, (1, 1), back_pads, lhs_dilation=strides,
+                                      dimension_numbers=DN, feature_group_count=groups)
+    dk = None
+    if x is not None:
+        dk = jax.vjp(lambda k: _conv(x, k, strides, pads, groups), kernel)[1](g)[0]
+    return dx.astype(g.dtype), dk, None
+
+
+conv_with_backward_kernel.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+class Conv2D(nn.Module):
+    """``nn.Conv`` without bias (parameter ``kernel``, HWIO), plus the dream fast path.
+
+    With a ``"dream"`` collection holding ``kernel_bwd`` the input gradient is a forward
+    convolution with it (see the module docstring); :func:`prepare_dream_variables` makes it.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    feature_group_count: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        cin, groups = x.shape[-1], self.feature_group_count
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, cin // groups, self.features),
+                            jnp.float32)
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        pads = _pads(x.shape[1:3], (kh, kw), strides, self.padding)
+        x = x.astype(self.dtype)
+        k = kernel.astype(self.dtype)
+        if (self.is_mutable_collection(DREAM) and not self.is_initializing()
+                and supports_backward_kernel(kernel.shape, groups)):
+            self.variable(DREAM, "kernel_bwd", lambda: backward_kernel(kernel, groups))
+        if not self.has_variable(DREAM, "kernel_bwd"):
+            return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN, feature_group_count=groups)
+        kb = self.get_variable(DREAM, "kernel_bwd").astype(self.dtype)
+        return conv_with_backward_kernel(x, k, kb, strides, pads, groups, tuple(x.shape[1:3]))
+
+
+def prepare_dream_variables(module: nn.Module, variables, sample_shape) -> dict:
+    """``variables`` plus the ``"dream"`` collection of backward kernels for ``module``.
+
+    Runs the module once eagerly on zeros of ``sample_shape`` (the smallest valid input) so
+    that every :class:`Conv2D` adds its own backward kernel; the result is ordinary arrays,
+    made once per backbone and reused by every compiled dream program.
+    """
+    plain = {k: v for k, v in variables.items() if k != DREAM}
+    _, added = module.apply(plain, jnp.zeros(sample_shape, jnp.float32), mutable=[DREAM])
+    if not added.get(DREAM):
+        return plain
+    return {**plain, DREAM: jax.tree_util.tree_map(jnp.asarray, added[DREAM])}
+
+
+def max_pool(x, window: int = 3, stride: int = 2):
+    """``VALID`` max pool as a running maximum over strided slices.
+
+    The first maximum in row-major window order wins ties, as ``reduce_window``'s gradient
+    (``select_and_scatter`` with ``>=``) does, so forward values and gradients are identical.
+    """
+    h, w = x.shape[1:3]
+    ho, wo = (h - window) // stride + 1, (w - window) // stride + 1
+    out = None
+    for i in range(window):
+        for j in range(window):
+            s = lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+                                            x.shape[3]), (1, stride, stride, 1))
+            out = s if out is None else jnp.where(s > out, s, out)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _window_counts(h: int, w: int, window: int) -> np.ndarray:
+    r = window // 2
+    rows = np.array([min(i + r, h - 1) - max(i - r, 0) + 1 for i in range(h)], np.float32)
+    cols = np.array([min(j + r, w - 1) - max(j - r, 0) + 1 for j in range(w)], np.float32)
+    return (rows[:, None] * cols[None, :])[None, :, :, None]
+
+
+def avg_pool_same(x, window: int = 3):
+    """Stride-1 ``SAME`` average pool that excludes the padding from the mean (Keras'
+    ``AveragePooling2D(padding="same")``), as a sum of shifted slices in ``reduce_window``'s
+    order divided by each position's count of real pixels."""
+    r = window // 2
+    h, w = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
+    total = jnp.zeros_like(x)
+    for i in range(window):
+        for j in range(window):
+            total = total + xp[:, i:i + h, j:j + w, :]
+    return total / jnp.asarray(_window_counts(h, w, window), x.dtype)
