@@ -46,6 +46,10 @@ VARIANTS = {
     "devloop": {"device_loop": True},  # the device while_loop (the engine's path on GPU/TPU)
     "hostloop": {"device_loop": False},
     "bf16": {"compute_dtype": "bfloat16"},
+    "mb1": {"micro_batch": 1},  # the batch's gradient in passes of 1 / 2 / 4 cells (one program)
+    "mb2": {"micro_batch": 2},
+    "mb4": {"micro_batch": 4},
+    "whole": {"micro_batch": 0},  # the whole batch in one pass
 }
 
 
@@ -111,12 +115,15 @@ def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
     return TINY_TAPS, (1.0, 1.5, 2.0)
 
 
-def dlwp_config(backbone, compute_dtype="float32", tile_size=0):
+def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None):
+    """The DLwP preset's static settings; ``micro_batch`` None = what ``run.py`` picks (per platform)."""
     from dreamjax.dream import DreamConfig
+    from dreamjax.run import auto_micro_batch
 
     taps, _ = default_taps(backbone)
+    mb = auto_micro_batch() if micro_batch is None else micro_batch
     return DreamConfig(taps=taps, norm="l2", objective="mean_square", border=2, frame_every=0,
-                       clip=False, tile_size=tile_size, compute_dtype=compute_dtype)
+                       clip=False, tile_size=tile_size, compute_dtype=compute_dtype, micro_batch=mb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ class EngineCase:
     while_loop (True) or the host step loop (False); None = the engine's default."""
 
     def __init__(self, backbone, size: int, batch: int, steps: int, compute_dtype="float32",
-                 tile_size=0, height=None, device_loop=None):
+                 tile_size=0, height=None, device_loop=None, micro_batch=None):
         import jax
         import jax.numpy as jnp
 
@@ -136,7 +143,8 @@ class EngineCase:
 
         self.size, self.batch, self.steps = size, batch, steps
         h, w = (height or size), size
-        cfg = dlwp_config(backbone, compute_dtype, tile_size)
+        cfg = dlwp_config(backbone, compute_dtype, tile_size, micro_batch)
+        self.micro_batch = cfg.micro_batch
         _, weights = default_taps(backbone)
         self.dreamer = Dreamer(backbone, cfg, OctavePlan(), steps_capacity=steps)
         if device_loop is not None:

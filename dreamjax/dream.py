@@ -65,6 +65,11 @@ class DreamConfig:
     optimizer: "sgd" (plain normalised-gradient ascent, as all four references) or an optax
       optimizer applied after the per-cell normalisation.
     grad_clip: if > 0, clip each update element to [-grad_clip, grad_clip] (optax.clip).
+    micro_batch: 0 = the gradient of all B cells in one pass; k > 0 = in passes of k cells, one
+      after the other inside the same program (``lax.map``). Each cell's gradient is the same
+      either way; on a CPU a pass over fewer, larger images keeps the caches warm (one image
+      already fills the cores), on a GPU the whole batch in one pass fills the device. ``run.py``
+      picks it per platform unless the config sets it.
     compute_dtype: dtype of the backbone's activations; the image and its updates stay float32
       (float64 only with ``jax_enable_x64``: the image is float64 too; used by the parity tests,
       where float32 rounding would let two correct implementations part ways).
@@ -78,6 +83,7 @@ class DreamConfig:
     clip: bool = False
     value_range: tuple[float, float] = (-1.0, 1.0)
     tile_size: int = 0
+    micro_batch: int = 0
     optimizer: str = "sgd"
     grad_clip: float = 0.0
     compute_dtype: str = "float32"
@@ -106,6 +112,8 @@ class DreamConfig:
             raise DreamSettingsError("dream.compute_dtype=float64 needs JAX_ENABLE_X64=1")
         if self.tile_size < 0:
             raise DreamSettingsError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
+        if self.micro_batch < 0:
+            raise DreamSettingsError(f"dream.micro_batch must be >= 0 (0 = the whole batch), got {self.micro_batch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +338,7 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
         return per_tap, g.astype(images.dtype)
 
     if not cfg.tile_size:
-        return loss_and_grad
+        return _micro_batched(loss_and_grad, cfg.micro_batch)
 
     t = cfg.tile_size
 
@@ -356,7 +364,35 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
         losses, grads = jax.lax.fori_loop(0, starts.shape[0], body, zeros)
         return losses / starts.shape[0], grads
 
-    return tiled
+    return _micro_batched(tiled, cfg.micro_batch)
+
+
+def _micro_batched(grad_fn, micro_batch: int):
+    """``grad_fn`` over the batch in passes of ``micro_batch`` cells (the largest divisor of B
+    not above it), one after the other in one program; 0 = one pass.
+
+    Pass ``i`` takes cells ``i, i + P, i + 2P, ...`` (P passes): a batch sharded in contiguous
+    blocks over devices then gives every device its own cells in every pass.
+    """
+    if not micro_batch:
+        return grad_fn
+
+    def passes(variables, images, weights):
+        b = images.shape[0]
+        k = max(d for d in range(1, min(micro_batch, b) + 1) if b % d == 0)
+        if k == b:
+            return grad_fn(variables, images, weights)
+
+        def split(a):  # [B, ...] -> [P, k, ...]
+            return jnp.swapaxes(a.reshape(k, b // k, *a.shape[1:]), 0, 1)
+
+        def join(a):  # [P, k, ...] -> [B, ...]
+            return jnp.swapaxes(a, 0, 1).reshape(b, *a.shape[2:])
+
+        per_tap, g = jax.lax.map(lambda xw: grad_fn(variables, *xw), (split(images), split(weights)))
+        return join(per_tap), join(g)
+
+    return passes
 
 
 def _tile_starts(n, t):

@@ -40,6 +40,18 @@ def test_batch_invariance(tiny_backbone, batch8):
                                        atol=1e-6)
 
 
+@pytest.mark.parametrize("micro_batch", [1, 3])  # 3: passes of 2 (the largest divisor of 8 not above 3)
+def test_micro_batches_are_the_same_dream(tiny_backbone, batch8, micro_batch):
+    """Gradients in passes of a few cells (one program, lax.map) = the whole batch in one pass."""
+    import dataclasses
+
+    images, params, cfg, run = batch8
+    assert cfg.micro_batch == 0
+    passes = dream.dream(tiny_backbone, images, params, dataclasses.replace(cfg, micro_batch=micro_batch), PLAN)
+    np.testing.assert_allclose(passes.final, run.final, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(passes.octave_losses[-1], run.octave_losses[-1], rtol=1e-5, atol=1e-6)
+
+
 def test_iterations_and_max_loss_freeze_cells(batch8):
     _, params, cfg, run = batch8
     losses = run.octave_losses[0]  # [S, B, T]
