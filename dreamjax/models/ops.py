@@ -153,21 +153,59 @@ def prepare_dream_variables(module: nn.Module, variables, sample_shape) -> dict:
     return {**plain, DREAM: jax.tree_util.tree_map(jnp.asarray, added[DREAM])}
 
 
+def _window_slices(x, window: int, stride: int):
+    """The ``window**2`` strided slices of a ``VALID`` pool, in row-major window order."""
+    h, w = x.shape[1:3]
+    ho, wo = (h - window) // stride + 1, (w - window) // stride + 1
+    return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+                                        x.shape[3]), (1, stride, stride, 1))
+            for i in range(window) for j in range(window)]
+
+
+def _max_and_argmax(x, window, stride):
+    out, arg = None, None
+    for k, s in enumerate(_window_slices(x, window, stride)):
+        if out is None:
+            out, arg = s, jnp.zeros(s.shape, jnp.int8)
+        else:
+            take = s > out  # strictly greater: the first maximum in row-major order wins
+            out, arg = jnp.where(take, s, out), jnp.where(take, jnp.int8(k), arg)
+    return out, arg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def max_pool(x, window: int = 3, stride: int = 2):
-    """``VALID`` max pool as a running maximum over strided slices.
+    """``VALID`` max pool as a running maximum over strided slices (one fused loop).
 
     The first maximum in row-major window order wins ties, as ``reduce_window``'s gradient
     (``select_and_scatter`` with ``>=``) does, so forward values and gradients are identical.
+    The backward pass keeps only the winner's index (int8) and spreads ``g`` back with one
+    strided pad per window position.
     """
-    h, w = x.shape[1:3]
-    ho, wo = (h - window) // stride + 1, (w - window) // stride + 1
-    out = None
-    for i in range(window):
-        for j in range(window):
-            s = lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
-                                            x.shape[3]), (1, stride, stride, 1))
-            out = s if out is None else jnp.where(s > out, s, out)
-    return out
+    return _max_and_argmax(x, window, stride)[0]
+
+
+def _max_fwd(x, window, stride):
+    out, arg = _max_and_argmax(x, window, stride)
+    return out, (arg, x.shape)
+
+
+def _max_bwd(window, stride, res, g):
+    arg, shape = res
+    h, w = shape[1:3]
+    ho, wo = g.shape[1:3]
+    dx = None
+    for k in range(window * window):
+        i, j = divmod(k, window)
+        part = jnp.where(arg == k, g, jnp.zeros((), g.dtype))
+        part = lax.pad(part, jnp.zeros((), g.dtype),
+                       ((0, 0, 0), (i, h - i - (ho - 1) * stride - 1, stride - 1),
+                        (j, w - j - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
+        dx = part if dx is None else dx + part
+    return (dx,)
+
+
+max_pool.defvjp(_max_fwd, _max_bwd)
 
 
 @functools.lru_cache(maxsize=64)
@@ -178,10 +216,9 @@ def _window_counts(h: int, w: int, window: int) -> np.ndarray:
     return (rows[:, None] * cols[None, :])[None, :, :, None]
 
 
-def avg_pool_same(x, window: int = 3):
-    """Stride-1 ``SAME`` average pool that excludes the padding from the mean (Keras'
-    ``AveragePooling2D(padding="same")``), as a sum of shifted slices in ``reduce_window``'s
-    order divided by each position's count of real pixels."""
+def _box_sum(x, window: int):
+    """Sum over each position's ``window`` x ``window`` neighbourhood, zero padding (``SAME``),
+    added in ``reduce_window``'s row-major order: one pad, one fused loop."""
     r = window // 2
     h, w = x.shape[1:3]
     xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
@@ -189,4 +226,25 @@ def avg_pool_same(x, window: int = 3):
     for i in range(window):
         for j in range(window):
             total = total + xp[:, i:i + h, j:j + w, :]
-    return total / jnp.asarray(_window_counts(h, w, window), x.dtype)
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def avg_pool_same(x, window: int = 3):
+    """Stride-1 ``SAME`` average pool that excludes the padding from the mean (Keras'
+    ``AveragePooling2D(padding="same")``): a box sum divided by each position's count of real
+    pixels. The box sum's transpose is the same box sum (the window is symmetric), so the
+    backward pass is one box sum of ``g / counts`` instead of nine padded copies of ``g``."""
+    return _box_sum(x, window) / jnp.asarray(_window_counts(*x.shape[1:3], window), x.dtype)
+
+
+def _avg_fwd(x, window):
+    return avg_pool_same(x, window), None
+
+
+def _avg_bwd(window, _, g):
+    h, w = g.shape[1:3]
+    return (_box_sum(g / jnp.asarray(_window_counts(h, w, window), g.dtype), window),)
+
+
+avg_pool_same.defvjp(_avg_fwd, _avg_bwd)
