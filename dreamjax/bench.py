@@ -43,7 +43,7 @@ DLWP_WEIGHTS = (1.0, 1.5, 2.0, 2.5)
 TINY_TAPS = ("conv2", "conv3", "conv4")
 # extra batched modes for studies (EngineCase keyword arguments)
 VARIANTS = {
-    "devloop": {"device_loop": True},  # the device while_loop (the engine's path on GPU/TPU)
+    "devloop": {"device_loop": True},  # the device while_loop (the engine's default)
     "hostloop": {"device_loop": False},
     "bf16": {"compute_dtype": "bfloat16"},
     "mb1": {"micro_batch": 1},  # the batch's gradient in passes of 1 / 2 / 4 cells (one program)

@@ -88,9 +88,9 @@ class DreamConfig:
     grad_clip: float = 0.0
     compute_dtype: str = "float32"
     straight_through: bool = True  # dream-path module variant (e.g. straight-through ReLU6)
-    # Bake the weights into the compiled program as constants: XLA then folds the kernel
-    # transposes of the backward pass at compile time (measured 14 % faster per step on CPU,
-    # InceptionV3 256 px), at the price of slower compiles and cached programs that embed the weights.
+    # Bake the weights into the compiled program as constants: XLA then folds the BatchNorm
+    # arithmetic at compile time (measured 6 % faster gradient on CPU, InceptionV3 256 px), at the
+    # price of slower compiles and cached programs that embed the weights.
     constant_weights: bool = False
 
     @property
