@@ -52,6 +52,16 @@ def _is_depthwise(kernel_shape, groups) -> bool:
     return groups > 1 and kernel_shape[2] == 1 and kernel_shape[3] == groups
 
 
+def _window_slices(x, window, strides):
+    """The ``kh*kw`` shifted, strided slices of ``x`` that a ``VALID`` window of size ``window``
+    (kh, kw) at ``strides`` reads, in row-major window order (the order ``reduce_window`` uses)."""
+    (kh, kw), (sh, sw) = window, strides
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[3]),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
 def _depthwise(x, kernel, strides, pads, dilation=(1, 1)):
     """Depthwise convolution (multiplier 1) as a sum of shifted, strided slices times the taps.
 
@@ -60,28 +70,23 @@ def _depthwise(x, kernel, strides, pads, dilation=(1, 1)):
     ``dilation`` dilates the *input* (zeros between pixels), which the input gradient of a
     strided convolution needs.
     """
-    kh, kw = kernel.shape[:2]
     (plo, phi), (qlo, qhi) = pads
-    zero = jnp.zeros((), x.dtype)
-    xp = lax.pad(x, zero, ((0, 0, 0), (plo, phi, dilation[0] - 1), (qlo, qhi, dilation[1] - 1), (0, 0, 0)))
-    sh, sw = strides
-    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1,
-                                               xp.shape[3]), (1, sh, sw, 1)) * kernel[i, j, 0]
-            out = tap if out is None else out + tap
-    return out
+    xp = lax.pad(x, jnp.zeros((), x.dtype),
+                 ((0, 0, 0), (plo, phi, dilation[0] - 1), (qlo, qhi, dilation[1] - 1), (0, 0, 0)))
+    kh, kw = kernel.shape[:2]
+    taps = [kernel[i, j, 0] for i in range(kh) for j in range(kw)]
+    return sum(s * t for s, t in zip(_window_slices(xp, (kh, kw), strides), taps))
 
 
-def _conv(x, kernel, strides, pads, groups):
-    if _is_pointwise(kernel.shape, strides, pads, groups):
+def _conv(x, kernel, strides, pads, groups, dilation=(1, 1)):
+    """``x`` (NHWC) convolved with ``kernel`` (HWIO); ``dilation`` dilates the input."""
+    if _is_pointwise(kernel.shape, strides, pads, groups) and tuple(dilation) == (1, 1):
         # A 1x1 convolution is a matrix product; XLA:CPU's dot runs it ~1.5-2x faster.
         return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
     if _is_depthwise(kernel.shape, groups):
-        return _depthwise(x, kernel, strides, pads)
-    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=DN, feature_group_count=groups)
+        return _depthwise(x, kernel, strides, pads, dilation)
+    return lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=dilation, dimension_numbers=DN,
+                                    feature_group_count=groups)
 
 
 def backward_kernel(kernel, groups: int = 1):
@@ -91,17 +96,15 @@ def backward_kernel(kernel, groups: int = 1):
     for a depthwise one (``groups`` = channels, multiplier 1) the same shape.
     """
     kernel = jnp.asarray(kernel)
+    if not supports_backward_kernel(kernel.shape, groups):
+        raise ValueError(f"backward kernel for grouped convolutions needs groups in (1, channels); "
+                         f"kernel {kernel.shape}, groups {groups}")
     flipped = kernel[::-1, ::-1]
-    if groups == 1:
-        return jnp.swapaxes(flipped, 2, 3)
-    if kernel.shape[2] == 1 and kernel.shape[3] == groups:
-        return flipped
-    raise ValueError(f"backward kernel for grouped convolutions needs groups in (1, channels); "
-                     f"kernel {kernel.shape}, groups {groups}")
+    return flipped if _is_depthwise(kernel.shape, groups) else jnp.swapaxes(flipped, 2, 3)
 
 
 def supports_backward_kernel(kernel_shape, groups: int) -> bool:
-    return groups == 1 or (kernel_shape[2] == 1 and kernel_shape[3] == groups)
+    return groups == 1 or _is_depthwise(kernel_shape, groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -119,20 +122,12 @@ def _fwd(x, kernel, kernel_bwd, strides, pads, groups, in_hw):
 
 def _bwd(strides, pads, groups, in_hw, res, g):
     kernel_bwd, kernel, x = res
-    if _is_pointwise(kernel_bwd.shape, strides, pads, groups):
-        dx = lax.dot_general(g, kernel_bwd[0, 0], (((3,), (0,)), ((), ())))
-    else:
-        # Input gradient of a strided, padded convolution: dilate g by the stride, pad it by
-        # (k-1-lo) before and whatever makes the result the input's size after, convolve with
-        # the flipped, axis-swapped kernel at stride 1.
-        k_hw, out_hw = kernel_bwd.shape[:2], g.shape[1:3]
-        back_pads = [(k - 1 - lo, n + lo - (o - 1) * s - 1)
-                     for k, n, o, s, (lo, _) in zip(k_hw, in_hw, out_hw, strides, pads)]
-        if _is_depthwise(kernel_bwd.shape, groups):
-            dx = _depthwise(g, kernel_bwd, (1, 1), back_pads, dilation=strides)
-        else:
-            dx = lax.conv_general_dilated(g, kernel_bwd, (1, 1), back_pads, lhs_dilation=strides,
-                                          dimension_numbers=DN, feature_group_count=groups)
+    # Input gradient of a strided, padded convolution: dilate g by the stride, pad it by (k-1-lo)
+    # before and whatever makes the result the input's size after, convolve with the backward
+    # kernel at stride 1. (A 1x1 convolution's is (0, 0): a matrix product again.)
+    back_pads = [(k - 1 - lo, n + lo - (o - 1) * s - 1)
+                 for k, n, o, s, (lo, _) in zip(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)]
+    dx = _conv(g, kernel_bwd, (1, 1), back_pads, groups, dilation=strides)
     dk = None
     if x is not None:
         dk = jax.vjp(lambda k: _conv(x, k, strides, pads, groups), kernel)[1](g)[0]
@@ -193,18 +188,9 @@ def prepare_dream_variables(module: nn.Module, variables, sample_shape) -> dict:
     return {**plain, DREAM: added} if added else plain
 
 
-def _window_slices(x, window: int, stride: int):
-    """The ``window**2`` strided slices of a ``VALID`` pool, in row-major window order."""
-    h, w = x.shape[1:3]
-    ho, wo = (h - window) // stride + 1, (w - window) // stride + 1
-    return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
-                                        x.shape[3]), (1, stride, stride, 1))
-            for i in range(window) for j in range(window)]
-
-
 def _max_and_argmax(x, window, stride):
     out, arg = None, None
-    for k, s in enumerate(_window_slices(x, window, stride)):
+    for k, s in enumerate(_window_slices(x, (window, window), (stride, stride))):
         if out is None:
             out, arg = s, jnp.zeros(s.shape, jnp.int8)
         else:
@@ -258,14 +244,12 @@ def _window_counts(h: int, w: int, window: int) -> np.ndarray:
 
 def _box_sum(x, window: int):
     """Sum over each position's ``window`` x ``window`` neighbourhood, zero padding (``SAME``),
-    added in ``reduce_window``'s row-major order: one pad, one fused loop."""
+    added in ``reduce_window``'s row-major order from 0: one pad, one fused loop."""
     r = window // 2
-    h, w = x.shape[1:3]
     xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
     total = jnp.zeros_like(x)
-    for i in range(window):
-        for j in range(window):
-            total = total + xp[:, i:i + h, j:j + w, :]
+    for s in _window_slices(xp, (window, window), (1, 1)):
+        total = total + s
     return total
 
 
