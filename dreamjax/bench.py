@@ -139,7 +139,7 @@ class EngineCase:
         import jax
         import jax.numpy as jnp
 
-        from dreamjax.dream import CellParams, Dreamer, OctavePlan
+        from dreamjax.dream import CellParams, Dreamer, OctavePlan, pass_size
 
         self.size, self.batch, self.steps = size, batch, steps
         h, w = (height or size), size
@@ -161,8 +161,7 @@ class EngineCase:
         cost = _first(self.dreamer.lower(h, w, batch).cost_analysis())
         # XLA counts a loop body once: with micro-batches the gradient is a lax.map over `passes`
         # passes, so a step's FLOPs are the count x passes (the step's bookkeeping, <0.1 %, too).
-        k = max(d for d in range(1, min(cfg.micro_batch or batch, batch) + 1) if batch % d == 0)
-        self.passes = batch // k
+        self.passes = batch // pass_size(batch, cfg.micro_batch)
         self.flops_per_step = float(cost.get("flops", float("nan"))) * self.passes
         self.bytes_per_step = float(cost.get("bytes accessed", float("nan"))) * self.passes
         with CompileCounter() as cc:

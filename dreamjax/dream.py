@@ -367,9 +367,17 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
     return _micro_batched(tiled, cfg.micro_batch)
 
 
+def pass_size(batch: int, micro_batch: int) -> int:
+    """Cells per gradient pass: the largest divisor of ``batch`` not above ``micro_batch``
+    (0 = the whole batch)."""
+    if not micro_batch:
+        return batch
+    return max(d for d in range(1, min(micro_batch, batch) + 1) if batch % d == 0)
+
+
 def _micro_batched(grad_fn, micro_batch: int):
-    """``grad_fn`` over the batch in passes of ``micro_batch`` cells (the largest divisor of B
-    not above it), one after the other in one program; 0 = one pass.
+    """``grad_fn`` over the batch in passes of :func:`pass_size` cells, one after the other in
+    one program; 0 = one pass.
 
     Pass ``i`` takes cells ``i, i + P, i + 2P, ...`` (P passes): a batch sharded in contiguous
     blocks over devices then gives every device its own cells in every pass.
@@ -379,7 +387,7 @@ def _micro_batched(grad_fn, micro_batch: int):
 
     def passes(variables, images, weights):
         b = images.shape[0]
-        k = max(d for d in range(1, min(micro_batch, b) + 1) if b % d == 0)
+        k = pass_size(b, micro_batch)
         if k == b:
             return grad_fn(variables, images, weights)
 

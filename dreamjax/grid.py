@@ -124,6 +124,12 @@ def dream_static(dream: Mapping) -> tuple[tuple[str, Any], ...]:
     if out["octaves"] is None:
         out["num_octaves"] = int(_num("dream.num_octaves", out["num_octaves"], int, minimum=1))
     out["tile_size"] = out["tile_size"] if out["tile_size"] == "auto" else int(out["tile_size"] or 0)
+    mb = out["micro_batch"]
+    if mb in (None, "auto"):
+        out["micro_batch"] = "auto"
+    elif isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+        raise ConfigError(f"dream.micro_batch={mb!r} must be 'auto' or an integer >= 0 "
+                          "(cells per gradient pass; 0 = the whole batch in one pass)")
     return tuple(sorted(out.items()))
 
 

@@ -434,37 +434,28 @@ def dream_settings(cell: Cell, bb, shape, batch: int = 1):
 
     s = cell.static_dict()
     plan = dream.OctavePlan.from_settings(s)
+    micro_batch = auto_micro_batch() if s["micro_batch"] == "auto" else s["micro_batch"]
     tile = s["tile_size"]
-    if tile == "auto":
+    if tile == "auto":  # sized for what one gradient pass holds
         tile = auto_tile_size(bb, cell.taps, shape, budget_gb=float(s.get("memory_budget_gb") or 4.0),
-                              batch=batch, compute_dtype=s["compute_dtype"])
+                              batch=dream.pass_size(batch, micro_batch), compute_dtype=s["compute_dtype"])
     cfg = dream.DreamConfig(
         taps=bb.check_taps(cell.taps), norm=s["norm"], objective=s["objective"], border=int(s["border"]),
         frame_every=int(s["frame_every"] or 0), clip=bool(s["clip"]), value_range=tuple(bb.value_range),
         tile_size=int(tile), optimizer=s["optimizer"], grad_clip=float(s["grad_clip"] or 0),
         compute_dtype=s["compute_dtype"], straight_through=cell.straight_through,
-        constant_weights=bool(s.get("constant_weights") or False), micro_batch=_micro_batch(s))
+        constant_weights=bool(s.get("constant_weights") or False), micro_batch=micro_batch)
     return cfg, plan
 
 
-def _micro_batch(s) -> int:
-    mb = s.get("micro_batch", "auto")
-    if mb in ("auto", None):
-        return auto_micro_batch()
-    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
-        raise ValueError(f"dream.micro_batch must be 'auto' or an integer >= 0 (0 = the whole batch in one "
-                         f"pass), got {mb!r}")
-    return mb
-
-
-def auto_micro_batch(platform: str | None = None) -> int:
+def auto_micro_batch() -> int:
     """Cells per gradient pass when the config says ``auto``: 1 on a single CPU device (one
     image already fills the cores, and a pass over several large images runs out of cache),
     the whole batch elsewhere, and wherever the batch is split over several devices
     (``results/bench/README.md`` has the measurements)."""
     import jax
 
-    return 1 if (platform or jax.default_backend()) == "cpu" and jax.device_count() == 1 else 0
+    return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
 
 
 def auto_tile_size(bb, taps, shape, budget_gb: float, batch: int = 1, compute_dtype: str = "float32") -> int:
