@@ -638,9 +638,11 @@ def format_sweep_table(res: dict) -> str:
 
 
 def write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=float))
+    """A benchmark's JSON, written atomically (:func:`dreamjax.images.write_json`), and say so."""
+    from dreamjax.images import write_json as atomic_json
+
+    atomic_json(path, obj)
+    print(f"wrote {path}")
 
 
 def run_memory_bench(backbone_name="inception_v3", weights="random", sizes=(256, 512), batches=(1, 8),

@@ -44,7 +44,6 @@ def main(argv=None):
         res = bench.run_memory_bench(a.backbone, a.weights, a.sizes, a.batch, a.tiled or None, a.tile_size)
         if a.json:
             bench.write_json(a.json, res)
-            print(f"wrote {a.json}")
         return
     res = bench.run_engine_bench(a.backbone, a.weights, a.sizes, a.batch, a.repeats, a.steps, keras=a.keras,
                                  tf_python=a.tf_python, rss=a.rss, compute_dtype=a.compute_dtype,
@@ -54,7 +53,6 @@ def main(argv=None):
     print(bench.format_engine_table(res))
     if a.json:
         bench.write_json(a.json, res)
-        print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

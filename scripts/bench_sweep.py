@@ -34,7 +34,6 @@ def main(argv=None):
     print(bench.format_sweep_table(res))
     if a.json:
         bench.write_json(a.json, res)
-        print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

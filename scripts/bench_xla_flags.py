@@ -13,8 +13,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dreamjax import bench
+from dreamjax.xla_cpu import XNNPACK_FLAGS
+
+# Each setting's XLA_FLAGS are exactly these (dreamjax's own XLA:CPU flags are switched off in the
+# child with DREAMJAX_XLA_CPU_CONV=default; "xnnpack" is what dreamjax sets by default).
+XNNPACK = " ".join(XNNPACK_FLAGS)
 SETTINGS = [
     ("baseline", "", []),
+    ("xnnpack", XNNPACK, []),
+    ("xnnpack_graph_greedy", XNNPACK + " --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+     []),
     ("fast_math", "--xla_cpu_enable_fast_math=true", []),
     ("onednn", "--xla_cpu_use_onednn=true", []),
     ("no_xnnpack", "--xla_cpu_use_xnnpack=false", []),
@@ -43,7 +52,7 @@ def main(argv=None):
         chosen = [x for x in SETTINGS if a.settings is None or x[0] in a.settings]
         for rnd, (name, flags, extra) in [(r, x) for r in range(a.rounds) for x in chosen]:
             js = Path(tmp) / f"{name}_{rnd}.json"
-            env = dict(os.environ, XLA_FLAGS=flags)
+            env = dict(os.environ, XLA_FLAGS=flags, DREAMJAX_XLA_CPU_CONV="default")
             cmd = [sys.executable, str(here / "bench.py"), "--sizes", str(a.size), "--batch", str(a.batch),
                    "--repeats", str(a.repeats), "--steps", str(a.steps), "--json", str(js), *extra]
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -66,9 +75,7 @@ def main(argv=None):
                       f"(matmul peak {row['matmul_peak_gflops']:.0f}, load {row['loadavg']:.1f})", flush=True)
             else:
                 print(f"{name:<22} FAILED: {row['error'][-200:]!r}", flush=True)
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"size": a.size, "batch": a.batch, "settings": out}, indent=2))
-    print(f"wrote {a.json}")
+    bench.write_json(a.json, {"size": a.size, "batch": a.batch, "settings": out})
 
 
 if __name__ == "__main__":
