@@ -7,28 +7,31 @@ import sys
 
 import hydra
 
+import dreamjax
+from dreamjax import weights_cli
+from dreamjax.outputs import analysis
+from dreamjax.sweep import jobs
+from dreamjax.sweep import jobs as sweep
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+
+@hydra.main(version_base="1.3", config_path=dreamjax.config_dir(), config_name="config")
 def _dream(cfg):
-    from dreamjax import sweep
-
     return sweep.task(cfg)
 
 
 def main():
     """``dreamjax [overrides]`` / ``dreamjax -m [sweeps]``: see ``dreamjax --help``."""
+    dreamjax.configure_cpu()
     _dream()
 
 
 def weights_main(argv=None):
-    from dreamjax import weights_cli
+    dreamjax.configure_cpu()
 
     return weights_cli.main(argv)
 
 
 def collect_main(argv=None):
-    from dreamjax import sweep
-
     p = argparse.ArgumentParser(prog="dreamjax-collect", description="Write a sweep's manifest, summary, "
                                 "grids and gallery from its cells' records (after SLURM tasks finish, say).")
     p.add_argument("sweep_dir")
@@ -45,9 +48,9 @@ def collect_main(argv=None):
 
 
 def analyze_main(argv=None):
-    from dreamjax import analysis
+    dreamjax.configure_cpu()
 
-    return analysis.main(argv)
+    return analysis.main(argv, collect=lambda d: jobs.collect(d, analyze=False))
 
 
 if __name__ == "__main__":

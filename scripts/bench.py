@@ -38,7 +38,7 @@ def main(argv=None):
 
     if a.matmul_precision:
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
-    from dreamjax import bench
+    from dreamjax.bench import engine as bench
 
     if a.memory_only:
         res = bench.run_memory_bench(a.backbone, a.weights, a.sizes, a.batch, a.tiled or None, a.tile_size)

@@ -25,8 +25,9 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from dreamjax import bench, load_backbone
-    from dreamjax.dream import make_grad_fn, tap_losses
+    from dreamjax import load_backbone
+    from dreamjax.bench import engine as bench
+    from dreamjax.engine.dream import make_grad_fn, tap_losses
 
     bb = load_backbone("inception_v3", weights="random")
     cfg = bench.dlwp_config(bb)

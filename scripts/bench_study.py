@@ -27,8 +27,9 @@ def main(argv=None):
 
     import jax
 
-    from dreamjax import bench, load_backbone
-    from dreamjax.dream import CellParams, DreamRun, Dreamer, OctavePlan
+    from dreamjax import load_backbone
+    from dreamjax.bench import engine as bench
+    from dreamjax.engine.dream import CellParams, Dreamer, DreamRun, OctavePlan
 
     bb = load_backbone(a.backbone, weights=a.weights)
     _, weights = bench.default_taps(bb)

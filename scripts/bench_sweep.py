@@ -28,7 +28,7 @@ def main(argv=None):
     if not overrides:
         overrides = ["+experiment=seed_study_offline", "data=quick", "data.image_size=128", "dream.iterations=5"]
 
-    from dreamjax import bench
+    from dreamjax.bench import engine as bench
 
     res = bench.run_sweep_bench(overrides, a.launchers, a.repeats, a.workdir, a.keep)
     print(bench.format_sweep_table(res))

@@ -7,6 +7,10 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")
 _CACHE = os.environ.get("DREAMJAX_JAX_CACHE", str(Path.home() / ".cache" / "dreamjax" / "jax-cache-tests"))
 
+import dreamjax  # noqa: E402
+
+dreamjax.configure_cpu()  # what dreamjax's entry points do, before JAX starts a backend
+
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)

@@ -1,4 +1,4 @@
-"""dreamjax.analysis against a hand-built sweep whose every number the test knows.
+"""dreamjax.outputs.analysis against a hand-built sweep whose every number the test knows.
 
 The sweep has the real on-disk layout (cell records -> sweep.build_manifest -> manifest.json,
 dream.png, losses.json, frames.gif under ``<job>/<painting>/``). The classifier is injected: it
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamjax import analysis, images, report, sweep
+from dreamjax import files
+from dreamjax.outputs import analysis, images, report
+from dreamjax.sweep import jobs as sweep
 
 LABELS = analysis.imagenet_labels()
 EGYPTIAN_CAT, GOLDEN, GOLDFINCH, VOLCANO, TIMBER_WOLF = 285, 207, 11, 980, 269
@@ -113,7 +115,7 @@ def build_sweep(root: Path, clf: FakeClassifier | None = None, backbone: str = "
                     "overrides": [f"layers={layers}", "model=tiny"], "hyper": {"iterations": 4}}
             if (layers, name) not in DREAM_TOP:
                 rec = base | {"status": "failed", "error": "DreamSettingsError: too small", "outputs": {}}
-                images.write_json(out / "cell.json", rec)
+                files.write_json(out / "cell.json", rec)
                 records.append(rec)
                 continue
             pix = images.load_painting(paths[name]).pixels
@@ -123,7 +125,7 @@ def build_sweep(root: Path, clf: FakeClassifier | None = None, backbone: str = "
             images.save_png(out / "dream.png", dream)
             images.save_png(out / "octave_0.png", dream[::2, ::2])
             images.save_gif(out / "frames.gif", [orig, dream], max_side=64)
-            images.write_json(out / "losses.json", {"taps": TAPS[layers], "layer_weights": WEIGHTS[layers],
+            files.write_json(out / "losses.json", {"taps": TAPS[layers], "layer_weights": WEIGHTS[layers],
                                                     "octaves": _losses(rng, TAPS[layers], [4, 3])})
             if clf is not None:
                 clf.register(orig, ORIG_TOP[name])
@@ -132,10 +134,10 @@ def build_sweep(root: Path, clf: FakeClassifier | None = None, backbone: str = "
             rec = base | {"status": "done", "error": None, "weights_id": "w0", "final_loss": 1.0,
                           "outputs": {"dream": rel("dream.png"), "gif": rel("frames.gif"),
                                       "losses": rel("losses.json"), "octaves": [rel("octave_0.png")]}}
-            images.write_json(out / "cell.json", rec)
+            files.write_json(out / "cell.json", rec)
             records.append(rec)
     manifest = sweep.build_manifest(sweep_dir, sweep.find_records(sweep_dir))
-    images.write_json(sweep_dir / "manifest.json", manifest)
+    files.write_json(sweep_dir / "manifest.json", manifest)
     return manifest
 
 

@@ -2,7 +2,7 @@
 import json
 import math
 
-from dreamjax import bench
+from dreamjax.bench import engine as bench
 
 
 def test_engine_bench_tiny(tmp_path):

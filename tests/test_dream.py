@@ -2,8 +2,13 @@
 import numpy as np
 import pytest
 
-from dreamjax import dream
-from dreamjax.dream import CellParams, DreamConfig, DreamSettingsError, OctavePlan
+from dreamjax.engine import dream
+from dreamjax.engine.dream import (
+    CellParams,
+    DreamConfig,
+    DreamSettingsError,
+    OctavePlan,
+)
 
 TAPS = ("conv2", "conv3")
 PLAN = OctavePlan.keras(2, 1.4)
@@ -81,7 +86,7 @@ def test_frames_hold_final_image_after_a_cell_stops(batch8):
 
 
 def test_determinism_byte_identical(tiny_backbone):
-    from dreamjax.images import to_uint8
+    from dreamjax.outputs.images import to_uint8
 
     params = CellParams.make(np.ones((2, 2)), [10.0, 3.0], jitter=[8, 4], iterations=5, seed=[3, 4])
     cfg = DreamConfig(taps=TAPS, norm="mean_abs")
@@ -227,7 +232,7 @@ def lite():
 
 
 def test_loss_rises_over_an_octave_on_real_weights(lite, paintings_dir):
-    from dreamjax import images as im
+    from dreamjax.outputs import images as im
 
     names = ["van_gogh_starry_night", "vermeer_girl_with_a_pearl_earring"]
     px = np.stack([im.resize_uint8(im.load_painting(paintings_dir / f"{n}.jpg").pixels, (128, 128)) for n in names])
@@ -241,7 +246,7 @@ def test_loss_rises_over_an_octave_on_real_weights(lite, paintings_dir):
 
 
 def test_auto_tile_follows_xla_memory(tiny_backbone):
-    from dreamjax.run import auto_tile_size, gradient_bytes_per_pixel
+    from dreamjax.sweep.executor import auto_tile_size, gradient_bytes_per_pixel
 
     per_px = gradient_bytes_per_pixel(tiny_backbone, ("conv2", "conv3"))
     assert per_px > 12  # at least the float32 input and its gradient

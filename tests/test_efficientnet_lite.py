@@ -13,7 +13,7 @@ from dreamjax.models import efficientnet_lite as lite
 from dreamjax.weights.torch_pickle import load_torch_file
 
 DATA = Path(__file__).parent / "data"
-LAYERS = Path(lite.__file__).resolve().parents[1] / "conf" / "layers"
+LAYERS = Path(__file__).resolve().parents[1] / "conf" / "layers"
 
 # Golden tap shapes (H, W, C) at 224x224, and the strides they imply.
 GOLDEN_224 = {

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamjax import analysis, report
+from dreamjax.outputs import analysis, report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

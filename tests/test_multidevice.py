@@ -27,9 +27,11 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_compilation_cache_dir", os.environ["TEST_JAX_CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from jax.sharding import NamedSharding
-    from dreamjax import checkpoint, dream, load_backbone
-    from dreamjax.dream import CellParams, DreamConfig, OctavePlan
-    from dreamjax.run import shard_batch
+    from dreamjax import load_backbone
+    from dreamjax.sweep import checkpoint
+    from dreamjax.engine import dream
+    from dreamjax.engine.dream import CellParams, DreamConfig, OctavePlan
+    from dreamjax.sweep.executor import shard_batch
     assert jax.local_device_count() == 2, jax.devices()
     bb = load_backbone("tiny")
     rng = np.random.default_rng(0)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamjax import checkpoint, dream
-from dreamjax.dream import CellParams, DreamConfig, OctavePlan
+from dreamjax.engine import dream
+from dreamjax.engine.dream import CellParams, DreamConfig, OctavePlan
+from dreamjax.sweep import checkpoint
 from tests.conftest import PAINTINGS
 
 TAPS = ("conv2", "conv3")

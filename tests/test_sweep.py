@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dreamjax as dj
 from tests.conftest import PAINTINGS
 
 THREE = [PAINTINGS / f"{n}.jpg" for n in ("kandinsky_composition_vii", "monet_water_lilies_1919", "turner_shipwreck")]
@@ -143,13 +144,13 @@ def test_unknown_group_options_name_the_choices(tmp_path):
 
 
 def test_every_experiment_composes():
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    from dreamjax import grid
+    from dreamjax.sweep import grid
 
-    exps = sorted(p.stem for p in (Path(__file__).parents[1] / "dreamjax" / "conf" / "experiment").glob("*.yaml"))
+    exps = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
     assert {"quickstart", "seed_study", "seed_study_offline"} <= set(exps)
-    with initialize_config_module("dreamjax.conf", version_base="1.3"):
+    with initialize_config_dir(dj.config_dir(), version_base="1.3"):
         for e in exps:
             cfg = compose("config", overrides=[f"+experiment={e}"])
             cells = grid.cells_from_config(cfg, ["x.jpg"])

@@ -97,7 +97,7 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
 
 def CompileCounter():
     """Counts XLA backend compilations (jax.monitoring) inside a ``with`` block."""
-    from dreamjax.run import CompileLog
+    from dreamjax.sweep.executor import CompileLog
 
     return CompileLog(active=False)
 
@@ -117,8 +117,8 @@ def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
 
 def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None):
     """The DLwP preset's static settings; ``micro_batch`` None = what ``run.py`` picks (per platform)."""
-    from dreamjax.dream import DreamConfig
-    from dreamjax.run import auto_micro_batch
+    from dreamjax.engine.dream import DreamConfig
+    from dreamjax.sweep.executor import auto_micro_batch
 
     taps, _ = default_taps(backbone)
     mb = auto_micro_batch() if micro_batch is None else micro_batch
@@ -139,7 +139,7 @@ class EngineCase:
         import jax
         import jax.numpy as jnp
 
-        from dreamjax.dream import CellParams, Dreamer, OctavePlan, pass_size
+        from dreamjax.engine.dream import CellParams, Dreamer, OctavePlan, pass_size
 
         self.size, self.batch, self.steps = size, batch, steps
         h, w = (height or size), size
@@ -384,7 +384,7 @@ def measure_rss(backbone: str, weights: str, size: int, batch: int, steps: int =
     args = json.dumps(dict(backbone=backbone, weights=weights, size=size, batch=batch, steps=steps,
                            compute_dtype=compute_dtype, tile_size=tile_size, height=height,
                            device_loop=device_loop))
-    code = ("import json,sys; from dreamjax.bench import rss_worker; "
+    code = ("import json,sys; from dreamjax.bench.engine import rss_worker; "
             "print('@@' + json.dumps(rss_worker(**json.loads(sys.argv[1]))))")
     p = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout)
     for line in p.stdout.splitlines():
@@ -638,8 +638,8 @@ def format_sweep_table(res: dict) -> str:
 
 
 def write_json(path, obj):
-    """A benchmark's JSON, written atomically (:func:`dreamjax.images.write_json`), and say so."""
-    from dreamjax.images import write_json as atomic_json
+    """A benchmark's JSON, written atomically (:func:`dreamjax.outputs.files.write_json`), and say so."""
+    from dreamjax.files import write_json as atomic_json
 
     atomic_json(path, obj)
     print(f"wrote {path}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreamjax import images
+from dreamjax import files
 
 STUDIES = {
     "quickstart": {"args": ["+experiment=quickstart"], "multirun": False,
@@ -69,7 +69,7 @@ def _jpeg(src: Path, dst: Path, max_side: int = 1600, quality: int = 85):
 
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality, optimize=True)
-    images.atomic_write_bytes(dst, buf.getvalue())
+    files.atomic_write_bytes(dst, buf.getvalue())
 
 
 def publish(sweep: Path, dest: Path, info: dict):
@@ -100,7 +100,7 @@ def publish(sweep: Path, dest: Path, info: dict):
     if (sweep / "analysis").is_dir():
         shutil.copytree(sweep / "analysis", dest / "analysis")
     info = dict(info, counts=manifest["counts"], backbone=manifest["backbone"], weights_id=manifest["weights_id"])
-    images.write_json(dest / "run.json", info)
+    files.write_json(dest / "run.json", info)
 
 
 def write_readme(out: str | Path):
@@ -135,4 +135,4 @@ def write_readme(out: str | Path):
             lines += ["Iteration GIFs: " + ", ".join(f"[{g.stem}]({name}/gifs/{g.name})" for g in gifs), ""]
         if (out / name / "analysis.md").exists():
             lines += [f"Analysis: [{name}/analysis.md]({name}/analysis.md)", ""]
-    images.atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    files.atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
