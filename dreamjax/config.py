@@ -342,9 +342,18 @@ def validate(cfg: Mapping) -> Config:
     -> a typed :class:`Config`, or the first :class:`ConfigError`."""
     if isinstance(cfg, Config):
         return cfg
-    return _walk(Config, cfg, "")
+    return _walk(Config, _plain(cfg, top=True), "")
+
+
+def _plain(x: Any, top: bool = False) -> Any:
+    """Mappings and sequences (e.g. OmegaConf's DictConfig/ListConfig) -> dict/list, resolved."""
+    if isinstance(x, Mapping):
+        return {k: _plain(x[k]) for k in x if not (top and k == "hydra")}
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return [_plain(i) for i in x]
+    return x
 
 
 def validate_layer_set(node: Mapping, k: str = "layers") -> LayerSet:
     """A layer set read from ``conf/layers/NAME.yaml`` for ``layer_sets=[...]``."""
-    return _walk(LayerSet, node, k + ".")
+    return _walk(LayerSet, _plain(node), k + ".")

@@ -292,8 +292,8 @@ def _load(weights, include_top):
 def _spec() -> BackboneSpec:
     return BackboneSpec(
         name="efficientnet_lite0",
-        build=lambda include_top=False, dtype=jnp.float32, dream=False: EfficientNetLite0(
-            include_top=include_top, dtype=dtype, straight_through=dream),
+        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: EfficientNetLite0(
+            include_top=include_top, dtype=dtype, straight_through=straight_through),
         taps=TAPS,
         tap_strides=TAP_STRIDES,
         min_size=MIN_SIZE,

@@ -28,8 +28,9 @@ class BackboneSpec:
     """Static description of a registered backbone (no arrays)."""
 
     name: str
-    # build(include_top, dtype, dream) -> flax module. ``dream=True`` selects the
-    # dream-path variant (e.g. straight-through ReLU6); parameters are identical.
+    # build(include_top, dtype, straight_through) -> flax module. ``straight_through=True`` (the
+    # model.straight_through setting) selects the dream-path variant (a ReLU6 with a plain-ReLU
+    # backward); parameters are identical.
     build: Callable[..., Any]
     taps: tuple[str, ...]  # ordered from shallow to deep
     tap_strides: Mapping[str, int]
@@ -97,7 +98,7 @@ class Backbone:
         self.weights_id = weights_id
         self.include_top = include_top
         self.dtype = jnp.dtype(dtype)
-        self.module = spec.build(include_top=include_top, dtype=self.dtype, dream=False)
+        self.module = spec.build(include_top=include_top, dtype=self.dtype, straight_through=False)
         self._jitted: dict = {}
         self._dream_variables = None
 
@@ -131,7 +132,7 @@ class Backbone:
         if self._dream_variables is None:
             from dreamjax.models.ops import prepare_dream_variables
 
-            module = self.spec.build(include_top=False, dtype=jnp.float32, dream=True)
+            module = self.spec.build(include_top=False, dtype=jnp.float32, straight_through=True)
             size = self.spec.min_size
             self._dream_variables = prepare_dream_variables(module, self.variables, (1, size, size, 3))
         return self._dream_variables
@@ -146,10 +147,11 @@ class Backbone:
         return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
     # --- pure functions for the dream engine ---------------------------------------------------
-    def feature_fn(self, taps: Sequence[str], *, dream: bool = True, dtype=None):
-        """Pure ``f(variables, x) -> {tap: act}``; ``dream=True`` picks the dream-path module."""
+    def feature_fn(self, taps: Sequence[str], *, straight_through: bool = False, dtype=None):
+        """Pure ``f(variables, x) -> {tap: act}``; ``straight_through=True`` picks the dream-path module."""
         taps = self.check_taps(taps)
-        module = self.spec.build(include_top=False, dtype=jnp.dtype(dtype or self.dtype), dream=dream)
+        module = self.spec.build(include_top=False, dtype=jnp.dtype(dtype or self.dtype),
+                                 straight_through=straight_through)
 
         def f(variables, x):
             return module.apply(variables, x, taps=taps)[1]
