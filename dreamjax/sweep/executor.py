@@ -495,6 +495,72 @@ def auto_micro_batch() -> int:
     return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
 
 
+# A generous bound on a gradient's temporary memory per input pixel (the backbones here measure
+# 1-40 KiB): below it the exact figure (a probe compilation) is not needed to know a run fits.
+_GRAD_BYTES_PER_PIXEL_BOUND = 64 * 1024
+
+
+def memory_limit() -> int:
+    """Bytes the run may use: the accelerator's memory, or this machine's physical memory on CPU."""
+    dev = jax.local_devices()[0]
+    if dev.platform != "cpu":
+        try:
+            limit = (dev.memory_stats() or {}).get("bytes_limit")
+            if limit:
+                return int(limit)
+        except Exception:  # noqa: BLE001 - a backend without memory_stats
+            pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def memory_estimate(bb, cell: Cell, batch: int) -> dict:
+    """Peak memory of one batch of ``cell``'s group, from the image size, the batch, the backbone and
+    the tile: the images the engine keeps (image, original, detail, optimizer state, frames and
+    octave images) plus one gradient pass. The gradient's bytes per pixel are XLA's own figure
+    (:func:`gradient_bytes_per_pixel`), asked for only when a generous bound does not already fit."""
+    s = cell.static_dict()
+    shapes = dream.OctavePlan.from_settings(s).shapes(cell.image_size, cell.image_size)
+    area = max(h * w for h, w in shapes)
+    itemsize = 8 if s["compute_dtype"] == "float64" else 4
+    frames = (cell.iterations // s["frame_every"] + 1) if s["frame_every"] else 0
+    state = batch * 3 * itemsize * (area * (8 + frames) + sum(h * w for h, w in shapes))
+    micro = auto_micro_batch() if s["micro_batch"] == "auto" else s["micro_batch"]
+    n_pass = dream.pass_size(batch, micro)
+    tile = s["tile_size"]
+    limit = memory_limit()
+    per_pixel = float(_GRAD_BYTES_PER_PIXEL_BOUND)
+    exact = False
+    if tile == "auto" or state + n_pass * area * per_pixel > limit:
+        if state <= limit:  # the images alone do not fit: no need to ask XLA about the gradient
+            per_pixel, exact = gradient_bytes_per_pixel(bb, tuple(cell.taps), s["compute_dtype"]), True
+    if tile == "auto":
+        tile = auto_tile_size(bb, cell.taps, (cell.image_size, cell.image_size),
+                              budget_gb=float(s.get("memory_budget_gb") or 4.0), batch=n_pass,
+                              compute_dtype=s["compute_dtype"])
+    pixels = min(area, tile * tile) if tile else area
+    return {"bytes": state + n_pass * pixels * per_pixel, "images_bytes": state, "limit": limit, "tile": tile,
+            "pass": n_pass, "exact": exact}
+
+
+def check_memory(bb, cell: Cell, batch: int) -> dict:
+    """Refuse, before any compute, a run whose estimated peak memory exceeds the machine's."""
+    est = memory_estimate(bb, cell, batch)
+    if est["bytes"] > est["limit"]:
+        how = f"tiles of {est['tile']} px" if est["tile"] else "untiled"
+        fix = "lower data.image_size or batch_size"
+        if not est["tile"] and est["images_bytes"] <= est["limit"]:
+            fix += ", or set dream.tile_size=auto (tiles sized to dream.memory_budget_gb)"
+        raise config.ConfigError(
+            "data.image_size", f"needs an estimated {_gb(est['bytes'])} of memory (batch {batch}, {cell.backbone}, "
+            f"{how}, {est['pass']} cell(s) per gradient pass) but this machine has {_gb(est['limit'])}; {fix}",
+            value=cell.image_size)
+    return est
+
+
 def auto_tile_size(bb, taps, shape, budget_gb: float, batch: int = 1, compute_dtype: str = "float32") -> int:
     """The largest tile (multiple of 64) whose backward pass for ``batch`` cells fits the budget;
     0 (untiled) when the whole image does."""
