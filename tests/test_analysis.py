@@ -114,7 +114,7 @@ def build_sweep(root: Path, clf: FakeClassifier | None = None, backbone: str = "
                     "taps": TAPS[layers], "layer_weights": WEIGHTS[layers], "backbone": backbone,
                     "overrides": [f"layers={layers}", "model=tiny"], "hyper": {"iterations": 4}}
             if (layers, name) not in DREAM_TOP:
-                rec = base | {"status": "failed", "error": "DreamSettingsError: too small", "outputs": {}}
+                rec = base | {"status": "failed", "error": "ConfigError: too small", "outputs": {}}
                 files.write_json(out / "cell.json", rec)
                 records.append(rec)
                 continue
@@ -323,7 +323,8 @@ def test_collect_runs_the_analysis_on_the_real_tiny_top(tmp_path, monkeypatch):
                for c in res["cells"].values())
     assert "new in top-5" in (sweep_dir / "index.html").read_text()
     # analyze=false in the sweep's overrides: collect skips it; a broken sweep never raises
-    assert analysis.analyze_after_collect(sweep_dir, {"cells": [{"overrides": ["analyze=false"]}]}) is None
+    assert analysis.analyze_after_collect(sweep_dir, {"analyze": False, "cells": []}) is None
+    assert analysis.analyze_after_collect(sweep_dir, {"cells": [{"config": {"analyze": False}}]}) is None
     assert analysis.analyze_after_collect(tmp_path / "nowhere") is None
 
 

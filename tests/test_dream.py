@@ -6,7 +6,7 @@ from dreamjax.engine import dream
 from dreamjax.engine.dream import (
     CellParams,
     DreamConfig,
-    DreamSettingsError,
+    ConfigError,
     OctavePlan,
 )
 
@@ -192,7 +192,7 @@ def test_tiled_dream_of_an_image_four_times_the_tile(tiny_backbone):
     (lambda bb: DreamConfig(taps=TAPS, norm="l3"), r"dream.norm='l3' is not allowed; choose one of: l2, mean_abs, std"),
 ])
 def test_bad_settings_fail_before_compute(tiny_backbone, make, match):
-    with pytest.raises((DreamSettingsError, ValueError), match=match):
+    with pytest.raises((ConfigError, ValueError), match=match):
         make(tiny_backbone)
 
 
