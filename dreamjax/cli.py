@@ -79,7 +79,7 @@ def run(app) -> int:
         if not full:
             os.environ.pop("HYDRA_FULL_ERROR", None)
     o = jobs.OUTCOME
-    if o["failed"] or o["pending"]:
+    if o["failed"]:  # pending alone (e.g. SLURM tasks submitted with wait=false) is not a failure
         print(f"dreamjax: {o['failed']} cell(s) failed, {o['pending']} not run, {o['done']} done "
               f"(exit status {EXIT_CELLS_FAILED}; reasons in the log and in each cell.json)", file=sys.stderr)
         return EXIT_CELLS_FAILED
@@ -104,8 +104,9 @@ def collect_main(argv=None):
         print(f"dreamjax-collect: {e}", file=sys.stderr)
         return 2
     c = out["manifest"]["counts"]
-    print(f"{a.sweep_dir}: {c['done']} done, {c['failed']} failed -> index.html, manifest.json, summary.csv")
-    return 0
+    print(f"{a.sweep_dir}: {c['done']} done, {c['failed']} failed, {c['pending']} pending -> index.html, "
+          f"manifest.json, summary.csv")
+    return EXIT_CELLS_FAILED if c["failed"] else EXIT_OK
 
 
 def analyze_main(argv=None):
