@@ -89,7 +89,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
-    return atomic_write_bytes(path, text.encode(encoding))
+    # errors="replace": a file name that is not UTF-8 (surrogate escapes) shows as "?" in HTML/CSV/Markdown
+    return atomic_write_bytes(path, text.encode(encoding, errors="replace"))
 
 
 def _json_default(o: Any) -> Any:

@@ -204,7 +204,7 @@ def test_edited_painting_is_recomputed_and_removed_one_is_stale(tmp_path):
     rec = json.loads((out / STARRY.stem / "cell.json").read_text())
     assert rec["painting_sha256"] == files.file_sha256(src / STARRY.name)
     assert rec["weights_id"].startswith("tiny-random") and rec["config"]["data"]["image_size"] == 64
-    assert rec["code_version"] and rec["label"] == "tiny_set1"
+    assert rec["code_version"] and rec["label"].startswith("tiny_set1 · ")  # the set + the dream overrides
     m = json.loads((out / "manifest.json").read_text())
     assert m["cells"][0]["label"] == rec["label"]
     # a painting removed from the folder: not part of the run any more, its files stay, listed as stale
@@ -213,6 +213,16 @@ def test_edited_painting_is_recomputed_and_removed_one_is_stale(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert [c["painting"] for c in m["cells"]] == [STARRY.stem] and set(m["paintings"]) == {STARRY.stem}
     assert [s["painting"] for s in m["stale"]] == [WAVE.stem] and (out / WAVE.stem / "dream.png").is_file()
+
+
+def test_painting_dropped_from_an_explicit_list_is_stale_not_another_sweep(tmp_path):
+    out = tmp_path / "r"
+    assert run(*TINY, f"data.paths=[{STARRY},{WAVE}]", f"hydra.run.dir={out}", cwd=tmp_path).returncode == 0
+    p = run(*TINY, f"data.paths=[{STARRY}]", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert [c["painting"] for c in m["cells"]] == [STARRY.stem] and [s["painting"] for s in m["stale"]] == [WAVE.stem]
+    assert json.loads((out / "run_stats.json").read_text())["cells_skipped"] == 1
 
 
 def test_same_relative_paths_from_two_folders_are_two_sweeps(tmp_path):
@@ -309,7 +319,8 @@ def test_all_cells_failed_exit_code(tmp_path):
 
 def test_ctrl_c_exit_code_is_130(tmp_path):
     out = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *TINY[:-1], "dream.iterations=100000",
+    args = [a for a in TINY if not a.startswith(("checkpoint.", "dream.iterations"))]
+    proc = subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *args, "dream.iterations=20000", "dream.frame_every=0",
                              "checkpoint.enabled=true", "checkpoint.every_steps=1", f"data.paths={STARRY}",
                              f"hydra.run.dir={out}"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -289,7 +289,15 @@ def release(directory: str | Path) -> None:
         lock.release()
 
 
+def _without_paths(overrides: Sequence[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith("data.paths="))
+
+
 def _check_sweep_record(directory: Path, overrides: Sequence[str], cfgs: Sequence[config.Config]) -> None:
+    """The same sweep = the same name and overrides, with inputs (``data.paths`` resolved to absolute
+    entries) that are the old ones, fewer (a removed painting: its cells are stale) or more (the sweep
+    extended). Other settings, or other inputs altogether (the same relative paths from another
+    working folder), are another sweep, and its folder is never overwritten."""
     mode = cfgs[0].resume
     rec = directory / SWEEP_RECORD
     inputs = sorted({p for c in cfgs for p in _inputs_of(c)})
@@ -299,10 +307,15 @@ def _check_sweep_record(directory: Path, overrides: Sequence[str], cfgs: Sequenc
             theirs = json.loads(rec.read_text())
         except (OSError, ValueError):
             theirs = {}
-        compared = [k for k in mine if k in theirs]  # records of older versions have no "inputs"
-        if not theirs or {k: theirs.get(k) for k in compared} != {k: mine[k] for k in compared}:
-            what = (f"overrides {theirs.get('overrides')}" if theirs.get("overrides") != mine["overrides"]
-                    else f"inputs {theirs.get('inputs')}")
+        same = bool(theirs) and theirs.get("name") == mine["name"] and \
+            _without_paths(theirs.get("overrides") or []) == _without_paths(mine["overrides"])
+        old = set(theirs.get("inputs") or inputs)  # records of older versions have no "inputs"
+        if same and not (old <= set(inputs) or set(inputs) <= old):
+            same = False
+            what = f"inputs {sorted(old)}"
+        else:
+            what = f"overrides {theirs.get('overrides')}"
+        if not same:
             raise ConfigError(
                 f"{directory} already holds the results of another sweep ({what}); it is never overwritten: "
                 f"choose another name=... (or hydra.sweep.dir / hydra.run.dir)")
@@ -310,8 +323,8 @@ def _check_sweep_record(directory: Path, overrides: Sequence[str], cfgs: Sequenc
             raise ConfigError("resume", f"is false and {directory} already holds results; choose another name=...",
                               value=False)
         log.info("resuming in %s (complete cells are skipped)", directory)
-        if "inputs" not in theirs:
-            files.write_json(rec, theirs | {"inputs": inputs})
+        if theirs.get("inputs") != inputs or theirs.get("overrides") != mine["overrides"]:
+            files.write_json(rec, theirs | mine)
         return
     files.write_json(rec, mine | {"created": _dt.datetime.now().isoformat(timespec="seconds"),
                                   "command": _command()})
