@@ -93,7 +93,7 @@ def plan_inputs(paths: Any) -> list[grid.PaintingInput]:
                 found[key] = grid.PaintingInput(key, error=f"ImageError: {files.display_path(m)}: cannot read "
                                                            f"({e.strerror or type(e).__name__}); check its permissions")
     if not any(not p.error for p in found.values()):
-        raise grid.ConfigError("data.paths", "names no readable painting (" + "; ".join(problems or [
+        raise config.ConfigError("data.paths", "names no readable painting (" + "; ".join(problems or [
             p.error for p in found.values()])[:400] + ")", value=list(map(str, paths)))
     return sorted(found.values(), key=lambda q: q.path)
 

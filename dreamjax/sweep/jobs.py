@@ -46,7 +46,6 @@ from dreamjax.weights.keras_h5 import WeightsError
 
 log = logging.getLogger("dreamjax")
 SWEEP_RECORD = "dreamjax_sweep.json"  # which sweep owns the folder (written under the lock)
-SWEEP_LOCK = SWEEP_RECORD  # the name older code used
 PLAN = "plan.json"  # the planned cells: the manifest is built from these
 
 # What this process ran, for the exit status (cli.py): set by collect (and execute, as a fallback).
