@@ -215,6 +215,7 @@ def test_edited_painting_is_recomputed_and_removed_one_is_stale(tmp_path):
     assert [s["painting"] for s in m["stale"]] == [WAVE.stem] and (out / WAVE.stem / "dream.png").is_file()
 
 
+@pytest.mark.slow
 def test_painting_dropped_from_an_explicit_list_is_stale_not_another_sweep(tmp_path):
     out = tmp_path / "r"
     assert run(*TINY, f"data.paths=[{STARRY},{WAVE}]", f"hydra.run.dir={out}", cwd=tmp_path).returncode == 0
@@ -317,6 +318,7 @@ def test_all_cells_failed_exit_code(tmp_path):
     assert p.returncode == 3 and "2 cell(s) failed" in p.stderr and "0 done" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_ctrl_c_exit_code_is_130(tmp_path):
     out = tmp_path / "r"
     args = [a for a in TINY if not a.startswith(("checkpoint.", "dream.iterations"))]
