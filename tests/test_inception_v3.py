@@ -21,6 +21,7 @@ from tests.keras_fixtures import keras_setup
 from dreamjax import available_backbones, load_backbone
 from dreamjax.models.inception_v3 import TAP_STRIDES, TAPS, InceptionV3, keras_layer_order, source_order
 from dreamjax.models.ops import prepare_dream_variables
+from dreamjax.models.inception_v3 import ARCH
 from dreamjax.weights.keras_h5 import load_keras_h5
 
 # Keras' model.count_params(): trainable + BatchNorm moving statistics.
@@ -81,7 +82,7 @@ def test_taps_stop_early(random_backbone):
 @pytest.fixture(scope="module")
 def keras_ref(tmp_path_factory):
     st = keras_setup(tmp_path_factory)
-    return st, load_keras_h5(st["files"][("official", True)], include_top=True)
+    return st, load_keras_h5(st["files"][("official", True)], ARCH, include_top=True)
 
 
 def _creation_rank(layers, prefix):
