@@ -1,0 +1,227 @@
+"""ResNet50 and VGG16: Keras layer order, numeric parity with Keras 3, converter layouts, bad files.
+
+Keras models with random weights (and random biases, BatchNorm scales and statistics) are written
+by Keras itself in the legacy HDF5 layout (the official files' layout) and as ``.weights.h5``,
+loaded through the converter, and compared with Keras' own forward pass and gradient: every tap
+and the logits within 1e-4 of max |ref| at three sizes, the DLwP loss gradient within 1e-3.
+
+    python -m pytest tests/test_keras_backbones.py           # ~1.5 min on 2 CPU cores
+    python -m pytest tests/test_keras_backbones.py -m slow   # 224 px, VGG16 with its 138M-param top
+"""
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dreamjax import load_backbone  # noqa: E402
+from dreamjax.models import resnet50, vgg16  # noqa: E402
+from dreamjax.models.keras_apps import caffe_deprocess, caffe_preprocess  # noqa: E402
+from dreamjax.models.ops import prepare_dream_variables  # noqa: E402
+from dreamjax.weights.keras_h5 import WeightsError, load_keras_h5  # noqa: E402
+from tests.keras_fixtures import keras_resnet50, keras_vgg16, write_layout  # noqa: E402
+
+PAINTING = Path(__file__).resolve().parents[1] / "dreamjax/data/paintings/van_gogh_starry_night.jpg"
+MODELS = {"resnet50": (resnet50.ResNet50, resnet50.ARCH), "vgg16": (vgg16.VGG16, vgg16.ARCH)}
+SIZES = {"resnet50": [(32, 32), (75, 101), (128, 128)], "vgg16": [(32, 32), (48, 40), (64, 64)]}
+DLWP = {"resnet50": ({"conv3_block2_out": 1.0, "conv3_block4_out": 1.5, "conv4_block2_out": 2.0,
+                      "conv4_block6_out": 2.5}, (96, 128)),
+        "vgg16": ({"block3_conv3": 1.0, "block4_conv3": 1.5, "block4_pool": 2.0, "block5_conv3": 2.5}, (96, 128))}
+GRAD_CASES = ["resnet50", pytest.param("vgg16", marks=pytest.mark.slow)]  # VGG16's: 20 s, exact anyway
+_STATE: dict = {}
+
+
+def _keras(name):
+    """Per session: Keras models and their files, ``{"top", "notop", "files": {(layout, top): path}}``."""
+    if name not in _STATE:
+        import tempfile
+
+        directory = Path(tempfile.mkdtemp(prefix=f"dreamjax-{name}-"))
+        if name == "resnet50":
+            top, notop = keras_resnet50()
+            files = {(layout, t): write_layout(top if t else notop, layout, directory, f"{name}_{'top' if t else 'notop'}")
+                     for layout in ("official", "keras3-weights") for t in (True, False)}
+        else:  # VGG16's top is 224x224 only and 528 MB on disk: the notop model here, the top under slow
+            top, notop = None, keras_vgg16(include_top=False)
+            files = {(layout, False): write_layout(notop, layout, directory, f"{name}_notop")
+                     for layout in ("official", "keras3-weights")}
+        _STATE[name] = {"top": top, "notop": notop, "files": files, "dir": directory}
+    return _STATE[name]
+
+
+def _image(h, w):
+    im = Image.open(PAINTING).convert("RGB").resize((w, h))
+    return np.asarray(caffe_preprocess(jnp.asarray(np.asarray(im, np.float32)[None])))
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def _same(a, b, path=()):
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), path
+        for k in a:
+            _same(a[k], b[k], path + (k,))
+    else:
+        assert np.array_equal(a, b), path
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_keras_layer_order_matches_keras(name):
+    """Our weighted-layer order, from the model's own graph, equals Keras' Functional.layers order."""
+    st = _keras(name)
+    model = st["top"] or st["notop"]
+    theirs = [layer.name for layer in model.layers if layer.weights]
+    arch = MODELS[name][1]
+    ours = [e.unit.replace("/", "_") for e in arch.expected(st["top"] is not None)]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_legacy_and_keras3_layouts_give_the_same_variables(name):
+    st, arch = _keras(name), MODELS[name][1]
+    tops = (True, False) if st["top"] is not None else (False,)
+    for top in tops:
+        ref = load_keras_h5(st["files"][("official", top)], arch, top)
+        _same(load_keras_h5(st["files"][("keras3-weights", top)], arch, top), ref)
+    if st["top"] is not None:  # a file with the top serves include_top=False
+        _same(load_keras_h5(st["files"][("official", True)], arch, False),
+              load_keras_h5(st["files"][("official", False)], arch, False))
+
+
+def _parity(name, size, top):
+    import keras
+
+    st = _keras(name)
+    cls, arch = MODELS[name]
+    model = st["top"] if top else st["notop"]
+    taps = resnet50.TAPS if name == "resnet50" else vgg16.TAPS
+    outputs = [model.get_layer(t).output for t in taps] + ([model.output] if top else [])
+    feat = keras.Model(model.input, outputs)
+    x = _image(*size)
+    ref = [np.asarray(o) for o in feat(x, training=False)]
+    variables = load_keras_h5(st["files"][("official", top)], arch, top)
+    logits, out = jax.jit(cls(include_top=top).apply)(variables, x)
+    names = list(taps) + (["logits"] if top else [])
+    got = [out[t] for t in taps] + ([logits] if top else [])
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    print(f"{name} parity {size}: max {max(errors.values()):.1e} ({max(errors, key=errors.get)})")
+    bad = [n for n in names if not errors[n] <= 1e-4]
+    assert not bad, f"first tap off at {size}: {bad[0]} max|diff|/max|ref| = {errors[bad[0]]:.2e} (> 1e-4)"
+
+
+@pytest.mark.parametrize("size", SIZES["resnet50"], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_resnet50_forward_parity_with_keras(size):
+    _parity("resnet50", size, top=True)
+
+
+@pytest.mark.parametrize("size", SIZES["vgg16"], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_vgg16_forward_parity_with_keras(size):
+    _parity("vgg16", size, top=False)
+
+
+@pytest.mark.slow
+def test_resnet50_forward_parity_224():
+    _parity("resnet50", (224, 224), top=True)
+
+
+@pytest.mark.slow
+def test_vgg16_with_top_parity_224(tmp_path):
+    """The full VGG16 (Flatten top, 224x224 only): every tap and the logits, both layouts."""
+    import keras
+
+    model = keras_vgg16(include_top=True)
+    files = {layout: write_layout(model, layout, tmp_path, "vgg16_top") for layout in ("official", "keras3-weights")}
+    variables = load_keras_h5(files["official"], vgg16.ARCH, True)
+    _same(load_keras_h5(files["keras3-weights"], vgg16.ARCH, True), variables)
+    feat = keras.Model(model.input, [model.get_layer(t).output for t in vgg16.TAPS] + [model.output])
+    x = _image(224, 224)
+    ref = [np.asarray(o) for o in feat(x, training=False)]
+    logits, out = jax.jit(vgg16.VGG16(include_top=True).apply)(variables, x)
+    errors = {n: _rel(g, r) for n, g, r in zip([*vgg16.TAPS, "logits"], [*(out[t] for t in vgg16.TAPS), logits], ref)}
+    print(f"vgg16 top parity 224: max {max(errors.values()):.1e}")
+    assert max(errors.values()) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_dream_gradient_parity_with_keras(name):
+    """d(DLwP loss)/d(input) agrees with Keras' gradient (jax.grad through stateless_call), on both
+    gradient paths: JAX's transpose rules and the dream path's precomputed backward kernels."""
+    import keras
+
+    st = _keras(name)
+    cls, arch = MODELS[name]
+    weights, size = DLWP[name]
+    model = st["notop"]
+    feat = keras.Model(model.input, {t: model.get_layer(t).output for t in weights})
+    tv = [v.value for v in feat.trainable_variables]
+    ntv = [v.value for v in feat.non_trainable_variables]
+
+    def loss(acts):
+        return sum(w * jnp.mean(acts[t][:, 2:-2, 2:-2, :] ** 2) for t, w in weights.items())
+
+    # A trace of noise breaks the exact ties of flat painting regions (see test_inception_v3).
+    x = _image(*size) + np.random.default_rng(0).normal(0, 0.1, (1, *size, 3)).astype(np.float32)
+    g_keras = np.asarray(jax.jit(jax.grad(lambda x: loss(feat.stateless_call(tv, ntv, x, training=False)[0])))(x))
+    variables = load_keras_h5(st["files"][("official", False)], arch, False)
+    dream_vars = prepare_dream_variables(cls(), variables, (1, 32, 32, 3))
+    taps = tuple(weights)
+    grad = jax.jit(jax.grad(lambda v, x: loss(cls().apply(v, x, taps=taps)[1]), argnums=1))
+    for path, v in (("autodiff", variables), ("backward kernels", dream_vars)):
+        g = np.asarray(grad(v, x))
+        rel = float(np.linalg.norm(g - g_keras) / np.linalg.norm(g_keras))
+        print(f"{name} grad parity {size} ({path}): relative L2 error {rel:.1e}")
+        assert rel <= 1e-3, path
+
+
+def test_caffe_preprocessing_matches_keras():
+    from keras.applications import imagenet_utils
+
+    px = np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)
+    ref = imagenet_utils.preprocess_input(px.copy(), mode="caffe")
+    np.testing.assert_allclose(np.asarray(caffe_preprocess(jnp.asarray(px))), ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(caffe_deprocess(caffe_preprocess(jnp.asarray(px)))), px, atol=1e-4)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_vgg16_weights_given_to_resnet50_are_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("DREAMJAX_HOME", str(tmp_path))
+    path = _keras("vgg16")["files"][("official", False)]
+    for include_top in (False, True):
+        with pytest.raises(WeightsError) as e:
+            load_backbone("resnet50", weights=str(path), include_top=include_top)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg
+        assert "holds VGG16 weights (no top" in msg and "not ResNet50 weights" in msg and "model=vgg16" in msg
+    path = _keras("resnet50")["files"][("keras3-weights", True)]
+    with pytest.raises(WeightsError, match=r"holds ResNet50 weights \(with top.*not VGG16 weights; use model=resnet50"):
+        load_backbone("vgg16", weights=str(path))
+
+
+@pytest.mark.parametrize("layout", ["official", "keras3-weights"])
+def test_notop_file_when_top_is_asked_names_the_file(monkeypatch, tmp_path, layout):
+    monkeypatch.setenv("DREAMJAX_HOME", str(tmp_path))
+    path = _keras("resnet50")["files"][(layout, False)]
+    with pytest.raises(WeightsError, match=r"has no classifier top .*include_top=True was asked; use the full "
+                                           r"weights file resnet50_weights_tf_dim_ordering_tf_kernels\.h5"):
+        load_backbone("resnet50", weights=str(path), include_top=True)
+    path = _keras("vgg16")["files"][(layout, False)]
+    with pytest.raises(WeightsError, match=r"use the full weights file vgg16_weights_tf_dim_ordering_tf_kernels\.h5"):
+        load_backbone("vgg16", weights=str(path), include_top=True)
+
+
+def test_vgg16_top_needs_224():
+    module = vgg16.VGG16(include_top=True)
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+    out = jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, 48, 64, 3)), taps=["block5_pool"])[1], shapes)
+    assert out["block5_pool"].shape == (1, 1, 2, 512)  # taps: any size
+    with pytest.raises(ValueError, match=r"top .* needs 224x224 inputs"):
+        jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, 96, 96, 3))), shapes)
