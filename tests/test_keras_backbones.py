@@ -26,6 +26,7 @@ from dreamjax.models.keras_apps import caffe_deprocess, caffe_preprocess  # noqa
 from dreamjax.models.ops import prepare_dream_variables  # noqa: E402
 from dreamjax.weights.keras_h5 import WeightsError, load_keras_h5  # noqa: E402
 from tests.keras_fixtures import keras_resnet50, keras_vgg16, write_layout  # noqa: E402
+from tests.test_store import server  # noqa: E402, F401 - the local HTTP server fixture
 
 PAINTING = Path(__file__).resolve().parents[1] / "dreamjax/data/paintings/van_gogh_starry_night.jpg"
 MODELS = {"resnet50": (resnet50.ResNet50, resnet50.ARCH), "vgg16": (vgg16.VGG16, vgg16.ARCH)}
@@ -225,3 +226,80 @@ def test_vgg16_top_needs_224():
     assert out["block5_pool"].shape == (1, 1, 2, 512)  # taps: any size
     with pytest.raises(ValueError, match=r"top .* needs 224x224 inputs"):
         jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, 96, 96, 3))), shapes)
+
+
+# --- download and cache -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["inception_v3", "resnet50", "vgg16"])
+def test_official_urls_and_hashes_are_keras_own(name):
+    """Every file name, URL and md5 is the one in the installed Keras' own application source."""
+    import importlib
+    import inspect
+
+    from dreamjax.models.keras_apps import KERAS_ARCHS
+    from dreamjax.weights import store
+
+    arch = KERAS_ARCHS[name]
+    module = {"resnet50": "resnet"}.get(name, name)
+    source = inspect.getsource(importlib.import_module(f"keras.src.applications.{module}"))
+    for top in (True, False):
+        fname, md5 = arch.files[top]
+        assert md5.startswith("md5:") and md5[4:] in source, (name, top)
+        url = store.weights_url(arch, top)
+        assert url.startswith("https://storage.googleapis.com/tensorflow/keras-applications/") and url.endswith(fname)
+        assert (fname in source or "{weights_name}" in source) and arch.base_url.rstrip("/") in source.replace('"\n    "', "")
+
+
+def test_resnet50_auto_downloads_checks_md5_converts_once(server, monkeypatch):
+    """weights='auto': the real download code against a local server (the Keras URL is unreachable
+    here), md5-checked, converted once, then served from the converted cache."""
+    import hashlib
+
+    from dreamjax.weights import store
+
+    path = _keras("resnet50")["files"][("official", False)]
+    body = path.read_bytes()
+    name = resnet50.ARCH.files[False][0]
+    server.files[f"/w/{name}"] = body
+    monkeypatch.setitem(resnet50.ARCH.files, False, (name, f"md5:{hashlib.md5(body).hexdigest()}"))
+    bb = load_backbone("resnet50", weights="auto")
+    assert bb.weights_id == store.sha256_file(path) and server.requests == [f"/w/{name}"]
+    assert store.converted_path(resnet50.ARCH, bb.weights_id, False).is_file()
+
+    def boom(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(store, "load_keras_h5", boom)
+    again = load_backbone("resnet50", weights="auto")
+    assert again.weights_id == bb.weights_id and len(server.requests) == 1
+    np.testing.assert_array_equal(again.variables["params"]["conv5_block3"]["3_conv"]["conv"]["kernel"],
+                                  bb.variables["params"]["conv5_block3"]["3_conv"]["conv"]["kernel"])
+
+
+def test_cli_fetch_convert_info(server, monkeypatch, capsys, tmp_path):
+    import hashlib
+
+    from dreamjax import weights_cli
+
+    path = _keras("vgg16")["files"][("keras3-weights", False)]
+    name = vgg16.ARCH.files[False][0]
+    server.files[f"/w/{name}"] = path.read_bytes()
+    monkeypatch.setitem(vgg16.ARCH.files, False, (name, f"md5:{hashlib.md5(path.read_bytes()).hexdigest()}"))
+    assert weights_cli.main(["fetch", "--model", "vgg16"]) == 0
+    assert capsys.readouterr().out.strip().endswith(name)
+    out_file = tmp_path / "vgg16.msgpack"
+    assert weights_cli.main(["convert", str(path), "--model", "vgg16", "-o", str(out_file)]) == 0
+    assert "params=14,714,688" in capsys.readouterr().out and out_file.is_file()
+    assert weights_cli.main(["info", str(path), "--model", "vgg16", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "keras3-weights (13 weighted layers)" in out and "block5_pool   2x2x512        stride 32" in out
+    assert weights_cli.main(["info", "--model", "resnet50", "--size", "181x247"]) == 0
+    out = capsys.readouterr().out
+    assert "23,587,712" in out and "conv4_block6_out  12x16x1024     stride 16" in out
+    assert weights_cli.main(["convert", str(path), "--model", "resnet50"]) == 1
+    assert "holds VGG16 weights" in capsys.readouterr().err
+    assert weights_cli.main(["fetch", "--model", "efficientnet_lite0"]) == 1
+    assert "has no Keras weight files" in capsys.readouterr().err
+    assert weights_cli.main(["info", "--model", "resnet5"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown backbone 'resnet5'" in err and "resnet50" in err and "vgg16" in err
