@@ -15,4 +15,6 @@ from dreamjax.models.registry import (
 # The built-in backbones, registered on import.
 from dreamjax.models import efficientnet_lite, inception_v3, resnet50, tiny, vgg16  # noqa: F401
 
-__all__ = ["Backbone", "BackboneSpec", "available_backbones", "get_spec", "load_backbone", "register_backbone"]
+BUILTIN_BACKBONES = tuple(available_backbones())  # before any user registration
+
+__all__ = ["BUILTIN_BACKBONES", "Backbone", "BackboneSpec", "available_backbones", "get_spec", "load_backbone", "register_backbone"]

@@ -212,11 +212,10 @@ def _call_with_accepted(fn: Callable, **kwargs):
 def _affine_inverse(preprocess: Callable, name: str) -> Callable:
     """The inverse of a per-channel affine ``preprocess`` (``a * x + b``), checked on three levels."""
     levels = np.asarray(preprocess(jnp.asarray([[0.0] * 3, [1.0] * 3, [255.0] * 3], jnp.float32)), np.float64)
-    b, a = levels[0], levels[1] - levels[0]
-    if not np.all(np.abs(a) > 0) or not np.allclose(a * 255 + b, levels[2], rtol=1e-4, atol=1e-4):
+    b, a = levels[0], (levels[2] - levels[0]) / 255.0  # the widest span: the least rounding in a
+    if not np.all(np.abs(a) > 0) or not np.allclose(a + b, levels[1], rtol=1e-4, atol=1e-4):
         raise ValueError(f"backbone {name!r}: preprocess is not a per-channel affine map; pass deprocess=")
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    return lambda x: (x - b) / a
+    return lambda x: (x - b.astype(np.float32)) / a.astype(np.float32)
 
 
 def register_backbone(name: str, *, build: Callable[..., Any], taps: Sequence[str],
