@@ -8,25 +8,22 @@ and the logits within 1e-4 of max |ref| at three sizes, the DLwP loss gradient w
     python -m pytest tests/test_keras_backbones.py           # ~1.5 min on 2 CPU cores
     python -m pytest tests/test_keras_backbones.py -m slow   # 224 px, VGG16 with its 138M-param top
 """
-import os
+import threading
+from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
 
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from dreamjax import load_backbone  # noqa: E402
-from dreamjax.models import resnet50, vgg16  # noqa: E402
-from dreamjax.models.keras_apps import caffe_deprocess, caffe_preprocess  # noqa: E402
-from dreamjax.models.ops import prepare_dream_variables  # noqa: E402
-from dreamjax.weights.keras_h5 import WeightsError, load_keras_h5  # noqa: E402
-from tests.keras_fixtures import keras_resnet50, keras_vgg16, write_layout  # noqa: E402
-from tests.test_store import server  # noqa: E402, F401 - the local HTTP server fixture
+from dreamjax import load_backbone
+from dreamjax.models import resnet50, vgg16
+from dreamjax.models.keras_apps import caffe_deprocess, caffe_preprocess
+from dreamjax.models.ops import prepare_dream_variables
+from dreamjax.weights.keras_h5 import WeightsError, load_keras_h5
+from tests.keras_fixtures import keras_resnet50, keras_vgg16, write_layout
+from tests.test_store import _Handler, _Server
 
 PAINTING = Path(__file__).resolve().parents[1] / "dreamjax/data/paintings/van_gogh_starry_night.jpg"
 MODELS = {"resnet50": (resnet50.ResNet50, resnet50.ARCH), "vgg16": (vgg16.VGG16, vgg16.ARCH)}
@@ -229,6 +226,21 @@ def test_vgg16_top_needs_224():
 
 
 # --- download and cache -----------------------------------------------------------------------------
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    """A local HTTP server standing in for Keras' storage bucket (test_store's handler)."""
+    from dreamjax.weights import store
+
+    srv = _Server(("127.0.0.1", 0), _Handler)
+    srv.files, srv.requests = {}, []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("DREAMJAX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(store.URL_ENV, f"http://127.0.0.1:{srv.server_address[1]}/w/")
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
 
 @pytest.mark.parametrize("name", ["inception_v3", "resnet50", "vgg16"])
 def test_official_urls_and_hashes_are_keras_own(name):

@@ -37,8 +37,9 @@ import dataclasses
 import functools
 import importlib.resources
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -17,7 +17,8 @@ import functools
 import hashlib
 import importlib
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ def _import_hook(name: str) -> str:
     return name if name in _REGISTRY else short if sep else name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_spec(name: str) -> BackboneSpec:
     key = _import_hook(name)
     if key not in _REGISTRY:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,15 @@ from dreamjax.models.keras_apps import (
 )
 from dreamjax.models.ops import max_pool
 from dreamjax.models.registry import BackboneSpec, register
-from dreamjax.weights.keras_h5 import BN, CONV_BIAS, DENSE, ExpectedLayer, KerasArch, functional_order, leaves_of
+from dreamjax.weights.keras_h5 import (
+    BN,
+    CONV_BIAS,
+    DENSE,
+    ExpectedLayer,
+    KerasArch,
+    functional_order,
+    leaves_of,
+)
 
 # (stage, bottleneck width, blocks, stride of the first block)
 STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
@@ -156,14 +165,14 @@ def _keras_graph(include_top: bool) -> tuple[dict[str, list[str]], str]:
     return graph, x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def keras_layer_order(include_top: bool = True) -> tuple[str, ...]:
     """Flax module paths (``"/"``-joined) of the weighted layers, in the order Keras stores them."""
     order = functional_order(*_keras_graph(include_top))
     return tuple(n for n in order if n.endswith(("_conv", "_bn")) or n == "predictions")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected_layers() -> tuple[ExpectedLayer, ...]:
     """The weighted layers (with the top) in Keras' order, with their Flax leaves and shapes."""
     shapes = jax.eval_shape(ResNet50(include_top=True).init, jax.random.PRNGKey(0),

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,7 +85,7 @@ class VGG16(nn.Module):
         return logits, out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected_layers() -> tuple[ExpectedLayer, ...]:
     """The weighted layers (with the top) in Keras' order: a chain, so source order."""
     shapes = jax.eval_shape(VGG16(include_top=True).init, jax.random.PRNGKey(0),

@@ -15,8 +15,8 @@ conversion runs once per file.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from dreamjax.files import atomic_write_bytes, file_sha256
 from dreamjax.weights.keras_h5 import KerasArch, WeightsError, load_keras_h5
@@ -103,11 +103,12 @@ def load_converted(arch: KerasArch, path, include_top: bool, others: Sequence[Ke
         raise WeightsError(f"{path}: no such weights file")
     sha = sha256_file(path)
     cached = converted_path(arch, sha, include_top)
+    variables = None
     if cached.is_file():
         try:
             return load_variables(cached), sha
-        except Exception:  # noqa: BLE001 - unreadable cache entry: convert again and overwrite it
-            pass
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is converted again and overwritten
+            variables = None
     variables = load_keras_h5(path, arch, include_top, others=others)
     save_variables(variables, cached)
     return variables, sha
