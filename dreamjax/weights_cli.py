@@ -15,6 +15,15 @@ import argparse
 import importlib
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreamjax.models import get_spec
+from dreamjax.models.keras_apps import KERAS_ARCHS
+from dreamjax.weights.keras_h5 import read_keras_file
+from dreamjax.weights.store import converted_path, fetch, load_converted, save_variables
+
 DEFAULT_SIZE = {"inception_v3": 299, "efficientnet_lite2": 260}  # others: 224 (or their minimum)
 
 
@@ -24,16 +33,10 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _count(tree) -> int:
-    import jax
-    import numpy as np
-
     return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def _arch(name: str):
-    from dreamjax.models import get_spec
-    from dreamjax.models.keras_apps import KERAS_ARCHS
-
     get_spec(name)  # unknown names: the registry's error, which lists the registered ones
     if name not in KERAS_ARCHS:
         raise ValueError(f"backbone {name!r} has no Keras weight files; fetch/convert serve "
@@ -42,17 +45,12 @@ def _arch(name: str):
 
 
 def _fetch(args):
-    from dreamjax.weights.store import fetch
-
     arch = _arch(args.model)
     for top in ((False, True) if args.all else (args.top,)):
         print(fetch(arch, top))
 
 
 def _convert(args):
-    from dreamjax.models.keras_apps import KERAS_ARCHS
-    from dreamjax.weights.store import converted_path, load_converted, save_variables
-
     arch = _arch(args.model)
     variables, sha = load_converted(arch, args.path, args.top, others=list(KERAS_ARCHS.values()))
     out = args.output or converted_path(arch, sha, args.top)
@@ -62,11 +60,6 @@ def _convert(args):
 
 
 def _info(args):
-    import jax
-    import jax.numpy as jnp
-
-    from dreamjax.models import get_spec
-
     spec = get_spec(args.model)
     module = spec.build(include_top=args.top, dtype=jnp.float32, dream=False)
     size = DEFAULT_SIZE.get(spec.name, max(224, spec.min_size))
@@ -76,10 +69,6 @@ def _info(args):
     x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     print(f"backbone  {spec.name}: {spec.description}")
     if args.path:
-        from dreamjax.models.keras_apps import KERAS_ARCHS
-        from dreamjax.weights.keras_h5 import read_keras_file
-        from dreamjax.weights.store import load_converted
-
         arch = _arch(spec.name)
         file = read_keras_file(args.path)
         variables, sha = load_converted(arch, args.path, args.top, others=list(KERAS_ARCHS.values()))

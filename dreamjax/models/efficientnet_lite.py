@@ -49,6 +49,7 @@ import numpy as np
 from dreamjax.files import file_sha256
 from dreamjax.models.ops import Conv2D
 from dreamjax.models.registry import BackboneSpec, register
+from dreamjax.weights.torch_pickle import load_torch_file
 
 # Per stage (Lite0 = EfficientNet-B0 without SE): depthwise kernel, stride of the first block,
 # expansion, output width, blocks.
@@ -345,8 +346,6 @@ def _loader(variant: str):
             init = jax.jit(EfficientNetLite(include_top=include_top, variant=variant).init)  # ~2x faster than eager
             variables = init(jax.random.PRNGKey(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))
             return variables, f"{variant}-random-seed0"
-        from dreamjax.weights.torch_pickle import load_torch_file
-
         path = package_weights_path(variant) if weights in ("auto", None) else Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"{variant} weights file not found: {path}")

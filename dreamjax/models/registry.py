@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamjax.models.ops import prepare_dream_variables
+
 Variables = Mapping[str, Any]
 
 
@@ -139,8 +141,6 @@ class Backbone:
         """``variables`` plus what the dream path precomputes once per backbone (the backward
         kernels of :mod:`dreamjax.models.ops`); made on first use, ~1 s for InceptionV3."""
         if self._dream_variables is None:
-            from dreamjax.models.ops import prepare_dream_variables
-
             module = self.spec.build(include_top=False, dtype=jnp.float32, dream=True)
             size = self.spec.min_size
             self._dream_variables = prepare_dream_variables(module, self.variables, (1, size, size, 3))

@@ -25,7 +25,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import h5py
 import numpy as np
+from flax import traverse_util
 
 Layer = tuple[str, Sequence[np.ndarray]]  # (layer name in the file, arrays in Keras' legacy order)
 Leaf = tuple[tuple[str, ...], tuple[int, ...]]  # (Flax variable path, shape)
@@ -129,8 +131,6 @@ def convert(layers: Sequence[Layer], arch: KerasArch, include_top: bool, source:
     A file with the classifier top also serves ``include_top=False`` (its top layers are
     dropped); the reverse is an error that names the file to use.
     """
-    from flax import traverse_util
-
     expected = arch.expected(include_top)
     flat = {}
     for k, ((name, arrays), want) in enumerate(zip(layers, expected)):
@@ -225,8 +225,6 @@ def _keras3_queues(group) -> dict[str, list[Layer]]:
 
 def read_keras_file(path) -> KerasFile:
     """Any of the three layouts; ``WeightsError`` for a missing, foreign or corrupt file."""
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")

@@ -18,6 +18,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import pooch
+import requests
+from flax import serialization
+
 from dreamjax.files import atomic_write_bytes, file_sha256
 from dreamjax.weights.keras_h5 import KerasArch, WeightsError, load_keras_h5
 
@@ -51,9 +55,6 @@ def _offline_help(arch: KerasArch) -> str:
 
 def fetch(arch: KerasArch, include_top: bool = False) -> Path:
     """Download (or reuse, after an md5 check) the official Keras file into the cache."""
-    import pooch
-    import requests
-
     fname, known_hash = arch.files[include_top]
     url = weights_url(arch, include_top)
     try:
@@ -83,14 +84,10 @@ def converted_path(arch: KerasArch, sha256: str, include_top: bool) -> Path:
 
 
 def save_variables(variables, path) -> None:
-    from flax import serialization
-
     atomic_write_bytes(Path(path), serialization.msgpack_serialize(variables))
 
 
 def load_variables(path) -> dict:
-    from flax import serialization
-
     return serialization.msgpack_restore(Path(path).read_bytes())
 
 
