@@ -9,6 +9,7 @@ and ``run.json`` (command, machine, time taken, versions).
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import platform
@@ -18,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 from PIL import Image
 
-from dreamjax import files
+from dreamjax import __version__, files
 
 STUDIES = {
     "quickstart": {"args": ["+experiment=quickstart"], "multirun": False,
@@ -34,8 +36,6 @@ GIFS_PER_STUDY = 4
 
 
 def _machine() -> dict:
-    import jax
-
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
             "jax": jax.__version__}
@@ -52,7 +52,6 @@ def run_and_publish(name: str, *, work: str | Path, out: str | Path, inception_w
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - t
-    from dreamjax import __version__
 
     info = {"study": name, "title": study["title"], "command": "dreamjax " + " ".join(study["args"]),
             "seconds": round(seconds, 1), "date": _dt.date.today().isoformat(), "dreamjax_version": __version__,
@@ -65,7 +64,6 @@ def _jpeg(src: Path, dst: Path, max_side: int = 1600, quality: int = 85):
     im = Image.open(src).convert("RGB")
     im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    import io
 
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality, optimize=True)
