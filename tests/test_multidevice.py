@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_resume import cli, outputs, reference  # noqa: F401
+from tests.helpers import cli, outputs  # noqa: F401
 
 ENV2 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_sweep import dreamjax
+from tests.helpers import dreamjax
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results" / "quickstart"
 

@@ -1,8 +1,5 @@
 """Sweeps end to end through the real CLI (tiny backbone, small sizes)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +7,7 @@ import pytest
 from PIL import Image
 
 import dreamjax as dj
-from tests.conftest import PAINTINGS
-
-THREE = [PAINTINGS / f"{n}.jpg" for n in ("kandinsky_composition_vii", "monet_water_lilies_1919", "turner_shipwreck")]
-SMALL = ["model=tiny", "dream=dlwp", "dream.num_octaves=2", "dream.iterations=4", "data.image_size=192",
-         "outputs.gif_max_side=96", "dream.frame_every=2"]
-
-
-def dreamjax(*args, cwd, check=True, env=None):
-    e = dict(os.environ, **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "dreamjax.cli", *args], cwd=cwd, capture_output=True, text=True,
-                       env=e, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"dreamjax {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
+from tests.helpers import PAINTINGS, SMALL, THREE, dreamjax  # noqa: F401
 
 
 @pytest.fixture(scope="module")
