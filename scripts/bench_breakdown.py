@@ -10,6 +10,10 @@ import os
 import statistics
 import time
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 

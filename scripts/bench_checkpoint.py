@@ -24,6 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 REPO = Path(__file__).resolve().parents[1]
 PAINTINGS = REPO / "dreamjax" / "data" / "paintings"
 

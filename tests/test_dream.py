@@ -217,11 +217,15 @@ def test_compute_dtype_close_to_float32(tiny_backbone, dtype):
     a = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS, norm="mean_abs"), PLAN).final
     b = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS, norm="mean_abs", compute_dtype=dtype),
                     PLAN).final
-    # The image stays float32; only activations are bf16. The update is 0.01 per step, so the
-    # difference is bounded by the total step length, and most pixels move the same way.
+    # The image stays float32; only activations are bf16. Measured on this setup (tiny backbone,
+    # 2 octaves x 3 steps of 0.01 * g / mean|g|): max |a - b| 0.114, mean 8.2e-4 while the dream
+    # moved pixels by 0.039 on average, correlation of the two updates 0.9990. Bounds at about
+    # twice (max) and five times (mean) the measured values: a real bf16 regression breaks them.
     assert b.dtype == np.float32
-    assert np.abs(a - b).max() <= 3 * 2 * 0.01 * 10
-    assert np.corrcoef((a - images).ravel(), (b - images).ravel())[0, 1] > 0.9
+    d = np.abs(a - b)
+    assert d.max() <= 0.25, d.max()
+    assert d.mean() <= 0.1 * np.abs(a - images).mean(), (d.mean(), np.abs(a - images).mean())
+    assert np.corrcoef((a - images).ravel(), (b - images).ravel())[0, 1] > 0.995
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Weight store: the real download code against a local HTTP server, the converted cache, the CLI."""
-import json
 import hashlib
 import http.server
+import json
 import threading
 
 import numpy as np

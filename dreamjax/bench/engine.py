@@ -320,7 +320,7 @@ def measure_rss(backbone: str, weights: str, size: int, batch: int, steps: int =
     args = json.dumps(dict(backbone=backbone, weights=weights, size=size, batch=batch, steps=steps,
                            compute_dtype=compute_dtype, tile_size=tile_size, height=height,
                            device_loop=device_loop))
-    code = ("import json,sys; from dreamjax.bench.engine import rss_worker; "
+    code = ("import json,sys,dreamjax; dreamjax.configure_cpu(); from dreamjax.bench.engine import rss_worker; "
             "print('@@' + json.dumps(rss_worker(**json.loads(sys.argv[1]))))")
     p = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout)
     for line in p.stdout.splitlines():
