@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark logic (dreamjax/bench.py) on the tiny backbone. No timing assertions."""
+"""Smoke test of the benchmark logic (dreamjax/bench/engine.py) on the tiny backbone. No timing assertions."""
 import json
 import math
 

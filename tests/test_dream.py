@@ -269,3 +269,25 @@ def test_constant_weights_is_the_same_dream(tiny_backbone):
                     PLAN).final
     assert np.abs(a - images).max() > 0.01  # the dream moved
     np.testing.assert_allclose(a, b, atol=1e-5)  # same math; XLA folds it with other rounding
+
+
+@pytest.mark.parametrize("objective", ["mean_square", "keras_io", "mean"])
+def test_objectives_are_what_their_sources_compute(objective):
+    """DLwP: mean of the cropped squares; keras.io: sum of the cropped squares over the uncropped
+    size; TF tutorial: the plain mean of the activations, no crop."""
+    rng = np.random.default_rng(0)
+    acts = {"a": rng.normal(size=(3, 9, 11, 4)).astype(np.float32), "b": rng.normal(size=(3, 6, 5, 2)).astype(np.float32)}
+    cfg = DreamConfig(taps=("a", "b"), objective=objective, border=2)
+    got = np.asarray(dream.tap_losses(acts, ("a", "b"), cfg))
+    want = np.zeros((3, 2))
+    for j, t in enumerate(("a", "b")):
+        a = acts[t].astype(np.float64)
+        inner = a[:, 2:-2, 2:-2, :]
+        for i in range(3):
+            if objective == "mean_square":
+                want[i, j] = np.mean(inner[i] ** 2)
+            elif objective == "keras_io":
+                want[i, j] = np.sum(inner[i] ** 2) / a[i].size
+            else:
+                want[i, j] = np.mean(a[i])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
