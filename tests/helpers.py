@@ -22,7 +22,8 @@ def dreamjax(*args, cwd, check=True, env=None):
     p = subprocess.run([sys.executable, "-m", "dreamjax.cli", *args], cwd=cwd, capture_output=True, text=True,
                        env=e, timeout=600)
     if check and p.returncode != 0:
-        raise AssertionError(f"dreamjax {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(f"dreamjax {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-5000:]}")
     return p
 
 

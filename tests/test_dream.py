@@ -276,7 +276,8 @@ def test_objectives_are_what_their_sources_compute(objective):
     """DLwP: mean of the cropped squares; keras.io: sum of the cropped squares over the uncropped
     size; TF tutorial: the plain mean of the activations, no crop."""
     rng = np.random.default_rng(0)
-    acts = {"a": rng.normal(size=(3, 9, 11, 4)).astype(np.float32), "b": rng.normal(size=(3, 6, 5, 2)).astype(np.float32)}
+    acts = {"a": rng.normal(size=(3, 9, 11, 4)).astype(np.float32),
+            "b": rng.normal(size=(3, 6, 5, 2)).astype(np.float32)}
     cfg = DreamConfig(taps=("a", "b"), objective=objective, border=2)
     got = np.asarray(dream.tap_losses(acts, ("a", "b"), cfg))
     want = np.zeros((3, 2))

@@ -85,7 +85,8 @@ def test_wheel_installed_elsewhere_composes_every_experiment_and_dreams(tmp_path
                              cwd=work, env=env, timeout=300)
         assert out.returncode == 0, (exp, out.stderr[-2000:])
         assert "model:" in out.stdout and "layers:" in out.stdout
-    out = subprocess.run([*dj, "+experiment=quickstart", "model=tiny", "layers=tiny_default", "data.image_size=96", "dream.iterations=2",
+    out = subprocess.run([*dj, "+experiment=quickstart", "model=tiny", "layers=tiny_default", "data.image_size=96",
+                          "dream.iterations=2",
                           "dream.num_octaves=1", "analyze=false", "name=wheel"], capture_output=True, text=True,
                          cwd=work, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

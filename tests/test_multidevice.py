@@ -50,7 +50,8 @@ SCRIPT = textwrap.dedent("""
             specs.append(isinstance(s, NamedSharding) and len(s.device_set) == 2 and s.spec[0] == "batch")
     assert all(specs) and len(specs) >= 3, specs
     two = run
-    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(one.octave_images, two.octave_images))
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(one.octave_images, two.octave_images))
     ldiff = max(float(np.nanmax(np.abs(np.asarray(a) - np.asarray(b)) / (np.abs(np.asarray(a)) + 1e-6)))
                 for a, b in zip(one.octave_losses, two.octave_losses))  # relative
     # checkpoint under sharding: save mid octave 1, restore into a fresh sharded run, continue

@@ -117,7 +117,7 @@ def _official_file(path, variables, include_top):
 
     with h5py.File(path, "w") as f:
         names = []
-        for k, (unit, kind, leaves) in enumerate(expected_layers(include_top)):
+        for k, (_unit, _kind, leaves) in enumerate(expected_layers(include_top)):
             name = f"layer_{k}"
             names.append(name.encode())
             g = f.create_group(name)

@@ -173,6 +173,11 @@ def test_layer_sets_in_one_run_dream_what_the_sweep_dreams(batched_sweep, tmp_pa
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
+def _collect(sweep_dir):
+    code = "import sys; from dreamjax.cli import collect_main; sys.exit(collect_main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, str(sweep_dir)], capture_output=True, text=True, timeout=300)
+
+
 def test_dreamjax_collect_rebuilds_the_report_from_records(batched_sweep, tmp_path):
     import shutil
 
@@ -181,8 +186,7 @@ def test_dreamjax_collect_rebuilds_the_report_from_records(batched_sweep, tmp_pa
     before = json.loads((sw / "manifest.json").read_text())
     for f in ("manifest.json", "summary.csv", "index.html"):
         (sw / f).unlink()
-    p = subprocess.run([sys.executable, "-c", "import sys; from dreamjax.cli import collect_main; "
-                        "sys.exit(collect_main(sys.argv[1:]))", str(sw)], capture_output=True, text=True, timeout=300)
+    p = _collect(sw)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "12 done, 0 failed" in p.stdout
     after = json.loads((sw / "manifest.json").read_text())
@@ -191,6 +195,5 @@ def test_dreamjax_collect_rebuilds_the_report_from_records(batched_sweep, tmp_pa
     assert (sw / "index.html").is_file() and (sw / "summary.csv").read_text().count("\n") == 13
     empty = tmp_path / "empty"
     empty.mkdir()
-    p = subprocess.run([sys.executable, "-c", "import sys; from dreamjax.cli import collect_main; "
-                        "sys.exit(collect_main(sys.argv[1:]))", str(empty)], capture_output=True, text=True, timeout=300)
+    p = _collect(empty)
     assert p.returncode == 2 and "no cell records" in p.stderr

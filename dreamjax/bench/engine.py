@@ -310,7 +310,8 @@ def rss_worker(backbone: str, weights: str, size: int, batch: int, steps: int, c
     t = case.time_batched()
     return {"backbone": backbone, "size": size, "height": height or size, "batch": batch, "steps": steps,
             "tile_size": tile_size, "compute_dtype": compute_dtype,
-            "compile_seconds": case.compile_seconds, "first_call_seconds": case.first_call_seconds, "seconds": t, "seconds_per_step": t / steps,
+            "compile_seconds": case.compile_seconds, "first_call_seconds": case.first_call_seconds, "seconds": t,
+            "seconds_per_step": t / steps,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_load_mib": base_rss, "xla_memory": case.memory}
 
@@ -546,7 +547,8 @@ def run_sweep_bench(overrides: Sequence[str], launchers=("dreamjax", "basic", "j
             rs = [x for x in results if x["launcher"] == launcher and x["start"] == start]
             if not rs:
                 continue
-            table.append({"launcher": launcher, "start": start, "wall_seconds": summary([x["wall_seconds"] for x in rs]),
+            table.append({"launcher": launcher, "start": start,
+                          "wall_seconds": summary([x["wall_seconds"] for x in rs]),
                           "compilations": summary([x["compilations"] for x in rs]),
                           "compile_seconds": summary([x["compile_seconds"] for x in rs]),
                           "records": rs[0]["records"], "ok": all(x["rc"] == 0 for x in rs)})

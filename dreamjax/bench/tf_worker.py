@@ -47,7 +47,8 @@ for line in sys.stdin:
     out = {}
     if size not in warm:
         t0 = time.perf_counter()
-        l, x = gradient_ascent_step(img, 20.0); float(l)
+        loss, x = gradient_ascent_step(img, 20.0)
+        float(loss)
         out["compile_seconds"] = time.perf_counter() - t0
         warm.add(size)
     t0 = time.perf_counter()
