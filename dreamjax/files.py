@@ -1,9 +1,8 @@
-"""Atomic file writes and content hashes: the small I/O layer every other module may use.
+"""Files everything may use: atomic writes, content hashes, an exclusive folder lock.
 
-Every output dreamjax writes goes through :func:`atomic_open` (temp file beside the target,
-fsync, rename), so a killed run never leaves a half-written file that a later run would
-trust; :func:`file_sha256` is the content hash records and weight caches are keyed by.
-No JAX, no PIL.
+The bottom layer of dreamjax (standard library and numpy only). Every output dreamjax writes goes
+through :func:`atomic_open` (temp file ``.<name>.<random>.tmp`` in the same folder, fsync,
+``os.replace``), so a killed run never leaves a half-written file under its final name.
 """
 from __future__ import annotations
 
@@ -13,13 +12,17 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Union
 
 import numpy as np
 
-PathLike = str | os.PathLike
+PathLike = Union[str, os.PathLike]
+
+# What the package ships: bundled paintings (with SOURCES.md) and the ImageNet labels.
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED_PAINTINGS = DATA_DIR / "paintings"
+IMAGENET_LABELS = DATA_DIR / "imagenet_classes.txt"
 
 
 def file_sha256(path: PathLike, chunk_size: int = 1 << 20) -> str:

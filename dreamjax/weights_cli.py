@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import dreamjax
 from dreamjax.models import get_spec
 from dreamjax.models.keras_apps import KERAS_ARCHS
 from dreamjax.weights.keras_h5 import read_keras_file
@@ -91,6 +92,7 @@ def _info(args):
 
 
 def main(argv=None) -> int:
+    dreamjax.configure_cpu()
     parser = argparse.ArgumentParser(prog="dreamjax-weights", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

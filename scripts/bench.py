@@ -4,11 +4,15 @@
   python scripts/bench.py --backbone inception_v3 --sizes 256 512 --batch 1 4 8 --repeats 3 \
       --keras [--tf-python /tmp/tfvenv/bin/python] [--rss] [--tiled 4096] --json results/bench/engine_cpu.json
 
-Logic lives in dreamjax/bench.py. Set XLA_FLAGS in the environment to study XLA options.
+Logic lives in dreamjax/bench/engine.py. Set XLA_FLAGS in the environment to study XLA options.
 """
 import argparse
 import os
 import sys
+
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -38,7 +42,7 @@ def main(argv=None):
 
     if a.matmul_precision:
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
-    from dreamjax import bench
+    from dreamjax.bench import engine as bench
 
     if a.memory_only:
         res = bench.run_memory_bench(a.backbone, a.weights, a.sizes, a.batch, a.tiled or None, a.tile_size)

@@ -17,9 +17,9 @@ from dreamjax.models import (
     load_backbone,
     register_backbone,
 )
-from tests.conftest import PAINTINGS, REPO
+from tests.helpers import PAINTINGS, REPO
 
-CONF = REPO / "dreamjax" / "conf"
+CONF = REPO / "conf"
 EXAMPLE = REPO / "docs" / "examples" / "custom_backbone.py"
 
 # (learned parameters, + BatchNorm statistics) per (backbone, include_top); Keras' count_params() for the
@@ -67,10 +67,12 @@ def test_tap_strides_agree_with_shapes(name):
 # --- configs ----------------------------------------------------------------------------------------
 
 def _compose(*overrides):
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_module("dreamjax.conf", version_base="1.3"):
+    import dreamjax
+
+    with initialize_config_dir(dreamjax.config_dir(), version_base="1.3"):
         return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
 
 

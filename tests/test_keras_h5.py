@@ -5,10 +5,10 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.keras_fixtures import LAYOUTS, keras_setup, other_architecture_file
 from dreamjax.models.inception_v3 import ARCH
 from dreamjax.weights.keras_h5 import WeightsError, convert, read_keras_h5
 from dreamjax.weights.keras_h5 import load_keras_h5 as _load
+from tests.keras_fixtures import LAYOUTS, keras_setup, other_architecture_file
 
 
 def load_keras_h5(path, include_top=False):

@@ -29,7 +29,7 @@ def load(weights, include_top):  # "auto"/"random"/a path -> variables (here: a 
 register_backbone("mini_cnn", build=MiniCNN, taps=("c1", "c2", "c3"), load=load, min_size=16)
 
 if __name__ == "__main__":
-    from dreamjax.dream import CellParams, DreamConfig, OctavePlan, dream
+    from dreamjax.engine.dream import CellParams, DreamConfig, OctavePlan, dream
 
     bb = load_backbone("mini_cnn")
     print({t: (shape, bb.tap_strides[t]) for t, shape in bb.tap_shapes(64, 64).items()})

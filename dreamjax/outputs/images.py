@@ -14,34 +14,35 @@ Three jobs:
 * :func:`bucket_shape` maps every aspect ratio to a handful of shapes so a whole
   collection compiles to a few programs; :func:`restore_aspect` puts the dream
   back to the painting's own aspect.
-* Atomic writers (temp file ``.<name>.<random>.tmp`` in the same folder, fsync,
-  ``os.replace``): a killed run never leaves a half-written PNG, JSON or GIF
-  under its final name.
+* Image writers (PNG, JPEG, GIF) through :mod:`dreamjax.files`' atomic writer: a killed
+  run never leaves a half-written image under its final name.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob as _glob
 import hashlib
 import io
+import json
 import math
 import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Moved to dreamjax.files (the I/O layer models and weights may import); re-exported here.
-from dreamjax.files import atomic_open, atomic_write_bytes, atomic_write_text, file_sha256, write_json
+from dreamjax.files import atomic_open, atomic_write_bytes
+from PIL import ImageCms
 
 __all__ = [
     "ImageError", "Painting", "load_painting", "find_paintings", "PAINTING_EXTENSIONS",
     "DEFAULT_RATIOS", "bucket_shape", "resize_uint8", "resize_float", "restore_aspect",
-    "restored_size", "to_uint8", "file_sha256", "atomic_write_bytes", "atomic_write_text",
-    "atomic_open", "write_json", "save_png", "save_jpeg", "save_gif",
+    "restored_size", "to_uint8", "save_png", "save_jpeg", "save_gif",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -256,8 +257,6 @@ def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
     icc = im.info.get("icc_profile")
     if icc:  # print-profile CMYK: the embedded profile gives far truer colours than the naive formula
         try:
-            from PIL import ImageCms
-
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             rgb = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
             notes.append("CMYK converted to RGB (embedded ICC profile)")
