@@ -176,6 +176,7 @@ def test_unknown_backbone_lists_the_registered_ones():
     assert "register_backbone" in msg and "model.module" in msg
 
 
+@pytest.mark.slow  # 15 s of CLI start-up; the import hook itself is tested in-process above
 def test_cli_dreams_with_your_own_backbone(tmp_path):
     """``dreamjax model.module=custom_backbone model.name=mini_cnn`` end to end (one painting, 64 px)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(EXAMPLE.parent), str(REPO), os.environ.get("PYTHONPATH", "")]))

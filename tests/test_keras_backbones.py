@@ -5,8 +5,8 @@ by Keras itself in the legacy HDF5 layout (the official files' layout) and as ``
 loaded through the converter, and compared with Keras' own forward pass and gradient: every tap
 and the logits within 1e-4 of max |ref| at three sizes, the DLwP loss gradient within 1e-3.
 
-    python -m pytest tests/test_keras_backbones.py           # ~1.5 min on 2 CPU cores
-    python -m pytest tests/test_keras_backbones.py -m slow   # 224 px, VGG16 with its 138M-param top
+    python -m pytest tests/test_keras_backbones.py           # ~1 min on 2 CPU cores
+    python -m pytest tests/test_keras_backbones.py -m slow   # the other sizes, 224 px, VGG16's 138M-param top
 """
 import threading
 from pathlib import Path
@@ -27,7 +27,11 @@ from tests.test_store import _Handler, _Server
 
 PAINTING = Path(__file__).resolve().parents[1] / "dreamjax/data/paintings/van_gogh_starry_night.jpg"
 MODELS = {"resnet50": (resnet50.ResNet50, resnet50.ARCH), "vgg16": (vgg16.VGG16, vgg16.ARCH)}
-SIZES = {"resnet50": [(32, 32), (75, 101), (128, 128)], "vgg16": [(32, 32), (48, 40), (64, 64)]}
+# Three sizes each; one runs by default, the others with -m slow (the default suite has a budget).
+SIZES = {"resnet50": [pytest.param((32, 32), marks=pytest.mark.slow), (75, 101),
+                      pytest.param((128, 128), marks=pytest.mark.slow)],
+         "vgg16": [pytest.param((32, 32), marks=pytest.mark.slow), (48, 40),
+                   pytest.param((64, 64), marks=pytest.mark.slow)]}
 DLWP = {"resnet50": ({"conv3_block2_out": 1.0, "conv3_block4_out": 1.5, "conv4_block2_out": 2.0,
                       "conv4_block6_out": 2.5}, (96, 128)),
         "vgg16": ({"block3_conv3": 1.0, "block4_conv3": 1.5, "block4_pool": 2.0, "block5_conv3": 2.5}, (96, 128))}
