@@ -9,6 +9,7 @@ returned and the logits too when the module was built with ``include_top``.
 ``load_backbone`` is the one public entry point; it returns a :class:`Backbone`
 holding the module, its variables ``{"params", "batch_stats"}`` and the facts
 the dream engine needs (tap names and strides, minimum input size, value range).
+:func:`register_backbone` adds your own backbone from user code (docs/examples/custom_backbone.py).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class Backbone:
         taps = self.check_taps(taps)
         key = ("features", taps)
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(lambda v, x: {t: self.module.apply(v, x, taps=taps)[1][t] for t in taps})
+            self._jitted[key] = jax.jit(self.feature_fn(taps, dream=False))
         return self._jitted[key](self.variables, x)
 
     def logits(self, x):
