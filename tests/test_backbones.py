@@ -126,7 +126,8 @@ def test_example_is_short_and_runs_a_tiny_dream():
     code = lines[lines.index('"""', 1) + 1:lines.index('if __name__ == "__main__":')]  # after the docstring
     assert len([line for line in code if line.strip()]) <= 30 and any("register_backbone(" in line for line in code)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, env=env, timeout=300, check=False)
+    p = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, env=env, timeout=300,
+                       check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "'c3': ((8, 8, 32), 8)" in p.stdout and "dreamed (1, 64, 64, 3)" in p.stdout
 
@@ -179,7 +180,8 @@ def test_unknown_backbone_lists_the_registered_ones():
 @pytest.mark.slow  # 15 s of CLI start-up; the import hook itself is tested in-process above
 def test_cli_dreams_with_your_own_backbone(tmp_path):
     """``dreamjax model.module=custom_backbone model.name=mini_cnn`` end to end (one painting, 64 px)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(EXAMPLE.parent), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    path = [str(EXAMPLE.parent), str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     args = ["model.module=custom_backbone", "model.name=mini_cnn", "model.weights=random", "layers.backbone=mini_cnn",
             "layers.name=mini", "layers.taps=[c2,c3]", "layers.weights=[1,2]", "layers.scale=null",
             f"data.paths=[{PAINTINGS / 'turner_shipwreck.jpg'}]", "data.image_size=64", "dream.iterations=2",

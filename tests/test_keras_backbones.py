@@ -47,7 +47,8 @@ def _keras(name):
         directory = Path(tempfile.mkdtemp(prefix=f"dreamjax-{name}-"))
         if name == "resnet50":
             top, notop = keras_resnet50()
-            files = {(layout, t): write_layout(top if t else notop, layout, directory, f"{name}_{'top' if t else 'notop'}")
+            files = {(layout, t): write_layout(top if t else notop, layout, directory,
+                                               f"{name}_{'top' if t else 'notop'}")
                      for layout in ("official", "keras3-weights") for t in (True, False)}
         else:  # VGG16's top is 224x224 only and 528 MB on disk: the notop model here, the top under slow
             top, notop = None, keras_vgg16(include_top=False)
@@ -263,7 +264,8 @@ def test_official_urls_and_hashes_are_keras_own(name):
         assert md5.startswith("md5:") and md5[4:] in source, (name, top)
         url = store.weights_url(arch, top)
         assert url.startswith("https://storage.googleapis.com/tensorflow/keras-applications/") and url.endswith(fname)
-        assert (fname in source or "{weights_name}" in source) and arch.base_url.rstrip("/") in source.replace('"\n    "', "")
+        joined = source.replace('"\n    "', "")  # Keras splits long URL literals over lines
+        assert (fname in source or "{weights_name}" in source) and arch.base_url.rstrip("/") in joined
 
 
 def test_resnet50_auto_downloads_checks_md5_converts_once(server, monkeypatch):

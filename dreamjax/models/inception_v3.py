@@ -22,9 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dreamjax.models.keras_apps import KerasBatchNorm, keras_deprocess, keras_preprocess, load_keras_weights
+from dreamjax.models.keras_apps import (
+    KerasBatchNorm,
+    keras_deprocess,
+    keras_preprocess,
+    load_keras_weights,
+    register_arch,
+)
 from dreamjax.models.keras_apps import random_variables as keras_random_variables
-from dreamjax.models.keras_apps import register_arch
 from dreamjax.models.ops import Conv2D, avg_pool_same, max_pool
 from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import BN_NO_SCALE, CONV, DENSE, ExpectedLayer, KerasArch, functional_order, leaves_of

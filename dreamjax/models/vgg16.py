@@ -92,7 +92,8 @@ def expected_layers() -> tuple[ExpectedLayer, ...]:
                             jnp.zeros((1, TOP_SIZE, TOP_SIZE, 3)))
     convs = [ExpectedLayer(t, "conv2d", leaves_of(shapes, (t,), (("params", "conv", "kernel"), ("params", "bias"))))
              for t in TAPS if "conv" in t]
-    return tuple(convs + [ExpectedLayer(t, "dense", leaves_of(shapes, (t,), DENSE)) for t in ("fc1", "fc2", "predictions")])
+    dense = [ExpectedLayer(t, "dense", leaves_of(shapes, (t,), DENSE)) for t in ("fc1", "fc2", "predictions")]
+    return tuple(convs + dense)
 
 
 # From keras/src/applications/vgg16.py (WEIGHTS_PATH, WEIGHTS_PATH_NO_TOP and their file_hash).
