@@ -19,6 +19,7 @@ from PIL import Image
 
 from dreamjax import available_backbones, load_backbone
 from dreamjax.models.inception_v3 import (
+    ARCH,
     TAP_STRIDES,
     TAPS,
     InceptionV3,
@@ -26,7 +27,6 @@ from dreamjax.models.inception_v3 import (
     source_order,
 )
 from dreamjax.models.ops import prepare_dream_variables
-from dreamjax.models.inception_v3 import ARCH
 from dreamjax.weights.keras_h5 import load_keras_h5
 from tests.keras_fixtures import keras_setup
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dreamjax import weights_cli
-from dreamjax.weights import store
 from dreamjax.models.inception_v3 import ARCH
+from dreamjax.weights import store
 from dreamjax.weights.keras_h5 import WeightsError
 
 GOOD = b"fake weights " * 1000

@@ -60,6 +60,5 @@ for line in sys.stdin:
                 break
         x.numpy()
     out["seconds"] = time.perf_counter() - t0
-    import resource
     out["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out), flush=True)
