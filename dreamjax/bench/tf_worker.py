@@ -6,6 +6,7 @@ start, then per request line ``{"size", "steps", "cells"}`` one JSON line of tim
 """
 import json
 import os
+import resource
 import sys
 import time
 
