@@ -17,13 +17,14 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 import dreamjax
-from dreamjax import files, weights_cli
+from dreamjax import files
 from dreamjax.config import ConfigError
 from dreamjax.outputs import analysis
 from dreamjax.outputs.images import ImageError
@@ -49,8 +50,38 @@ def _dream(cfg):
         return None
 
 
+def help_text() -> str:
+    """``dreamjax --help``: what it is, how to run it, every experiment with its one-line summary
+    (the first comment line of ``conf/experiment/NAME.yaml``) and every config group's options."""
+    conf = Path(dreamjax.config_dir())
+    lines = ["dreamjax: DeepDream experiments at scale in JAX (paintings x objectives x settings, batched,",
+             "compiled and checkpointed; grids, gallery and an analysis of what gets hallucinated).", "",
+             "Usage:  dreamjax [+experiment=NAME] [group=option ...] [key=value ...]    one run",
+             "        dreamjax -m [+experiment=NAME] [key=a,b,c ...]                    a sweep", "",
+             "Experiments (+experiment=NAME):"]
+    for f in sorted((conf / "experiment").glob("*.yaml")):
+        lines.append(f"  {f.stem:<22} {_summary(f)}")
+    lines += ["", "Config groups (group=option):"]
+    for g in sorted(d for d in conf.iterdir() if d.is_dir() and d.name != "experiment"):
+        lines.append(f"  {g.name:<22} {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}")
+    lines += ["", "Settings: `dreamjax --cfg job [overrides]` prints the composed config; README.md explains",
+              "each. Exit codes: README.md. Hydra's own options: `dreamjax --hydra-help`."]
+    return "\n".join(lines)
+
+
+def _summary(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.lstrip("#").strip()
+        if line.startswith("#") and text and not text.startswith("@package"):
+            return text
+    return ""
+
+
 def main():
     """``dreamjax [overrides]`` / ``dreamjax -m [sweeps]``: see ``dreamjax --help``."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
     dreamjax.configure_cpu()
     sys.exit(run(_dream))
 
@@ -84,12 +115,6 @@ def run(app) -> int:
               f"(exit status {EXIT_CELLS_FAILED}; reasons in the log and in each cell.json)", file=sys.stderr)
         return EXIT_CELLS_FAILED
     return EXIT_OK
-
-
-def weights_main(argv=None):
-    dreamjax.configure_cpu()
-
-    return weights_cli.main(argv)
 
 
 def collect_main(argv=None):

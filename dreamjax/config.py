@@ -207,11 +207,22 @@ def _walk(cls, node: Any, prefix: str):
 
 
 @dataclasses.dataclass
+class Study:
+    """The model's taps and normalisers for the seed study's four sets (conf/layers/study_set*.yaml)."""
+
+    prefix: str = key("")
+    taps: list = key([], "list_str")
+    scale: list | None = key(None, "list_float", nullable=True)
+
+
+@dataclasses.dataclass
 class Model:
     name: str = key("efficientnet_lite0", doc="backbone (dreamjax.available_backbones())")
+    module: str | None = key(None, nullable=True, doc="imported first: it registers your own backbone")
     weights: str = key("auto", nullable=False, auto=True,
                        doc="auto | random | path to a weights file; checked once at plan time")
     straight_through: bool = key(False, "bool", doc="dream through ReLU6 with a plain-ReLU backward")
+    study: Study = group(Study)
 
 
 @dataclasses.dataclass

@@ -106,7 +106,7 @@ def dream_static(dream: config.Dream) -> tuple[tuple[str, Any], ...]:
 
 def _layer_set(layers: config.LayerSet, backbone: str, key: str = "layers"):
     """(name, taps, effective weights = weights * scale) of one validated layer-weight set."""
-    if layers.backbone and layers.backbone != backbone:
+    if layers.backbone and layers.backbone not in (backbone, backbone.rpartition(":")[2]):
         raise ConfigError(f"{key}={layers.name!r} is a set for backbone {layers.backbone!r} but model={backbone!r}; "
                           f"choose a layer set made for {backbone} (e.g. layers=set1 for inception_v3, "
                           f"layers=lite_balanced for efficientnet_lite0)")
@@ -140,6 +140,10 @@ def cells_from_config(cfg: Mapping | config.Config, paintings: Sequence[str | Pa
     """
     c = config.validate(cfg)
     backbone = c.model.name
+    if c.model.module and ":" not in backbone:
+        # Your own backbone: "module:name" makes every process (launchers, SLURM tasks) import the
+        # module that registers it before looking the name up (dreamjax.models.registry.get_spec).
+        backbone = f"{c.model.module}:{backbone}"
     if layer_sets:
         sets = [_layer_set(ls, backbone, f"layer_sets[{i}]") for i, ls in enumerate(layer_sets)]
         if len({n for n, _, _ in sets}) != len(sets):

@@ -37,6 +37,7 @@ from dreamjax.sweep.executor import (
     Executor,
     Interrupted,
     RunOptions,
+    _expand,
     check_memory,
     loaded_backbone,
     plan_inputs,
@@ -209,7 +210,7 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
             records = ex.run(cells, checkpoint_root=checkpoint_root)
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
-            raise SystemExit(128 + (stop.signum or signal.SIGTERM))  # 130 after Ctrl-C, 143 after SIGTERM
+            raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None  # 130: Ctrl-C, 143: SIGTERM
     ex.compiles.close()
     _final_table(ex, records, Path(stats_path).parent if stats_path else Path(checkpoint_root).parent)
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
@@ -249,8 +250,6 @@ def _command() -> str:
 def _inputs_of(c: config.Config) -> list[str]:
     """``data.paths`` as absolute entries: the same relative paths from two working folders are two
     different sweeps."""
-    from dreamjax.sweep.executor import _expand
-
     paths = [c.data.paths] if isinstance(c.data.paths, str) else c.data.paths
     return [os.path.abspath(os.path.expanduser(_expand(str(p)))) for p in paths]
 
@@ -430,7 +429,7 @@ def build_manifest(sweep_dir: Path, records: list[dict], stale: Sequence[dict] =
     for r in records:
         r.pop("_path", None)
         job_rel = os.path.relpath(r["job_dir"], sweep_dir)
-        rel = lambda p: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
+        rel = lambda p, job_rel=job_rel: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
         outs = {k: ([rel(x) for x in v] if isinstance(v, list) else rel(v)) for k, v in r.get("outputs", {}).items()}
         name = r["painting"]
         if name not in paintings or r.get("status") == "done":
