@@ -5,8 +5,8 @@ import pytest
 from dreamjax.engine import dream
 from dreamjax.engine.dream import (
     CellParams,
-    DreamConfig,
     ConfigError,
+    DreamConfig,
     OctavePlan,
 )
 

@@ -322,7 +322,8 @@ def test_all_cells_failed_exit_code(tmp_path):
 def test_ctrl_c_exit_code_is_130(tmp_path):
     out = tmp_path / "r"
     args = [a for a in TINY if not a.startswith(("checkpoint.", "dream.iterations"))]
-    proc = subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *args, "dream.iterations=20000", "dream.frame_every=0",
+    proc = subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *args, "dream.iterations=20000",
+                             "dream.frame_every=0",
                              "checkpoint.enabled=true", "checkpoint.every_steps=1", f"data.paths={STARRY}",
                              f"hydra.run.dir={out}"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

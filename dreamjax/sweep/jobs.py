@@ -405,7 +405,7 @@ def planned_records(sweep_dir: Path) -> tuple[list[dict], list[dict]] | None:
     except (OSError, ValueError):
         return None
     records, claimed = [], set()
-    for job, entries in sorted(plan_.get("jobs", {}).items(), key=lambda kv: int(kv[0])):
+    for _job, entries in sorted(plan_.get("jobs", {}).items(), key=lambda kv: int(kv[0])):
         for e in entries:
             path = Path(sweep_dir) / e["dir"] / CELL_RECORD
             claimed.add(os.path.normpath(str(path)))
@@ -449,7 +449,7 @@ def build_manifest(sweep_dir: Path, records: list[dict], stale: Sequence[dict] =
         })
     backbones = sorted({c["backbone"] for c in cells if c.get("backbone")})
     weights = sorted({c["weights_id"] for c in cells if c.get("weights_id")})
-    wants = [(r.get("config") or {}).get("analyze") for r in records if (r.get("config") or {}).get("analyze") is not None]
+    wants = [w for w in ((r.get("config") or {}).get("analyze") for r in records) if w is not None]
     return {
         "dreamjax_version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "sweep_dir": str(sweep_dir), "backbone": ", ".join(backbones), "weights_id": ", ".join(weights),
