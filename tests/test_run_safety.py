@@ -336,3 +336,10 @@ def test_ctrl_c_exit_code_is_130(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_layer_sets_that_refer_to_the_model_resolve():
+    c, sets = jobs.check_config(composed(["model=tiny", "layer_sets=[study_set1,tiny_set3]"]))
+    assert [s.name for s in sets] == ["tiny_set1", "tiny_set3"] and sets[0].taps == ["conv1", "conv2", "conv3", "conv4"]
+    with pytest.raises(ConfigError, match=r"layer_sets\[1\]: 'nope' is not a layer set; allowed: .*tiny_set1"):
+        jobs.check_config(composed(["model=tiny", "layer_sets=[tiny_set1,nope]"]))

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -74,7 +75,7 @@ def check_config(cfg) -> tuple[config.Config, list[config.LayerSet] | None]:
     except ValueError:
         raise ConfigError("model.name", "is not a backbone", value=c.model.name,
                           allowed=available_backbones()) from None
-    sets = load_layer_sets(c.layer_sets)
+    sets = load_layer_sets(c.layer_sets, model=dataclasses.asdict(c.model))
     for i, ls in enumerate(sets or [c.layers]):
         k = f"layer_sets[{i}]" if sets else "layers"
         grid._layer_set(ls, spec.name, k)
@@ -124,8 +125,9 @@ def load_weights(model: config.Model):
         raise WeightsError(f"model.weights={model.weights!r} ({model.name}): {msg}"[:1000]) from None
 
 
-def load_layer_sets(names) -> list[config.LayerSet] | None:
-    """``layer_sets=[set1,set2,...]``: several layer-weight sets dreamed in one run (one batch)."""
+def load_layer_sets(names, model: dict | None = None) -> list[config.LayerSet] | None:
+    """``layer_sets=[set1,set2,...]``: several layer-weight sets dreamed in one run (one batch). A set
+    file may refer to the model's keys (``${model.study.taps}``): they resolve against ``model``."""
     if not names:
         return None
 
@@ -142,8 +144,8 @@ def load_layer_sets(names) -> list[config.LayerSet] | None:
         if not f.is_file():
             allowed = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
             raise ConfigError(f"layer_sets[{i}]", "is not a layer set", value=n, allowed=allowed)
-        out.append(config.validate_layer_set(OmegaConf.to_container(OmegaConf.load(f), resolve=True),
-                                             f"layer_sets[{i}]"))
+        node = OmegaConf.create({"model": model or {}, "set": OmegaConf.load(f)})
+        out.append(config.validate_layer_set(OmegaConf.to_container(node, resolve=True)["set"], f"layer_sets[{i}]"))
     return out
 
 
