@@ -20,7 +20,11 @@ kill left half-written when the manager is next opened. ``max_to_keep`` prunes o
 Test-only fault injection: ``DREAMJAX_TEST_KILL_AT=<point>:<n>[:<SIG>]`` makes the process send
 itself SIGKILL (or SIG<SIG>, e.g. USR2 = a SLURM preemption for submitit) the n-th time
 (1-based) it reaches ``fault_point(<point>)``; with ``DREAMJAX_TEST_KILL_ONCE=<file>`` only the
-first process to get there does (the marker file is created). Points: ``step`` (after a
+first process to get there does (the marker file is created). ``<SIG>`` = ``PAUSE`` instead
+sleeps there (signal handlers still run: SLURM's USR2 and SIGTERM reach submitit and the sweep),
+once per SLURM task (or process), with ``DREAMJAX_TEST_PAUSE_DIR=<dir>``: it writes
+``<dir>/<task>.paused`` (the task's SLURM id, ``<array job>_<index>``, else ``pid<pid>``; the
+file holds the pid) and goes on when ``<dir>/<task>.go`` appears (at most 10 minutes). Points: ``step`` (after a
 chunk of steps, before its checkpoint), ``checkpoint`` (an orbax save issued, not finished),
 ``octave`` (an octave just ended, before its checkpoint), ``output`` (a cell's PNGs written,
 its GIF, losses and record not yet).
@@ -58,6 +62,9 @@ def fault_point(name: str) -> None:
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
     if _FAULT_COUNTS[name] != int(n or 1):
         return
+    if sig == "PAUSE":
+        _pause()
+        return
     once = os.environ.get("DREAMJAX_TEST_KILL_ONCE")  # a marker file: fire in one process only
     if once:
         try:
@@ -69,6 +76,24 @@ def fault_point(name: str) -> None:
     for h in logging.getLogger().handlers + log.handlers:
         h.flush()
     os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+
+
+def _pause() -> None:
+    folder = Path(os.environ["DREAMJAX_TEST_PAUSE_DIR"])
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    key = f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
+    try:
+        with open(folder / f"{key}.paused", "x") as f:  # once per task: not again after a requeue
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        return
+    log.warning("DREAMJAX_TEST_KILL_AT=%s: task %s paused until %s exists", os.environ["DREAMJAX_TEST_KILL_AT"],
+                key, folder / f"{key}.go")
+    for h in logging.getLogger().handlers + log.handlers:
+        h.flush()
+    deadline = time.monotonic() + 600
+    while not (folder / f"{key}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @functools.lru_cache(maxsize=None)

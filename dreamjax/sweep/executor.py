@@ -334,6 +334,11 @@ class Executor:
         except Interrupted:
             raise
         except Exception as e:  # one bad batch must not stop the sweep
+            if self.stop_requested():  # raised while stopping (a signal handler, a killed child): not the cells' fault
+                if ckpt is not None:
+                    ckpt.close()
+                raise Interrupted(f"stopped during batch {grid.batch_id(batch)} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
             log.exception("batch of %d cells failed", n_real)
             if ckpt is not None:
                 ckpt.close()

@@ -151,7 +151,7 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
             raise SystemExit(143)
     ex.compiles.close()
-    _final_table(ex, records, Path(stats_path).parent if stats_path else Path(checkpoint_root).parent)
+    _final_table(ex, records, Path(checkpoint_root).parent)  # the sweep (or run) folder
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
     files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
     return records
