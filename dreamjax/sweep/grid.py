@@ -19,7 +19,7 @@ PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
 # ... and those that define the compiled program.
 STATIC_KEYS = ("norm", "objective", "border", "frame_every", "clip", "tile_size", "optimizer",
                "grad_clip", "compute_dtype", "octaves", "num_octaves", "octave_scale", "octave_detail",
-               "memory_budget_gb", "constant_weights", "micro_batch")
+               "memory_budget_gb", "constant_weights", "micro_batch", "tiles")
 KNOWN_DREAM_KEYS = set(PER_CELL_KEYS) | set(STATIC_KEYS) | {"name"}
 
 
@@ -130,6 +130,8 @@ def dream_static(dream: Mapping) -> tuple[tuple[str, Any], ...]:
     elif isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
         raise ConfigError(f"dream.micro_batch={mb!r} must be 'auto' or an integer >= 0 "
                           "(cells per gradient pass; 0 = the whole batch in one pass)")
+    if out.get("tiles") in (None, "cover"):  # the default: left out, so existing cells keep their identity
+        out.pop("tiles", None)
     return tuple(sorted(out.items()))
 
 
