@@ -44,6 +44,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dreamjax import files
+
 log = logging.getLogger("dreamjax")
 FORMAT = 2
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step being written
@@ -187,10 +189,23 @@ def _unflatten_into(run, flat: dict[str, np.ndarray]):
                                    frames=frames_)
 
 
+class _QuietDiskFull(logging.Filter):
+    """orbax logs each failed background write of a full disk with its traceback (dozens per
+    save, from several threads); dreamjax says it once itself (:class:`dreamjax.files.DiskFull`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (files.is_disk_full(exc) or any(t in record.getMessage() for t in files._FULL_TEXT))
+
+
+_QUIET = _QuietDiskFull()
+
+
 class BatchCheckpointer:
     """Save/restore one batch's :class:`DreamRun` with an orbax ``CheckpointManager``."""
 
     def __init__(self, directory: str | Path, meta: dict, *, max_to_keep: int = 2, async_save: bool = True):
+        logging.getLogger("absl").addFilter(_QUIET)  # idempotent: the same filter object
         self.ocp = ocp
         self.directory = Path(directory).absolute()  # orbax wants absolute paths
         self.meta = dict(meta) | {"format": FORMAT, "code": code_version()}
@@ -296,6 +311,18 @@ class BatchCheckpointer:
             finally:
                 self._mngr = None
                 self.seconds += time.perf_counter() - t
+
+    def abandon(self):
+        """After a failed write (a full disk): release the manager and remove the half-written
+        steps; the committed ones stay, so the rerun resumes from them."""
+        try:
+            self.close()
+        except Exception:  # the failed async save surfaces here again
+            self._mngr = None
+        if self.directory.is_dir():
+            for p in self.directory.iterdir():
+                if TMP_MARK in p.name:
+                    shutil.rmtree(p, ignore_errors=True)
 
     def finish(self):
         """The batch's outputs are written: its checkpoints are no longer needed."""

@@ -217,7 +217,16 @@ class Executor:
 
     # --- the whole job ---------------------------------------------------------------------------
     def run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
-        """Dream every cell; returns their records (done, failed or skipped-as-complete)."""
+        """Dream every cell; returns their records (done, failed or skipped-as-complete). A full
+        disk stops the run with :class:`~dreamjax.files.DiskFull` (no cell is marked failed)."""
+        try:
+            return self._run(cells, checkpoint_root)
+        except Exception as e:
+            if files.is_disk_full(e) and not isinstance(e, files.DiskFull):
+                raise files.DiskFull(_out_root(cells, checkpoint_root)) from None
+            raise
+
+    def _run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
         t0 = time.perf_counter()
         records: dict[str, dict] = {}
         complete: set[str] = set()
@@ -335,6 +344,10 @@ class Executor:
         except Interrupted:
             raise
         except Exception as e:  # one bad batch must not stop the sweep
+            if files.is_disk_full(e):  # ... but a full disk stops it, and is not the cells' fault
+                if ckpt is not None:
+                    ckpt.abandon()
+                raise files.DiskFull(_out_root(batch, checkpoint_root)) from None
             if self.stop_requested():  # raised while stopping (a signal handler, a killed child): not the cells' fault
                 if ckpt is not None:
                     ckpt.close()
@@ -351,8 +364,13 @@ class Executor:
                 ckpt.close()  # the in-flight async save is committed before the process goes
             raise
         seconds = {"run": time.perf_counter() - t_start, "compile": self.compiles.seconds - compiles_before}
-        recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
-                if c.id not in complete]
+        try:
+            recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
+                    if c.id not in complete]
+        except Exception as e:
+            if ckpt is not None and files.is_disk_full(e):
+                ckpt.abandon()  # the batch's last checkpoint stays: the rerun writes its cells from it
+            raise
         if ckpt is not None:
             ckpt.finish()
             self.stats["checkpoint_seconds"] = self.stats.get("checkpoint_seconds", 0.0) + ckpt.seconds
@@ -414,6 +432,11 @@ class Executor:
         }
         files.write_json(out / CELL_RECORD, rec)  # last: marks the cell complete
         return rec
+
+
+def _out_root(cells: Sequence[Cell], checkpoint_root) -> Path:
+    """The folder a run writes into (the sweep's, or the single run's), for messages."""
+    return Path(checkpoint_root).parent if checkpoint_root else Path(cells[0].job_dir).parent
 
 
 class Interrupted(RuntimeError):

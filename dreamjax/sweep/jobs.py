@@ -42,6 +42,7 @@ from dreamjax.sweep.executor import (
 
 log = logging.getLogger("dreamjax")
 SWEEP_LOCK = "dreamjax_sweep.json"
+EXIT_DISK_FULL = 74  # sysexits EX_IOERR: stopped on a full disk, nothing failed, the same command resumes
 
 
 def _plain(cfg) -> dict:
@@ -150,11 +151,24 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
             raise SystemExit(143)
+        except files.DiskFull as e:
+            disk_full(e)
     ex.compiles.close()
     _final_table(ex, records, Path(checkpoint_root).parent)  # the sweep (or run) folder
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
-    files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
+    try:
+        files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
+    except OSError as e:
+        if not files.is_disk_full(e):
+            raise
+        disk_full(files.DiskFull(Path(checkpoint_root).parent))
     return records
+
+
+def disk_full(e: files.DiskFull):
+    """Stop once, with one line, on a full disk (exit 74)."""
+    log.error("%s", e)
+    raise SystemExit(EXIT_DISK_FULL)
 
 
 def _final_table(ex: Executor, records: list[dict], out_dir: Path | None = None):
@@ -283,6 +297,15 @@ def collect(sweep_dir: str | Path, *, analyze: bool = True) -> dict:
     records = find_records(sweep_dir)
     if not records:
         raise FileNotFoundError(f"no cell records ({CELL_RECORD}) under {sweep_dir}: nothing to collect")
+    try:
+        return _collect(sweep_dir, records, analyze)
+    except OSError as e:
+        if files.is_disk_full(e):
+            raise files.DiskFull(sweep_dir) from None
+        raise
+
+
+def _collect(sweep_dir: Path, records: list[dict], analyze: bool) -> dict:
     manifest = build_manifest(sweep_dir, records)
     originals = {}
     for name, p in manifest["paintings"].items():

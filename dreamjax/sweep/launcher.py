@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
+from dreamjax import files
 from dreamjax.sweep import jobs as sweep
 
 log = logging.getLogger("dreamjax")
@@ -94,3 +95,5 @@ class SweepReportCallback(Callback):
             sweep.collect(sweep_dir)
         except FileNotFoundError as e:
             log.warning("%s", e)
+        except files.DiskFull as e:
+            sweep.disk_full(e)

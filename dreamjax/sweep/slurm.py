@@ -41,6 +41,7 @@ import submitit
 from hydra.core.utils import configure_log, setup_globals
 from omegaconf import OmegaConf
 
+from dreamjax import files
 from dreamjax.sweep import executor as run
 from dreamjax.sweep import grid
 from dreamjax.sweep import jobs as sweep
@@ -266,6 +267,8 @@ class DreamjaxSlurmLauncher(DreamjaxLauncher):
             sweep.collect(sweep_dir)
         except FileNotFoundError as e:
             log.warning("%s", e)
+        except files.DiskFull as e:
+            sweep.disk_full(e)
         if failed:
             msg = (f"{len(failed)} array tasks failed ({failed}); rerun the same command to resubmit them (they "
                    f"resume from their checkpoints): {sweep._command()}")
