@@ -252,7 +252,12 @@ class Executor:
                     self.stats["cells_failed"] += 1
                 continue
             h, w = p.pixels.shape[:2]
-            buckets.append((c, images.bucket_shape(h, w, c.image_size)))
+            bucket = images.bucket_shape(h, w, c.image_size)
+            note = images.squeeze_note(p.original_size, bucket, c.image_size)
+            if note and note not in p.notes:  # never a silent squeeze: in the record, the manifest, the log
+                log.warning("painting %s: %s", c.painting, note)
+                p = loaded[c.painting_path] = dataclasses.replace(p, notes=p.notes + (note,))
+            buckets.append((c, bucket))
 
         groups = grid.group_cells(buckets)
         self.stats["groups"] += len(groups)
