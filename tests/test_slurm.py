@@ -158,3 +158,34 @@ def test_report_written_once_when_the_launcher_collects(tmp_path, monkeypatch):
     launcher.report_handled(tmp_path / "a")
     launcher.SweepReportCallback().on_multirun_end(cfg)
     assert len(calls) == 1
+
+
+def test_an_error_raised_while_stopping_is_an_interruption_not_failed_cells(tmp_path, monkeypatch):
+    """SLURM's time limit sends USR2 and SIGTERM together: submitit's handler then fails (its
+    ``scontrol requeue`` child is killed too). That error must not mark the batch's cells failed."""
+    import subprocess
+
+    from hydra import compose, initialize_config_dir
+
+    import dreamjax
+    from dreamjax.sweep import executor, grid
+    from tests.conftest import PAINTINGS
+
+    with initialize_config_dir(dreamjax.config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "layers=tiny_set1", "dream=dlwp", "dream.iterations=4",
+                                           "dream.num_octaves=1", "dream.border=0", "data.image_size=64", "checkpoint.every_steps=2",
+                                           "outputs.gif=false"])
+    cells = grid.cells_from_config(cfg, [PAINTINGS / "turner_shipwreck.jpg"], job_dir=tmp_path / "run")
+    stop = {"now": False}
+
+    def signalled(name):
+        if name == "step":
+            stop["now"] = True  # SIGTERM arrived ...
+            raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "5_1"])  # ... and killed the child
+
+    monkeypatch.setattr(executor, "fault_point", signalled)
+    monkeypatch.setattr(executor.checkpoint, "fault_point", signalled)
+    ex = executor.Executor(executor.RunOptions.from_config(cfg), stop_requested=lambda: stop["now"])
+    with pytest.raises(executor.Interrupted, match="CalledProcessError"):
+        ex.run(cells, checkpoint_root=tmp_path / ".checkpoints")
+    assert not list(tmp_path.rglob("cell.json"))  # nothing recorded as failed
