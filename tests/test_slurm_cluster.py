@@ -106,7 +106,9 @@ def test_real_slurm_array_requeue_and_time_limit_equal_a_local_sweep(tmp_path):
                 roles[jid] = ("requeue", "timeout", "run")[min(len(roles), 2)]
                 if roles[jid] == "requeue":
                     _scontrol("requeue", jid)  # SIGTERM now; the task checkpoints once it goes on
-                    time.sleep(1)
+                    until = time.time() + 60
+                    while "SIGTERM received" not in _task_log(sw, jid) and time.time() < until:
+                        time.sleep(0.2)
                     (pause / f"{jid}.go").touch()
                 elif roles[jid] == "timeout":
                     ran_min = _minutes(_job(jid)["RunTime"])
