@@ -32,8 +32,9 @@ def test_a_squeezed_painting_is_noted_in_its_record(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 640, 3), np.uint8)).save(scroll)
     with initialize_config_dir(dreamjax.config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny", "layers=tiny_set1", "dream=dlwp", "dream.iterations=1",
-                                           "dream.num_octaves=1", "dream.border=0", "data.image_size=64", "checkpoint.enabled=false",
-                                           "outputs.gif=false", "outputs.octave_images=false"])
+                                           "dream.num_octaves=1", "dream.border=0", "data.image_size=64",
+                                           "checkpoint.enabled=false", "outputs.gif=false",
+                                           "outputs.octave_images=false"])
     cells = grid.cells_from_config(cfg, [scroll], job_dir=tmp_path / "run")
     (rec,) = Executor(RunOptions.from_config(cfg)).run(cells)
     assert rec["status"] == "done", rec

@@ -195,9 +195,12 @@ def _parity_run(painting: str) -> dict:
         d = dream.Dreamer(bb, dcfg, plan, cell.iterations, variables=f64(bb.dream_variables))
         ours = dream.DreamRun(d, x, params).run().final[0]
         key = np.asarray(params.key)[0]
-        ref = {"kerasio": lambda: keras_io(ref_feats, x[0]),
-               "tf_tutorial": lambda: tf_tutorial(ref_feats, x[0], key, TF_TILE),
-               "google": lambda: google(ref_feats, x[0], key)}[preset]()
+        if preset == "kerasio":
+            ref = keras_io(ref_feats, x[0])
+        elif preset == "tf_tutorial":
+            ref = tf_tutorial(ref_feats, x[0], key, TF_TILE)
+        else:
+            ref = google(ref_feats, x[0], key)
         out[preset] = {"shape_ours": list(ours.shape), "shape_ref": list(ref.shape),
                        "err": float(np.abs(ours - ref).max()) if ours.shape == ref.shape else None,
                        "moved": float(np.abs(ref - _resize(x[0], ref.shape[:2])).max())}

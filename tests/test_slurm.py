@@ -173,8 +173,8 @@ def test_an_error_raised_while_stopping_is_an_interruption_not_failed_cells(tmp_
 
     with initialize_config_dir(dreamjax.config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny", "layers=tiny_set1", "dream=dlwp", "dream.iterations=4",
-                                           "dream.num_octaves=1", "dream.border=0", "data.image_size=64", "checkpoint.every_steps=2",
-                                           "outputs.gif=false"])
+                                           "dream.num_octaves=1", "dream.border=0", "data.image_size=64",
+                                           "checkpoint.every_steps=2", "outputs.gif=false"])
     cells = grid.cells_from_config(cfg, [PAINTINGS / "turner_shipwreck.jpg"], job_dir=tmp_path / "run")
     stop = {"now": False}
 

@@ -466,7 +466,8 @@ def dream_settings(cell: Cell, bb, shape, batch: int = 1):
     cfg = dream.DreamConfig(
         taps=bb.check_taps(cell.taps), norm=s["norm"], objective=s["objective"], border=int(s["border"]),
         frame_every=int(s["frame_every"] or 0), clip=bool(s["clip"]), value_range=tuple(bb.value_range),
-        tile_size=int(tile), tiles=s.get("tiles") or "cover", optimizer=s["optimizer"], grad_clip=float(s["grad_clip"] or 0),
+        tile_size=int(tile), tiles=s.get("tiles") or "cover", optimizer=s["optimizer"],
+        grad_clip=float(s["grad_clip"] or 0),
         compute_dtype=s["compute_dtype"], straight_through=cell.straight_through,
         constant_weights=bool(s.get("constant_weights") or False), micro_batch=micro_batch)
     return cfg, plan

@@ -150,7 +150,7 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
             records = ex.run(cells, checkpoint_root=checkpoint_root)
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
-            raise SystemExit(143)
+            raise SystemExit(143) from None
         except files.DiskFull as e:
             disk_full(e)
     ex.compiles.close()
