@@ -256,7 +256,7 @@ def build_manifest(sweep_dir: Path, records: list[dict]) -> dict:
     cells, paintings = [], {}
     for r in records:
         job_rel = os.path.relpath(r["job_dir"], sweep_dir)
-        rel = lambda p: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
+        rel = lambda p, job_rel=job_rel: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
         outs = {k: ([rel(x) for x in v] if isinstance(v, list) else rel(v)) for k, v in r.get("outputs", {}).items()}
         name = r["painting"]
         if name not in paintings or r.get("status") == "done":
