@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dreamjax import files
-from tests.test_resume import assert_complete_and_identical, cli, reference  # noqa: F401
+from tests.helpers import assert_complete_and_identical, cli
 
 
 def test_disk_full_is_recognised_in_every_form():
@@ -47,7 +47,7 @@ def _mount_tmpfs(where: Path, size: str) -> str | None:
 
 
 @pytest.mark.slow
-def test_full_disk_stops_once_and_the_same_command_finishes(reference, tmp_path):  # noqa: F811
+def test_full_disk_stops_once_and_the_same_command_finishes(reference, tmp_path):
     disk = tmp_path / "disk"
     why = _mount_tmpfs(disk, "2m")
     if why:

@@ -169,7 +169,7 @@ def test_an_error_raised_while_stopping_is_an_interruption_not_failed_cells(tmp_
 
     import dreamjax
     from dreamjax.sweep import executor, grid
-    from tests.conftest import PAINTINGS
+    from tests.helpers import PAINTINGS
 
     with initialize_config_dir(dreamjax.config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny", "layers=tiny_set1", "dream=dlwp", "dream.iterations=4",

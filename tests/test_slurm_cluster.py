@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PAINTINGS
-from tests.test_resume import assert_complete_and_identical, cli
+from tests.helpers import PAINTINGS, assert_complete_and_identical, cli
 
 THREE = [PAINTINGS / f"{n}.jpg" for n in ("kandinsky_composition_vii", "turner_shipwreck", "monet_water_lilies_1919")]
 # All three paintings share the 128x192 bucket, so the local run's batches are the tasks' batches.
