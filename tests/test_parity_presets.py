@@ -177,7 +177,7 @@ def _parity_run(painting: str) -> dict:
     bb = load_backbone("tiny", weights="random")
     pixels = images.load_painting(painting).pixels
     f64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
-    feats = jax.jit(lambda v, im: bb.feature_fn(("conv2", "conv3"), dream=False, dtype="float64")(v, im))
+    feats = jax.jit(lambda v, im: bb.feature_fn(("conv2", "conv3"), straight_through=False, dtype="float64")(v, im))
     variables = f64(bb.variables)
     ref_feats = lambda im: feats(variables, im)  # noqa: E731
 
