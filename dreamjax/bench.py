@@ -45,7 +45,10 @@ TINY_TAPS = ("conv2", "conv3", "conv4")
 VARIANTS = {
     "devloop": {"device_loop": True},  # the device while_loop (the engine's default)
     "hostloop": {"device_loop": False},
-    "bf16": {"compute_dtype": "bfloat16"},
+    "bf16": {"compute_dtype": "bfloat16"},  # XLA with bfloat16 activations (no AMX path: slower)
+    "onednn": {"cpu_kernels": "onednn"},  # oneDNN bfloat16 convolutions (AMX), float32 elsewhere
+    "onednn_f32": {"cpu_kernels": "onednn_f32"},
+    "xla": {"cpu_kernels": "xla"},
     "mb1": {"micro_batch": 1},  # the batch's gradient in passes of 1 / 2 / 4 cells (one program)
     "mb2": {"micro_batch": 2},
     "mb4": {"micro_batch": 4},
@@ -115,7 +118,7 @@ def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
     return TINY_TAPS, (1.0, 1.5, 2.0)
 
 
-def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None):
+def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None, cpu_kernels="xla"):
     """The DLwP preset's static settings; ``micro_batch`` None = what ``run.py`` picks (per platform)."""
     from dreamjax.dream import DreamConfig
     from dreamjax.run import auto_micro_batch
@@ -123,7 +126,8 @@ def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None
     taps, _ = default_taps(backbone)
     mb = auto_micro_batch() if micro_batch is None else micro_batch
     return DreamConfig(taps=taps, norm="l2", objective="mean_square", border=2, frame_every=0,
-                       clip=False, tile_size=tile_size, compute_dtype=compute_dtype, micro_batch=mb)
+                       clip=False, tile_size=tile_size, compute_dtype=compute_dtype, micro_batch=mb,
+                       cpu_kernels=cpu_kernels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ class EngineCase:
     while_loop (True) or the host step loop (False); None = the engine's default."""
 
     def __init__(self, backbone, size: int, batch: int, steps: int, compute_dtype="float32",
-                 tile_size=0, height=None, device_loop=None, micro_batch=None):
+                 tile_size=0, height=None, device_loop=None, micro_batch=None, cpu_kernels="xla"):
         import jax
         import jax.numpy as jnp
 
@@ -143,8 +147,9 @@ class EngineCase:
 
         self.size, self.batch, self.steps = size, batch, steps
         h, w = (height or size), size
-        cfg = dlwp_config(backbone, compute_dtype, tile_size, micro_batch)
+        cfg = dlwp_config(backbone, compute_dtype, tile_size, micro_batch, cpu_kernels)
         self.micro_batch = cfg.micro_batch
+        self.cpu_kernels = cpu_kernels
         _, weights = default_taps(backbone)
         self.dreamer = Dreamer(backbone, cfg, OctavePlan(), steps_capacity=steps)
         if device_loop is not None:
@@ -278,6 +283,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 from tensorflow import keras
+POLICY = os.environ.get("DREAMJAX_TF_POLICY", "float32")
+if POLICY != "float32":  # e.g. mixed_bfloat16: the one-line TF speed-up (before the model is built)
+    keras.mixed_precision.set_global_policy(POLICY)
 base = keras.applications.InceptionV3(weights=None, include_top=False)
 layer_settings = {"mixed4": 1.0, "mixed5": 1.5, "mixed6": 2.0, "mixed7": 2.5}
 outs = {n: base.get_layer(n).output for n in layer_settings}
@@ -288,7 +296,7 @@ def compute_loss(x):
     loss = tf.zeros(shape=())
     for name in features.keys():
         c = layer_settings[name]
-        a = features[name]
+        a = tf.cast(features[name], tf.float32)
         loss += c * tf.reduce_mean(tf.square(a[:, 2:-2, 2:-2, :]))
     return loss
 
@@ -302,7 +310,7 @@ def gradient_ascent_step(image, learning_rate):
     image += learning_rate * grads
     return loss, image
 
-print(json.dumps({"ready": True, "tf": tf.__version__}), flush=True)
+print(json.dumps({"ready": True, "tf": tf.__version__, "policy": POLICY}), flush=True)
 warm = set()
 for line in sys.stdin:
     req = json.loads(line)
@@ -330,11 +338,15 @@ for line in sys.stdin:
 
 
 class TFWorker:
-    def __init__(self, python: str):
+    """The DLwP notebook step in a TensorFlow interpreter; ``policy`` is a Keras mixed-precision
+    policy (``float32``, ``mixed_bfloat16``)."""
+
+    def __init__(self, python: str, policy: str = "float32"):
         self.dir = tempfile.mkdtemp(prefix="dreamjax_tfbench_")
         path = Path(self.dir) / "tf_worker.py"
         path.write_text(TF_WORKER)
-        env = dict(os.environ, KERAS_BACKEND="tensorflow")  # ours is jax; the notebook's Keras runs on TF
+        # ours is jax; the notebook's Keras runs on TF
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", DREAMJAX_TF_POLICY=policy)
         self.proc = subprocess.Popen([python, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1, env=env)
         line = self.proc.stdout.readline()
@@ -398,7 +410,7 @@ def measure_rss(backbone: str, weights: str, size: int, batch: int, steps: int =
 # ----------------------------------------------------------------------------------------------
 def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256, 512), batches=(1, 4, 8),
                      repeats=3, steps=3, keras=False, tf_python=None, rss=False, compute_dtype="float32",
-                     tiled=None, tile_size=512, peak_n=2048, variants=(), log=print) -> dict:
+                     tiled=None, tile_size=512, peak_n=2048, variants=(), tf_mixed=True, log=print) -> dict:
     """Interleaved, repeated timing of batched / per-cell / Keras / TF modes. Returns a JSON-able dict.
 
     variants: extra batched modes from :data:`VARIANTS` (e.g. "devloop", "bf16"), timed in the
@@ -412,10 +424,12 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
     info = machine_info()
     peak = matmul_peak(peak_n)
     log(f"float32 matmul peak ({peak_n}^3, best of 10): {peak['gflops_best']:.1f} GFLOP/s")
-    tfw = None
+    tfw = tfm = None
     if tf_python:
         tfw = TFWorker(tf_python)
         info["tensorflow"] = tfw.version
+        if tf_mixed:
+            tfm = TFWorker(tf_python, "mixed_bfloat16")
     if keras:
         os.environ.setdefault("KERAS_BACKEND", "jax")
         import keras as _k
@@ -434,6 +448,7 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
             tf_compile = None
             if tfw is not None:
                 tf_compile = tfw.request(size, 1, 1).get("compile_seconds")
+            tfm_compile = tfm.request(size, 1, 1).get("compile_seconds") if tfm is not None else None
             # ---- interleaved repeats ----
             times: dict[tuple[str, int], list[float]] = {}
             for r in range(repeats):
@@ -449,6 +464,8 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
                     if tfw is not None:
                         res = tfw.request(size, steps, b)
                         times.setdefault(("tf", b), []).append(res["seconds"])
+                    if tfm is not None:
+                        times.setdefault(("tf_bf16", b), []).append(tfm.request(size, steps, b)["seconds"])
                 log(f"  size {size}: repeat {r + 1}/{repeats} done (load {os.getloadavg()[0]:.2f})")
             # ---- rows ----
             for (mode, b), ts in times.items():
@@ -459,7 +476,9 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
                        "seconds_per_step": summary(per_step),
                        "cell_steps_per_s": summary(cps)}
                 if mode.startswith("batched") or mode == "per_cell":
-                    fl = c.flops_per_step * (b if mode == "per_cell" else 1)
+                    # XLA counts no FLOPs in a custom call: oneDNN variants do the XLA program's work.
+                    flops = cases[b].flops_per_step if "onednn" in mode else c.flops_per_step
+                    fl = flops * (b if mode == "per_cell" else 1)
                     achieved = [fl / t for t in per_step]
                     row.update(compile_seconds=c.compile_seconds, compilations=c.compilations,
                                programs=1, flops_per_step=fl,
@@ -469,16 +488,25 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
                 elif mode == "keras":
                     row.update(compile_seconds=kcase.compile_seconds, compilations=kcase.compilations,
                                programs=1, weights="keras random init (speed only)")
-                elif mode == "tf":
-                    row.update(compile_seconds=tf_compile, weights="keras random init (speed only)")
+                elif mode in ("tf", "tf_bf16"):
+                    row.update(compile_seconds=tf_compile if mode == "tf" else tfm_compile,
+                               policy="float32" if mode == "tf" else "mixed_bfloat16",
+                               weights="keras random init (speed only)")
                 rows.append(row)
             for b in batches:
                 base = times[("batched", b)]
-                for other in ("per_cell", "keras", "tf", *(f"batched_{v}" for v in variants)):
+                for other in ("per_cell", "keras", "tf", "tf_bf16", *(f"batched_{v}" for v in variants)):
                     if (other, b) in times:
                         # throughput ratio batched / other, paired by repeat
                         rr = [o / t for t, o in zip(base, times[(other, b)])]
                         ratios.append({"size": size, "batch": b, "vs": other, "ratio": summary(rr)})
+                        # ... and each variant against the TF anchors (the acceptance ratios)
+                for v in variants:
+                    for anchor in ("tf", "tf_bf16"):
+                        if (anchor, b) in times:
+                            rr = [a / t for t, a in zip(times[(f"batched_{v}", b)], times[(anchor, b)])]
+                            ratios.append({"size": size, "batch": b, "mode": f"batched_{v}", "vs": anchor,
+                                           "ratio": summary(rr)})
             if rss:
                 for b in batches:
                     m = measure_rss(backbone_name, weights, size, b, 1, compute_dtype)
@@ -489,8 +517,9 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
             del cases, vcases, one, kcase
             jax.clear_caches()
     finally:
-        if tfw is not None:
-            tfw.close()
+        for w in (tfw, tfm):
+            if w is not None:
+                w.close()
     out = {"kind": "engine", "backbone": backbone_name, "weights": weights, "compute_dtype": compute_dtype,
            "steps_per_call": steps, "repeats": repeats, "machine": info, "matmul_peak": peak,
            "rows": rows, "ratios": ratios}
@@ -506,7 +535,8 @@ def format_engine_table(res: dict) -> str:
     lines = [f"backbone {res['backbone']} ({res['weights']}), compute {res['compute_dtype']}, "
              f"{res['steps_per_call']} steps/call, {res['repeats']} repeats; "
              f"f32 matmul peak {res['matmul_peak']['gflops_best']:.1f} GFLOP/s; "
-             f"XLA_FLAGS={res['machine']['XLA_FLAGS'] or '-'}"]
+             f"XLA_FLAGS={res['machine']['XLA_FLAGS'] or '-'}; load {res['machine']['loadavg_start'][0]:.2f} -> "
+             f"{res['machine'].get('loadavg_end', [float('nan')])[0]:.2f}"]
     hdr = (f"{'size':>5} {'B':>3} {'mode':<9} {'compile s':>9} {'s/step med':>10} "
            f"{'cell-steps/s min/med/max':>26} {'GFLOP/step':>10} {'GFLOP/s med':>11} {'%peak':>6} {'RSS MiB':>8}")
     lines += [hdr, "-" * len(hdr)]
@@ -526,10 +556,11 @@ def format_engine_table(res: dict) -> str:
             f"{r.get('peak_rss_mib', float('nan')):>8.0f}")
     if res["ratios"]:
         lines.append("")
-        lines.append("throughput ratio batched / other (paired by repeat): min / median / max")
+        lines.append("throughput ratio batched (or the named mode) / other (paired by repeat): min / median / max")
         for q in res["ratios"]:
             s = q["ratio"]
-            lines.append(f"  size {q['size']:>4} B={q['batch']:<2} vs {q['vs']:<16} "
+            who = q.get("mode", "batched").replace("batched_", "b_")
+            lines.append(f"  size {q['size']:>4} B={q['batch']:<2} {who:<12} vs {q['vs']:<16} "
                          f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}")
     if "tiled" in res:
         t = res["tiled"]

@@ -19,7 +19,7 @@ PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
 # ... and those that define the compiled program.
 STATIC_KEYS = ("norm", "objective", "border", "frame_every", "clip", "tile_size", "optimizer",
                "grad_clip", "compute_dtype", "octaves", "num_octaves", "octave_scale", "octave_detail",
-               "memory_budget_gb", "constant_weights", "micro_batch")
+               "memory_budget_gb", "constant_weights", "micro_batch", "cpu_kernels")
 KNOWN_DREAM_KEYS = set(PER_CELL_KEYS) | set(STATIC_KEYS) | {"name"}
 
 

@@ -28,7 +28,10 @@ def main(argv=None):
     p.add_argument("--matmul-precision", default=None, help="jax_default_matmul_precision")
     p.add_argument("--tiled", type=int, default=0, help="also dream one NxN image tiled, report peak RSS")
     p.add_argument("--tile-size", type=int, default=512)
-    p.add_argument("--variants", nargs="*", default=[], help="extra batched modes: devloop hostloop bf16")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="extra batched modes: devloop hostloop bf16 onednn onednn_f32 (dreamjax.bench.VARIANTS)")
+    p.add_argument("--no-tf-mixed", action="store_true",
+                   help="with --tf-python: skip the TF mixed_bfloat16 anchor (timed beside TF float32 by default)")
     p.add_argument("--memory-only", action="store_true",
                    help="only peak RSS per (size, batch) and --tiled, each in a fresh process")
     p.add_argument("--json", default=None, help="write results here")
@@ -47,7 +50,8 @@ def main(argv=None):
         return
     res = bench.run_engine_bench(a.backbone, a.weights, a.sizes, a.batch, a.repeats, a.steps, keras=a.keras,
                                  tf_python=a.tf_python, rss=a.rss, compute_dtype=a.compute_dtype,
-                                 tiled=a.tiled or None, tile_size=a.tile_size, variants=a.variants)
+                                 tiled=a.tiled or None, tile_size=a.tile_size, variants=a.variants,
+                                 tf_mixed=not a.no_tf_mixed)
     res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
     res["matmul_precision"] = a.matmul_precision
     print(bench.format_engine_table(res))

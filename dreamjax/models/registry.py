@@ -97,7 +97,7 @@ class Backbone:
         self.dtype = jnp.dtype(dtype)
         self.module = spec.build(include_top=include_top, dtype=self.dtype, dream=False)
         self._jitted: dict = {}
-        self._dream_variables = None
+        self._dream_variables: dict = {}
 
     # --- facts -----------------------------------------------------------------------------
     name = property(lambda self: self.spec.name)
@@ -126,13 +126,20 @@ class Backbone:
     def dream_variables(self):
         """``variables`` plus what the dream path precomputes once per backbone (the backward
         kernels of :mod:`dreamjax.models.ops`); made on first use, ~1 s for InceptionV3."""
-        if self._dream_variables is None:
-            from dreamjax.models.ops import prepare_dream_variables
+        return self.dream_variables_for("xla")
 
+    def dream_variables_for(self, kernels: str = "auto"):
+        """:attr:`dream_variables` for the convolution kernels ``auto|xla|onednn|onednn_f32``
+        (``ops.resolve_kernels``); the variables themselves select the kernel that runs."""
+        from dreamjax.models.ops import prepare_dream_variables, resolve_kernels
+
+        kernels = resolve_kernels(kernels)
+        if kernels not in self._dream_variables:
             module = self.spec.build(include_top=False, dtype=jnp.float32, dream=True)
             size = self.spec.min_size
-            self._dream_variables = prepare_dream_variables(module, self.variables, (1, size, size, 3))
-        return self._dream_variables
+            self._dream_variables[kernels] = prepare_dream_variables(module, self.variables, (1, size, size, 3),
+                                                                     kernels=kernels)
+        return self._dream_variables[kernels]
 
     def param_count(self) -> int:
         return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(self.variables["params"])))

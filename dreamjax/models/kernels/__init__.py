@@ -158,7 +158,11 @@ def status() -> Status:
 def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool = False):
     """``act(conv(x, kernel) + bias)`` through oneDNN: NHWC ``x``, HWIO ``kernel``, both bfloat16
     (f32 accumulation) or both float32; the result is float32. ``pads`` are explicit
-    ((top, bottom), (left, right)). Call :func:`status` first: this assumes the target exists."""
+    ((top, bottom), (left, right)). Raises ``RuntimeError`` (with :func:`status`'s reason) where
+    the kernel cannot run."""
+    st = status()
+    if not st.available:
+        raise RuntimeError(f"the oneDNN convolution kernel cannot run here: {st.reason}")
     n, h, w, c = x.shape
     kh, kw, ci, o = kernel.shape
     assert ci == c and x.dtype == kernel.dtype, (x.shape, x.dtype, kernel.shape, kernel.dtype)
