@@ -693,3 +693,83 @@ def run_memory_bench(backbone_name="inception_v3", weights="random", sizes=(256,
         log(f"  tiled {tiled}x{tiled} (tile {tile_size}): peak RSS {t['peak_rss_gib']:.2f} GiB, "
             f"one step {t['seconds']:.1f} s, compile {t['compile_seconds']:.1f} s")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cold start: whole processes, start-up included
+# ----------------------------------------------------------------------------------------------
+def cold_cli_overrides(painting: str, long_side: int, run_dir: str, iterations: int = 30) -> list[str]:
+    """The dreamjax CLI run that does what ``scripts/dlwp_notebook_tf.py`` does: InceptionV3 with
+    random weights, DLwP preset (3 octaves x 30 steps), one painting at ``long_side``."""
+    return ["model=inception_v3", "model.weights=random", "layers=set1", "dream=dlwp",
+            f"dream.iterations={iterations}", f"data.paths=[{painting}]", f"data.image_size={long_side}",
+            "outputs.gif=false", "outputs.octave_images=false", "checkpoint.enabled=false", "analyze=false",
+            f"hydra.run.dir={run_dir}"]
+
+
+def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 256, repeats: int = 3,
+                         kernels: Sequence[str] = ("xla", "auto"), iterations: int = 30, log=print) -> dict:
+    """Wall seconds of whole processes, interleaved over ``repeats``: the dreamjax CLI with an empty
+    compilation cache (``cold``) and again with that cache (``warm``), once per ``dream.cpu_kernels``
+    choice, against the DLwP notebook as a script on TensorFlow (``tf_python``). The oneDNN
+    extension itself is built before timing (it is built once per machine, not per run)."""
+    from dreamjax.models import kernels as onednn
+
+    info = machine_info()
+    info["onednn"] = onednn.status().reason
+    root = Path(tempfile.mkdtemp(prefix="dreamjax_cold_"))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "dlwp_notebook_tf.py"
+    times: dict[str, list[float]] = {}
+    try:
+        for r in range(repeats):
+            for k in kernels:
+                cache = root / f"cache_{k}_{r}"
+                for phase in ("cold", "warm"):
+                    run_dir = root / f"run_{k}_{r}_{phase}"
+                    env = dict(os.environ, DREAMJAX_JAX_CACHE=str(cache))
+                    cmd = [sys.executable, "-m", "dreamjax.cli",
+                           *cold_cli_overrides(painting, long_side, str(run_dir), iterations),
+                           f"dream.cpu_kernels={k}"]
+                    t0 = time.perf_counter()
+                    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    dt = time.perf_counter() - t0
+                    if p.returncode != 0:
+                        raise RuntimeError(f"dreamjax CLI failed ({p.returncode}): {p.stderr[-2000:]}")
+                    times.setdefault(f"dreamjax_{k}_{phase}", []).append(dt)
+                    stats = list(run_dir.rglob("run_stats.json"))
+                    if stats:
+                        d = json.loads(stats[0].read_text())
+                        times.setdefault(f"dreamjax_{k}_{phase}_compilations", []).append(d.get("compilations", 0))
+                        times.setdefault(f"dreamjax_{k}_{phase}_compile_seconds", []).append(
+                            d.get("compile_seconds", 0.0))
+            if tf_python:
+                t0 = time.perf_counter()
+                p = subprocess.run([tf_python, str(script), painting, "--long-side", str(long_side),
+                                    "--iterations", str(iterations), "--out", str(root / f"tf_{r}.png")],
+                                   capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise RuntimeError(f"TF notebook script failed ({p.returncode}): {p.stderr[-2000:]}")
+                times.setdefault("tf_notebook", []).append(time.perf_counter() - t0)
+            log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()
+                                                          if not k.endswith(("compilations", "seconds"))))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out = {"kind": "cold_start", "painting": painting, "long_side": long_side, "iterations": iterations,
+           "repeats": repeats, "machine": info, "wall_seconds": {k: summary(v) for k, v in times.items()}}
+    if "tf_notebook" in times:
+        out["tf_over_dreamjax"] = {k[len("dreamjax_"):]: summary([t / d for t, d in zip(times["tf_notebook"], v)])
+                                   for k, v in times.items()
+                                   if k.startswith("dreamjax_") and k.endswith(("_cold", "_warm"))}
+    out["machine"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def format_cold_table(res: dict) -> str:
+    lines = [f"cold start, whole processes: {res['painting']} at long side {res['long_side']}, "
+             f"{res['iterations']} steps x 3 octaves, {res['repeats']} repeats; load "
+             f"{res['machine']['loadavg_start'][0]:.2f} -> {res['machine']['loadavg_end'][0]:.2f}"]
+    for k, s in res["wall_seconds"].items():
+        lines.append(f"  {k:<42} {s['min']:8.2f} / {s['median']:8.2f} / {s['max']:8.2f}")
+    for k, s in res.get("tf_over_dreamjax", {}).items():
+        lines.append(f"  TF notebook / dreamjax {k:<20} {s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}  (>1: dreamjax faster)")
+    return "\n".join(lines)

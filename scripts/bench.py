@@ -3,6 +3,9 @@
 
   python scripts/bench.py --backbone inception_v3 --sizes 256 512 --batch 1 4 8 --repeats 3 \
       --keras [--tf-python /tmp/tfvenv/bin/python] [--rss] [--tiled 4096] --json results/bench/engine_cpu.json
+  python scripts/bench.py --backbone inception_v3 --sizes 512 --batch 1 --variants onednn \
+      --tf-python /tmp/tfvenv/bin/python --json results/bench/engine_cpu_onednn.json   # + TF mixed_bfloat16
+  python scripts/bench.py --cold-start --tf-python /tmp/tfvenv/bin/python --repeats 3 --json results/bench/cold_start_cpu.json
 
 Logic lives in dreamjax/bench.py. Set XLA_FLAGS in the environment to study XLA options.
 """
@@ -34,6 +37,12 @@ def main(argv=None):
                    help="with --tf-python: skip the TF mixed_bfloat16 anchor (timed beside TF float32 by default)")
     p.add_argument("--memory-only", action="store_true",
                    help="only peak RSS per (size, batch) and --tiled, each in a fresh process")
+    p.add_argument("--cold-start", action="store_true",
+                   help="whole processes: the dreamjax CLI (empty compilation cache, then warm) vs the DLwP "
+                        "notebook script on TF (--tf-python), InceptionV3 random weights, one painting")
+    p.add_argument("--painting", default=None, help="--cold-start: the painting (default: a bundled one)")
+    p.add_argument("--long-side", type=int, default=256, help="--cold-start: the dream's long side")
+    p.add_argument("--kernels", nargs="+", default=["xla", "auto"], help="--cold-start: dream.cpu_kernels values")
     p.add_argument("--json", default=None, help="write results here")
     a = p.parse_args(argv)
 
@@ -43,6 +52,18 @@ def main(argv=None):
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     from dreamjax import bench
 
+    if a.cold_start:
+        from pathlib import Path
+
+        import dreamjax
+
+        painting = a.painting or str(Path(dreamjax.__file__).parent / "data" / "paintings" / "van_gogh_starry_night.jpg")
+        res = bench.run_cold_start_bench(a.tf_python, painting, a.long_side, a.repeats, a.kernels)
+        res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
+        print(bench.format_cold_table(res))
+        if a.json:
+            bench.write_json(a.json, res)
+        return
     if a.memory_only:
         res = bench.run_memory_bench(a.backbone, a.weights, a.sizes, a.batch, a.tiled or None, a.tile_size)
         if a.json:
