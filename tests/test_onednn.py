@@ -195,6 +195,9 @@ def test_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
 
 def test_other_platforms_and_bad_choices():
     assert ops.resolve_kernels("xla") == "xla"
+    assert ops.resolve_kernels("auto", "cpu", devices=2) == "xla"  # no partitioning rule for the call
+    with pytest.raises(ops.KernelsUnavailable, match="one device only"):
+        ops.resolve_kernels("onednn", "cpu", devices=2)
     assert ops.resolve_kernels("auto", "gpu") == "xla"
     with pytest.raises(ops.KernelsUnavailable, match="CPUs only"):
         ops.resolve_kernels("onednn", "gpu")

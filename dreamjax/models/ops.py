@@ -199,12 +199,13 @@ def _onednn_bwd(strides, pads, in_hw, res, g):
 conv_onednn.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)
 
 
-def resolve_kernels(choice: str = "auto", platform: str | None = None) -> str:
+def resolve_kernels(choice: str = "auto", platform: str | None = None, devices: int | None = None) -> str:
     """``auto|xla|onednn|onednn_f32`` -> the kernel that runs here (``xla``, ``onednn`` or ``onednn_f32``).
 
     ``auto`` takes oneDNN bfloat16 on a CPU backend whose CPU has bfloat16 instructions and where
-    the extension builds and loads, else XLA (one log line says why). Asking for ``onednn`` where it
-    cannot run raises :class:`KernelsUnavailable` with the reason.
+    the extension builds and loads and the batch is not sharded over several devices, else XLA (one
+    log line says why). Asking for ``onednn`` where it cannot run raises :class:`KernelsUnavailable`
+    with the reason.
     """
     if choice not in KERNELS:
         raise ValueError(f"cpu_kernels={choice!r}: expected one of {', '.join(KERNELS)}")
@@ -216,8 +217,14 @@ def resolve_kernels(choice: str = "auto", platform: str | None = None) -> str:
             raise KernelsUnavailable(f"cpu_kernels={choice}: the oneDNN kernel runs on CPUs only "
                                      f"(JAX backend here: {platform})")
         return "xla"
+    if devices is None:
+        devices = jax.local_device_count()
     st = onednn.status()
     need_bf16 = choice in ("auto", "onednn")
+    if devices > 1:
+        # The custom call has no partitioning rule: a batch sharded over several (forced host)
+        # devices would be gathered onto each of them.
+        st = onednn.Status(False, False, f"the batch is sharded over {devices} CPU devices (one device only)")
     if st.available and (st.bf16 or not need_bf16):
         return "onednn" if choice == "auto" else choice
     why = st.reason if not st.available else "this CPU has no bfloat16 instructions (AMX / AVX512-BF16)"
