@@ -34,6 +34,12 @@ BF16_TOL = 1e-2
 BF16_GRAD_L2_TOL = 0.1
 
 
+@pytest.fixture(autouse=True)
+def every_size_on_onednn(monkeypatch):
+    """The test convolutions are tiny: send them to oneDNN whatever their size."""
+    monkeypatch.setattr(ops, "ONEDNN_MIN_FLOPS", 0)
+
+
 def _need_onednn(bf16=False):
     st = kernels.status()
     if not st.available:
@@ -158,6 +164,19 @@ def no_onednn(monkeypatch):
     monkeypatch.setattr(ops, "_told_fallback", [])
     yield
     kernels._status = None  # the real status is found again by the next caller
+
+
+def test_small_convolutions_stay_on_xla(monkeypatch):
+    _need_onednn()
+    monkeypatch.setattr(ops, "ONEDNN_MIN_FLOPS", 1e12)
+    m = ops.Conv2D(4, (3, 3))
+    x = jnp.ones((1, 8, 8, 3), jnp.float32)
+    v = ops.prepare_dream_variables(m, m.init(jax.random.PRNGKey(0), x), x.shape, kernels="onednn")
+    hlo = jax.jit(jax.value_and_grad(lambda x: m.apply(v, x).sum())).lower(x).as_text()
+    assert kernels.TARGET not in hlo
+    monkeypatch.setattr(ops, "ONEDNN_MIN_FLOPS", 0)
+    hlo = jax.jit(jax.value_and_grad(lambda x: m.apply(v, x).sum())).lower(x).as_text()
+    assert hlo.count(kernels.TARGET) == 2, "forward and input gradient"
 
 
 def test_fallback_to_xla_when_the_extension_is_absent(no_onednn, tiny_backbone, caplog):

@@ -26,8 +26,8 @@ On CPUs the convolutions can run through oneDNN instead of XLA (:mod:`dreamjax.m
 an XLA FFI custom call: bfloat16 on AMX / AVX512-BF16 with float32 accumulation, or float32).
 Which kernel runs is a property of the dream variables, not of the code above the models:
 ``prepare_dream_variables(..., kernels="onednn")`` stores each convolution's forward and backward
-kernels in the kernel's dtype (``kernel_onednn``, ``kernel_bwd``), and :class:`Conv2D` takes the
-oneDNN path when it finds them. The input gradient is again a forward convolution with the
+kernels in the kernel's dtype (``kernel_onednn``, ``kernel_bwd_onednn``), and :class:`Conv2D` takes
+the oneDNN path when it finds them and the convolution is large enough (``ONEDNN_MIN_FLOPS``). The input gradient is again a forward convolution with the
 backward kernel, so one custom call serves both directions; depthwise convolutions stay on XLA
 (the slice form above). :func:`resolve_kernels` turns ``auto|xla|onednn`` into what runs here.
 """
@@ -237,6 +237,21 @@ def resolve_kernels(choice: str = "auto", platform: str | None = None, devices: 
     return "xla"
 
 
+# Below this many FLOPs per call a convolution stays on XLA even with oneDNN kernels: a oneDNN call
+# costs ~45 us on top (SYCL queue round trip, weight reorder), and AMX tiles waste most of their
+# width on few channels. Measured under load on the 2-core CPU (1x1 convolutions at Lite0 shapes):
+# 15-22 MFLOP ran 0.5x XLA's speed, 30 MFLOP level, 40 MFLOP 2.8-3.9x; 3x3 at >= 230 MFLOP 3.9-5.6x.
+ONEDNN_MIN_FLOPS = 25e6
+
+
+def _conv_flops(x_shape, kernel_shape, strides, pads) -> float:
+    n, h, w, _ = x_shape
+    kh, kw, ci, o = kernel_shape
+    ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+    wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+    return 2.0 * n * ho * wo * kh * kw * ci * o
+
+
 class KernelsUnavailable(RuntimeError):
     """``onednn`` kernels were asked for where they cannot run (the message says why)."""
 
@@ -273,8 +288,9 @@ class Conv2D(nn.Module):
             self.variable(DREAM, "kernel_bwd", lambda: backward_kernel(kernel, groups))
             if groups == 1:  # marks the convolutions oneDNN may run; kept or dropped by prepare_dream_variables
                 self.variable(DREAM, "kernel_onednn", lambda: kernel)
-        if self.has_variable(DREAM, "kernel_onednn") and not self.is_mutable_collection(DREAM):
-            kf, kb = self.get_variable(DREAM, "kernel_onednn"), self.get_variable(DREAM, "kernel_bwd")
+        if (self.has_variable(DREAM, "kernel_onednn") and not self.is_mutable_collection(DREAM)
+                and _conv_flops(x.shape, kernel.shape, strides, pads) >= ONEDNN_MIN_FLOPS):
+            kf, kb = self.get_variable(DREAM, "kernel_onednn"), self.get_variable(DREAM, "kernel_bwd_onednn")
             return conv_onednn(x, kernel, kf, kb, strides, pads, tuple(x.shape[1:3])).astype(self.dtype)
         if not self.has_variable(DREAM, "kernel_bwd"):
             return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN, feature_group_count=groups)
@@ -315,7 +331,8 @@ def _for_kernels(tree: dict, kernels: str, dtype) -> dict:
             del tree["kernel_onednn"]
         else:
             tree["kernel_onednn"] = tree["kernel_onednn"].astype(dtype)
-            tree["kernel_bwd"] = tree["kernel_bwd"].astype(dtype)
+            # kernel_bwd stays float32 for the convolutions too small for oneDNN (XLA runs them)
+            tree["kernel_bwd_onednn"] = tree["kernel_bwd"].astype(dtype)
     return {k: _for_kernels(v, kernels, dtype) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
