@@ -9,6 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dreamjax
+from dreamjax.models.inception_v3 import InceptionV3
+from dreamjax.weights.keras_h5 import read_keras_h5
+from dreamjax.weights.store import converted_path, fetch, load_converted, save_variables
+
 
 def _size(text: str) -> tuple[int, int]:
     h, _, w = text.lower().partition("x")
@@ -16,22 +25,15 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _count(tree) -> int:
-    import jax
-    import numpy as np
-
     return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def _fetch(args):
-    from dreamjax.weights.store import fetch
-
     for top in ((False, True) if args.all else (args.top,)):
         print(fetch(top))
 
 
 def _convert(args):
-    from dreamjax.weights.store import converted_path, load_converted, save_variables
-
     variables, sha = load_converted(args.path, args.top)  # fills the converted cache
     out = args.output or converted_path(sha, args.top)
     if args.output:
@@ -40,18 +42,10 @@ def _convert(args):
 
 
 def _info(args):
-    import jax
-    import jax.numpy as jnp
-
-    from dreamjax.models.inception_v3 import InceptionV3
-
     module = InceptionV3(include_top=args.top)
     h, w = args.size
     x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     if args.path:
-        from dreamjax.weights.keras_h5 import read_keras_h5
-        from dreamjax.weights.store import load_converted
-
         layout, layers = read_keras_h5(args.path, args.top)
         variables, sha = load_converted(args.path, args.top)
         print(f"file      {args.path}\nlayout    {layout} ({len(layers)} weighted layers)\nsha256    {sha}")
@@ -68,6 +62,7 @@ def _info(args):
 
 
 def main(argv=None) -> int:
+    dreamjax.configure_cpu()
     parser = argparse.ArgumentParser(prog="dreamjax-weights", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="download the official Keras weights into the cache")

@@ -5,13 +5,18 @@
       --keras [--tf-python /tmp/tfvenv/bin/python] [--rss] [--tiled 4096] --json results/bench/engine_cpu.json
   python scripts/bench.py --backbone inception_v3 --sizes 512 --batch 1 --variants onednn \
       --tf-python /tmp/tfvenv/bin/python --json results/bench/engine_cpu_onednn.json   # + TF mixed_bfloat16
-  python scripts/bench.py --cold-start --tf-python /tmp/tfvenv/bin/python --repeats 3 --json results/bench/cold_start_cpu.json
+  python scripts/bench.py --cold-start --tf-python /tmp/tfvenv/bin/python --repeats 3 \
+      --json results/bench/cold_start_cpu.json
 
-Logic lives in dreamjax/bench.py. Set XLA_FLAGS in the environment to study XLA options.
+Logic lives in dreamjax/bench/engine.py. Set XLA_FLAGS in the environment to study XLA options.
 """
 import argparse
 import os
 import sys
+
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -50,14 +55,15 @@ def main(argv=None):
 
     if a.matmul_precision:
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
-    from dreamjax import bench
+    from dreamjax.bench import engine as bench
 
     if a.cold_start:
         from pathlib import Path
 
         import dreamjax
 
-        painting = a.painting or str(Path(dreamjax.__file__).parent / "data" / "paintings" / "van_gogh_starry_night.jpg")
+        bundled = Path(dreamjax.__file__).parent / "data" / "paintings"
+        painting = a.painting or str(bundled / "van_gogh_starry_night.jpg")
         res = bench.run_cold_start_bench(a.tf_python, painting, a.long_side, a.repeats, a.kernels)
         res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
         print(bench.format_cold_table(res))

@@ -26,6 +26,10 @@ import time
 
 import numpy as np
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 PRESETS = {  # conf/dream/{lite,dlwp}.yaml, as the engine gets them
     "lite": dict(cfg=dict(norm="mean_abs", objective="mean_square", border=0, clip=True),
                  plan=(4, 1.4, "dlwp"), step_size=0.015, iterations=40, jitter=32, max_loss=None),
@@ -42,8 +46,6 @@ def load_paintings(size: int) -> np.ndarray:
 
     from PIL import Image
 
-    import dreamjax
-
     folder = Path(dreamjax.__file__).parent / "data" / "paintings"
     return np.stack([np.asarray(Image.open(folder / p).convert("RGB").resize((size, size), Image.BICUBIC),
                                 np.float32) for p in PAINTINGS])
@@ -51,15 +53,17 @@ def load_paintings(size: int) -> np.ndarray:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=320, help="square side (dlwp needs >= 320 on Lite0: border 2 at stride 32)")
+    p.add_argument("--size", type=int, default=320,
+                   help="square side (dlwp needs >= 320 on Lite0: border 2 at stride 32)")
     p.add_argument("--presets", nargs="+", default=list(PRESETS))
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
     import jax
 
-    from dreamjax import bench, load_backbone
-    from dreamjax.dream import CellParams, DreamConfig, DreamRun, Dreamer, OctavePlan
+    from dreamjax import load_backbone
+    from dreamjax.bench import engine as bench
+    from dreamjax.engine.dream import CellParams, DreamConfig, Dreamer, DreamRun, OctavePlan
     from dreamjax.models import kernels
 
     bb = load_backbone("efficientnet_lite0", weights="auto")
@@ -99,12 +103,13 @@ def main(argv=None):
             f = feats(bb.variables, img)
             cos = {}
             for t in taps:
-                u, v = np.asarray(f[t], np.float64).reshape(len(PAINTINGS), -1), np.asarray(fref[t], np.float64).reshape(len(PAINTINGS), -1)
+                u = np.asarray(f[t], np.float64).reshape(len(PAINTINGS), -1)
+                v = np.asarray(fref[t], np.float64).reshape(len(PAINTINGS), -1)
                 c = (u * v).sum(1) / np.linalg.norm(u, axis=1) / np.linalg.norm(v, axis=1)
                 cos[t] = float((1 - c).mean())
             dg = np.abs(grey(img) - grey(ref))
             res[label] = {"mean_abs_delta_grey": float(dg.mean()), "max_abs_delta_grey": float(dg.max()),
-                          "per_painting_mean_abs_delta_grey": [float(x) for x in dg.reshape(len(PAINTINGS), -1).mean(1)],
+                          "per_painting_mean_abs_delta_grey": dg.reshape(len(PAINTINGS), -1).mean(1).tolist(),
                           "one_minus_cosine_features": cos}
         out["presets"][name] = res
         print(json.dumps({name: res}, indent=1), flush=True)

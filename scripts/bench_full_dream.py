@@ -11,6 +11,10 @@ import time
 
 import numpy as np
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser()
@@ -18,8 +22,9 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    from dreamjax import bench, load_backbone
-    from dreamjax.dream import CellParams, OctavePlan, dream
+    from dreamjax import load_backbone
+    from dreamjax.bench import engine as bench
+    from dreamjax.engine.dream import CellParams, OctavePlan, dream
 
     bb = load_backbone("inception_v3", weights="random")
     rows = []

@@ -20,7 +20,9 @@ import statistics
 import sys
 import time
 
-import numpy as np
+import dreamjax
+
+dreamjax.configure_cpu()  # no-op on GPU programs; keeps --allow-cpu runs like the CLI's
 
 
 def _summary(xs):
@@ -35,7 +37,7 @@ def matmul_peaks(n: int) -> dict:
     for name, dt, prec in [("float32_highest", jnp.float32, "highest"), ("float32_default", jnp.float32, None),
                            ("bfloat16", jnp.bfloat16, None)]:
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
-        f = jax.jit(lambda a, b: jnp.dot(a, b, precision=prec))
+        f = jax.jit(lambda a, b, prec=prec: jnp.dot(a, b, precision=prec))
         f(a, a).block_until_ready()
         ts = []
         for _ in range(5):
@@ -72,7 +74,8 @@ def main(argv=None):
 
     import jax
 
-    from dreamjax import bench, load_backbone
+    from dreamjax import load_backbone
+    from dreamjax.bench import engine as bench
 
     backend = jax.default_backend()
     if backend != "gpu" and not a.allow_cpu:

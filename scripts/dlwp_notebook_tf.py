@@ -63,7 +63,7 @@ def main():
         return loss, image
 
     def gradient_ascent_loop(image, iterations, learning_rate, max_loss=None):
-        for i in range(iterations):
+        for _ in range(iterations):
             loss, image = gradient_ascent_step(image, learning_rate)
             if max_loss is not None and loss > max_loss:
                 break
@@ -77,7 +77,7 @@ def main():
     successive_shapes = successive_shapes[::-1]
     shrunk_original_img = tf.image.resize(original_img, successive_shapes[0])
     img = tf.identity(original_img)
-    for i, shape in enumerate(successive_shapes):
+    for shape in successive_shapes:
         img = tf.image.resize(img, shape)
         img = gradient_ascent_loop(img, iterations=iterations, learning_rate=step, max_loss=max_loss)
         upscaled_shrunk_original_img = tf.image.resize(shrunk_original_img, shape)

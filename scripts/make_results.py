@@ -4,7 +4,7 @@
     python scripts/make_results.py --only quickstart
     python scripts/make_results.py --inception /path/to/inception_v3_weights_tf_dim_ordering_tf_kernels.h5
 
-Thin: runs the real ``dreamjax`` CLI, then ``dreamjax.results.publish`` copies what people look at
+Thin: runs the real ``dreamjax`` CLI, then ``dreamjax.bench.publish.publish`` copies what people look at
 (grids as JPEG, a few iteration GIFs, the analysis) into results/<study>/ and writes results/README.md.
 """
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dreamjax import results
+import dreamjax
+from dreamjax.bench import publish as results
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ from dreamjax.models import efficientnet_lite as lite
 from dreamjax.weights.torch_pickle import load_torch_file
 
 DATA = Path(__file__).parent / "data"
-LAYERS = Path(lite.__file__).resolve().parents[1] / "conf" / "layers"
+LAYERS = Path(__file__).resolve().parents[1] / "conf" / "layers"
 
 # Golden tap shapes (H, W, C) at 224x224, and the strides they imply.
 GOLDEN_224 = {
@@ -139,7 +139,7 @@ def test_straight_through_relu6(lite0):
     for dream in (False, True):
         f = lite0.feature_fn(["stem"], dream=dream)
 
-        def saturated_sum(x):
+        def saturated_sum(x, f=f):
             a = f(lite0.variables, x)["stem"]
             return jnp.sum(jnp.where(jax.lax.stop_gradient(a) >= 6, a, 0))
 

@@ -1,4 +1,4 @@
-"""dreamjax.images: every awkward input is either decoded right or refused with one line."""
+"""dreamjax.outputs.images: every awkward input is either decoded right or refused with one line."""
 from __future__ import annotations
 
 import ast
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from dreamjax import files
+from dreamjax.outputs import images
+from dreamjax.outputs.images import ImageError, bucket_shape, load_painting
 from tests import make_bad_images as bad
-from dreamjax import images
-from dreamjax.images import ImageError, bucket_shape, load_painting
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_good_png_roundtrip(fixtures):
     p = load_painting(fixtures["good_png"])
     assert p.pixels.dtype == np.uint8 and p.pixels.shape == (48, 64, 3)
     assert p.name == "good" and p.original_size == (64, 48) and p.notes == ()
-    assert p.sha256 == images.file_sha256(fixtures["good_png"])
+    assert p.sha256 == files.file_sha256(fixtures["good_png"])
     assert tuple(p.pixels[0, 0]) == (200, 120, 40) and tuple(p.pixels[0, -1]) == (30, 60, 160)
     assert not p.pixels.flags.writeable
 
@@ -246,7 +247,7 @@ def test_writers_roundtrip(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "x.png")), a)
     images.save_jpeg(tmp_path / "sub" / "x.jpg", a, quality=95)
     assert Image.open(tmp_path / "sub" / "x.jpg").size == (30, 20)
-    images.write_json(tmp_path / "m.json", {"b": np.float32(1.5), "a": [np.int64(2)], "p": tmp_path})
+    files.write_json(tmp_path / "m.json", {"b": np.float32(1.5), "a": [np.int64(2)], "p": tmp_path})
     text = (tmp_path / "m.json").read_text()
     assert json.loads(text) == {"a": [2], "b": 1.5, "p": str(tmp_path)} and text.index('"a"') < text.index('"b"')
     with pytest.raises(TypeError):
@@ -300,21 +301,21 @@ def test_atomic_write_failure_leaves_nothing(tmp_path, monkeypatch, fail_at):
 
         real_fdopen = os.fdopen
         monkeypatch.setattr(images.os, "fdopen", lambda *a, **k: Exploding(real_fdopen(*a, **k)))
-    for write in (lambda: images.save_png(target, a), lambda: images.write_json(target, {"a": 1}),
-                  lambda: images.atomic_write_text(target, "new")):
+    for write in (lambda: images.save_png(target, a), lambda: files.write_json(target, {"a": 1}),
+                  lambda: files.atomic_write_text(target, "new")):
         with pytest.raises(OSError, match="simulated"):
             write()
         assert target.read_bytes() == b"old contents"
         assert _leftovers(tmp_path) == []
     monkeypatch.undo()
-    images.atomic_write_text(tmp_path / "fresh.txt", "ok")
+    files.atomic_write_text(tmp_path / "fresh.txt", "ok")
     assert (tmp_path / "fresh.txt").read_text() == "ok" and _leftovers(tmp_path) == []
 
 
 def test_atomic_write_new_file_failure_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(images.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("simulated")))
     with pytest.raises(OSError):
-        images.write_json(tmp_path / "new.json", {"x": 1})
+        files.write_json(tmp_path / "new.json", {"x": 1})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -322,4 +323,4 @@ def test_bundled_paintings_load(paintings_dir):
     for path in images.find_paintings(paintings_dir):
         p = load_painting(path, min_size=224)
         assert p.pixels.ndim == 3 and p.pixels.shape[2] == 3 and min(p.pixels.shape[:2]) >= 224
-        assert p.sha256 == images.file_sha256(path)
+        assert p.sha256 == files.file_sha256(path)

@@ -17,11 +17,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.keras_fixtures import keras_setup
 from dreamjax import available_backbones, load_backbone
-from dreamjax.models.inception_v3 import TAP_STRIDES, TAPS, InceptionV3, keras_layer_order, source_order
+from dreamjax.models.inception_v3 import (
+    TAP_STRIDES,
+    TAPS,
+    InceptionV3,
+    keras_layer_order,
+    source_order,
+)
 from dreamjax.models.ops import prepare_dream_variables
 from dreamjax.weights.keras_h5 import load_keras_h5
+from tests.keras_fixtures import keras_setup
 
 # Keras' model.count_params(): trainable + BatchNorm moving statistics.
 PARAM_COUNTS = {False: (21_768_352, 21_802_784), True: (23_817_352, 23_851_784)}
@@ -58,7 +64,7 @@ def test_registered_with_golden_tap_shapes(random_backbone):
     assert random_backbone.weights_id.startswith("random-")
     assert random_backbone.taps == TAPS
     assert random_backbone.tap_shapes(299, 299) == TAP_SHAPES_299
-    for tap, (h, w, _) in TAP_SHAPES_299.items():  # strides agree with the shapes (VALID convs lose a few px)
+    for tap, (h, _w, _) in TAP_SHAPES_299.items():  # strides agree with the shapes (VALID convs lose a few px)
         assert 299 // TAP_STRIDES[tap] - 2 <= h <= 299 // TAP_STRIDES[tap]
 
 

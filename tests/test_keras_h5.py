@@ -5,8 +5,14 @@ import h5py
 import numpy as np
 import pytest
 
+from dreamjax.weights.keras_h5 import (
+    WeightsError,
+    convert,
+    expected_layers,
+    load_keras_h5,
+    read_keras_h5,
+)
 from tests.keras_fixtures import LAYOUTS, keras_setup, other_architecture_file
-from dreamjax.weights.keras_h5 import WeightsError, convert, expected_layers, load_keras_h5, read_keras_h5
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ runs the preset through the batched engine.
 import numpy as np
 import pytest
 
+import dreamjax
 from tests.keras_fixtures import keras_setup
 from tests.test_dream import _tf_resize_bilinear
 
@@ -58,10 +59,13 @@ def keras_dlwp(base, img):
 def _parity_run(weights_h5: str, keras_weights: str, painting: str, dtype: str) -> float:
     """Both loops on the same painting and weights; returns max|ours - Keras| of the final image."""
     import keras
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    from dreamjax import dream, grid, images, load_backbone
-    from dreamjax.run import dream_settings
+    from dreamjax import load_backbone
+    from dreamjax.engine import dream
+    from dreamjax.outputs import images
+    from dreamjax.sweep import grid
+    from dreamjax.sweep.executor import dream_settings
 
     keras.config.set_floatx(dtype)
     if dtype == "float64":
@@ -86,7 +90,7 @@ def _parity_run(weights_h5: str, keras_weights: str, painting: str, dtype: str) 
     # A trace of noise breaks the exact ties of flat painting regions (max-pool argmax, ReLU at 0).
     x = x + np.random.default_rng(0).normal(0, 1e-3, x.shape).astype(dtype)
 
-    with initialize_config_module("dreamjax.conf", version_base="1.3"):
+    with initialize_config_dir(dreamjax.config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["model=inception_v3", "layers=set1", "dream=dlwp", "data.image_size=224",
                                            f"dream.compute_dtype={dtype}"])
     (cell,) = grid.cells_from_config(cfg, ["starry.jpg"])

@@ -1,4 +1,4 @@
-"""dreamjax.report: figures, summary.csv and the static gallery, from a fake sweep on disk."""
+"""dreamjax.outputs.report: figures, summary.csv and the static gallery, from a fake sweep on disk."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamjax import images, report
+from dreamjax import files
+from dreamjax.outputs import images, report
 
 EVIL = 'XLA OOM <script>alert("x")</script> & more'
 
@@ -46,8 +47,8 @@ def make_sweep(root: Path) -> tuple[dict, dict]:
             images.save_gif(root / job / "frames.gif", [originals[name], dream])
             for o in cell["outputs"]["octaves"]:
                 images.save_png(root / o, dream)
-            images.write_json(root / job / "losses.json", {"total": [1.0, 2.0, 3.0 + i]})
-            images.atomic_write_text(root / job / ".hydra" / "config.yaml", f"layers: {layers}\n")
+            files.write_json(root / job / "losses.json", {"total": [1.0, 2.0, 3.0 + i]})
+            files.atomic_write_text(root / job / ".hydra" / "config.yaml", f"layers: {layers}\n")
             taps = {"mixed4": 0.5 + i, "mixed5": 1.25} if layers == "set1" else {"mixed6": 2.0 / 3.0}
             cell["final_losses"] = taps
             cell["final_loss"] = sum(taps.values())
@@ -66,7 +67,7 @@ def make_sweep(root: Path) -> tuple[dict, dict]:
         },
         "cells": cells,
     }
-    images.write_json(root / "manifest.json", manifest)
+    files.write_json(root / "manifest.json", manifest)
     return manifest, originals
 
 
@@ -227,3 +228,19 @@ def test_plot_losses(tmp_path):
                               {"octave": 1, "shape": [12, 12], "per_tap": [[3.0, 4.0]]}]}
     assert report._loss_series(run_format) == {"mixed4": [1.0, 2.0, 3.0], "mixed5": [2.0, 3.0, 4.0],
                                                "total": [5.0, 8.0, 11.0]}
+
+
+def test_published_study_index_opens_from_the_committed_folder():
+    """results/<study>/index.html links only files committed beside it."""
+    import re
+    from urllib.parse import unquote
+
+    from tests.helpers import REPO
+
+    pages = sorted((REPO / "results").glob("*/index.html"))
+    assert {p.parent.name for p in pages} >= {"quickstart", "seed_study_offline"}
+    for page in pages:
+        links = re.findall(r"(?:src|href)='([^']+)'", page.read_text())
+        assert any(link.endswith(".jpg") for link in links), page
+        missing = [link for link in links if not (page.parent / unquote(link)).is_file()]
+        assert not missing, (page, missing)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import submitit
 
-from dreamjax import slurm
-from dreamjax.grid import Cell
-from tests.test_resume import assert_complete_and_identical, cli, reference  # noqa: F401
+from dreamjax.sweep import slurm
+from dreamjax.sweep.grid import Cell
+from tests.helpers import assert_complete_and_identical, cli  # noqa: F401
 
 
 def _cell(job, sig="a"):

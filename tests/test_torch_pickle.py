@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamjax.weights.torch_pickle import TorchFileError, UnsafePickleError, load_torch_file
+from dreamjax.weights.torch_pickle import (
+    TorchFileError,
+    UnsafePickleError,
+    load_torch_file,
+)
 
 DATA = Path(__file__).parent / "data"
 _SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}

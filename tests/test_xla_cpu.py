@@ -1,11 +1,11 @@
-"""dreamjax.xla_cpu: which XLA:CPU flags dreamjax adds at import, and when it must not."""
+"""dreamjax.engine.xla_cpu: which XLA:CPU flags configure_cpu() adds, and when it must not."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from dreamjax import xla_cpu
+from dreamjax.engine import xla_cpu
 
 
 @pytest.fixture
@@ -53,15 +53,19 @@ def test_started_backend_is_left_alone(monkeypatch):
     assert xla_cpu.configure(env) == () and "XLA_FLAGS" not in env
 
 
-def test_import_sets_the_flags_before_jax_starts():
-    """In a fresh interpreter, importing dreamjax leaves XLA_FLAGS as configure() decides, and
-    XLA accepts them (an unknown flag would abort the process)."""
+def test_importing_dreamjax_changes_nothing_and_configure_cpu_sets_the_flags():
+    """In a fresh interpreter, importing every dreamjax module leaves XLA_FLAGS alone (a library
+    must not change another's settings); ``dreamjax.configure_cpu()`` then sets what configure()
+    decides, and XLA accepts the flags (an unknown flag would abort the process)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV)}
-    code = ("import os, dreamjax, jax, jax.numpy as jnp; from dreamjax import xla_cpu; "
+    code = ("import os, dreamjax, dreamjax.sweep.jobs, dreamjax.sweep.slurm, dreamjax.cli; "
+            "print(repr(os.environ.get('XLA_FLAGS'))); dreamjax.configure_cpu(); "
+            "import jax.numpy as jnp; from dreamjax.engine import xla_cpu; "
             "print(jnp.ones(3).sum()); print(repr(xla_cpu.applied)); print(os.environ.get('XLA_FLAGS', ''))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == "3.0"
+    assert lines[0] == "None"
+    assert lines[1] == "3.0"
     if xla_cpu.CHECKED_JAXLIB[0] <= xla_cpu._jaxlib_version() < xla_cpu.CHECKED_JAXLIB[1]:
-        assert all(f in lines[2] for f in xla_cpu.XNNPACK_FLAGS)
+        assert all(f in lines[3] for f in xla_cpu.XNNPACK_FLAGS)

@@ -1,3 +1,9 @@
-from dreamjax.models.registry import Backbone, BackboneSpec, available_backbones, get_spec, load_backbone
+from dreamjax.models.registry import (
+    Backbone,
+    BackboneSpec,
+    available_backbones,
+    get_spec,
+    load_backbone,
+)
 
 __all__ = ["Backbone", "BackboneSpec", "available_backbones", "get_spec", "load_backbone"]

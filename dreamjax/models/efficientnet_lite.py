@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamjax.images import file_sha256
+from dreamjax.files import file_sha256
 from dreamjax.models.ops import Conv2D
 from dreamjax.models.registry import BackboneSpec, register
 

@@ -24,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamjax.models.ops import Conv2D, avg_pool_same, max_pool
-from dreamjax.models.registry import BackboneSpec, keras_deprocess, keras_preprocess, register
+from dreamjax.models.registry import (
+    BackboneSpec,
+    keras_deprocess,
+    keras_preprocess,
+    register,
+)
 
 MIN_SIZE = 75  # Keras' own limit: smaller inputs shrink to nothing before mixed8.
 TAPS = tuple(f"mixed{i}" for i in range(11))

@@ -25,11 +25,12 @@ gradient run as slow standalone loops on CPU. The max pool keeps ``reduce_window
 On CPUs the convolutions can run through oneDNN instead of XLA (:mod:`dreamjax.models.kernels`,
 an XLA FFI custom call: bfloat16 on AMX / AVX512-BF16 with float32 accumulation, or float32).
 Which kernel runs is a property of the dream variables, not of the code above the models:
-``prepare_dream_variables(..., kernels="onednn")`` stores each convolution's forward and backward
-kernels in the kernel's dtype (``kernel_onednn``, ``kernel_bwd_onednn``), and :class:`Conv2D` takes
-the oneDNN path when it finds them and the convolution is large enough (``ONEDNN_MIN_FLOPS``). The input gradient is again a forward convolution with the
-backward kernel, so one custom call serves both directions; depthwise convolutions stay on XLA
-(the slice form above). :func:`resolve_kernels` turns ``auto|xla|onednn`` into what runs here.
+``prepare_dream_variables(..., kernels="onednn")`` stores each non-grouped convolution's forward
+and backward kernels in the kernel's dtype (``kernel_onednn``, ``kernel_bwd_onednn``), and
+:class:`Conv2D` takes the oneDNN path when it finds them and the convolution is large enough
+(``ONEDNN_MIN_FLOPS``). The input gradient is again a forward convolution with the backward
+kernel, so one custom call serves both directions; depthwise convolutions stay on XLA (the slice
+form above). :func:`resolve_kernels` turns ``auto|xla|onednn|onednn_f32`` into what runs here.
 """
 from __future__ import annotations
 

@@ -71,9 +71,11 @@ def get_spec(name: str) -> BackboneSpec:
 
 def _ensure_builtin():
     # Importing the model modules registers them; kept lazy so `import dreamjax` stays cheap.
-    from dreamjax.models import tiny  # noqa: F401
-    from dreamjax.models import inception_v3  # noqa: F401
-    from dreamjax.models import efficientnet_lite  # noqa: F401
+    from dreamjax.models import (
+        efficientnet_lite,  # noqa: F401
+        inception_v3,  # noqa: F401
+        tiny,  # noqa: F401
+    )
 
 
 def keras_preprocess(x):

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from dreamjax.models.ops import Conv2D
-from dreamjax.models.registry import BackboneSpec, keras_deprocess, keras_preprocess, register
+from dreamjax.models.registry import (
+    BackboneSpec,
+    keras_deprocess,
+    keras_preprocess,
+    register,
+)
 
 TAPS = ("conv1", "conv2", "conv3", "conv4")
 WIDTHS = (8, 16, 16, 32)

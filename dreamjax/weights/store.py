@@ -41,7 +41,7 @@ def weights_url(include_top: bool) -> str:
 
 
 def sha256_file(path) -> str:
-    from dreamjax.images import file_sha256
+    from dreamjax.files import file_sha256
 
     return file_sha256(path)
 
@@ -88,7 +88,7 @@ def converted_path(sha256: str, include_top: bool) -> Path:
 def save_variables(variables, path) -> None:
     from flax import serialization
 
-    from dreamjax.images import atomic_write_bytes
+    from dreamjax.files import atomic_write_bytes
 
     atomic_write_bytes(Path(path), serialization.msgpack_serialize(variables))
 

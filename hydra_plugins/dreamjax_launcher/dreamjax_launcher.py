@@ -1,33 +1,60 @@
-"""Registers dreamjax's Hydra launchers. Hydra only instantiates launchers that live in the
-``hydra_plugins`` package, so the classes here are thin subclasses of dreamjax.launcher's."""
+"""Registers dreamjax's Hydra launchers, with no side effects at discovery.
+
+Hydra imports every module in the ``hydra_plugins`` namespace when *any* Hydra application starts,
+and only instantiates launchers that live here. So this module imports nothing but Hydra and the
+standard library: the config dataclasses below, and launcher classes that load dreamjax (and with
+it jax and submitit) inside ``setup()``/``launch()``, when a dreamjax launcher is really used.
+"""
+
 from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.plugins.launcher import Launcher
 
-from dreamjax import launcher as _impl
+
+class _Lazy(Launcher):
+    """A Hydra launcher whose implementation is imported on first use."""
+
+    _impl_path = ("", "")
+
+    def __init__(self, **params: Any) -> None:
+        self._params = params
+        self._impl = None
+
+    def _load(self):
+        if self._impl is None:
+            import importlib  # only here: discovery must not import dreamjax
+
+            import dreamjax
+
+            dreamjax.configure_cpu()  # before dreamjax's modules start a JAX backend
+            module, cls = self._impl_path
+            self._impl = getattr(importlib.import_module(module), cls)(**self._params)
+        return self._impl
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self._load().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def launch(self, job_overrides, initial_job_idx):
+        return self._load().launch(job_overrides, initial_job_idx)
 
 
-class DreamjaxLauncher(_impl.DreamjaxLauncher):
-    """Batched multirun launcher (see dreamjax.launcher)."""
+class DreamjaxLauncher(_Lazy):
+    """Batched multirun launcher (see dreamjax.sweep.launcher)."""
+
+    _impl_path = ("dreamjax.sweep.launcher", "DreamjaxLauncher")
+
+
+class DreamjaxSlurmLauncher(_Lazy):
+    """Array tasks of batched cells on SLURM (or submitit's local executor), see dreamjax.sweep.slurm."""
+
+    _impl_path = ("dreamjax.sweep.slurm", "DreamjaxSlurmLauncher")
 
 
 @dataclass
 class DreamjaxLauncherConf:
     _target_: str = "hydra_plugins.dreamjax_launcher.dreamjax_launcher.DreamjaxLauncher"
-
-
-ConfigStore.instance().store(group="hydra/launcher", name="dreamjax", node=DreamjaxLauncherConf,
-                             provider="dreamjax")
-
-
-# --- SLURM through submitit (dreamjax.slurm) ------------------------------------------------------
-from typing import Any, Dict, List, Optional  # noqa: E402
-
-from dreamjax import slurm as _slurm  # noqa: E402
-
-
-class DreamjaxSlurmLauncher(_slurm.DreamjaxSlurmLauncher):
-    """Array tasks of batched cells on SLURM (or submitit's local executor), see dreamjax.slurm."""
 
 
 @dataclass
@@ -72,7 +99,8 @@ class DreamjaxSlurmLocalLauncherConf(DreamjaxSlurmLauncherConf):
     signal_delay_s: int = 30
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="dreamjax_slurm", node=DreamjaxSlurmLauncherConf,
-                             provider="dreamjax")
-ConfigStore.instance().store(group="hydra/launcher", name="dreamjax_slurm_local",
-                             node=DreamjaxSlurmLocalLauncherConf, provider="dreamjax")
+_cs = ConfigStore.instance()
+_cs.store(group="hydra/launcher", name="dreamjax", node=DreamjaxLauncherConf, provider="dreamjax")
+_cs.store(group="hydra/launcher", name="dreamjax_slurm", node=DreamjaxSlurmLauncherConf, provider="dreamjax")
+_cs.store(group="hydra/launcher", name="dreamjax_slurm_local", node=DreamjaxSlurmLocalLauncherConf,
+          provider="dreamjax")

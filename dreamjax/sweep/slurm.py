@@ -5,7 +5,7 @@ The launcher plans every job exactly like the batched launcher (``DreamjaxLaunch
 same job dirs, ``.hydra/`` files, config checks before any compute), splits the cells, grouped by
 static signature, into chunks of ``cells_per_task`` (or into about ``tasks`` chunks; always whole
 batches) and submits one SLURM array task per chunk with ``executor.map_array``. Each task runs its
-cells with the same :class:`~dreamjax.run.Executor` as a local sweep: orbax checkpoints of its
+cells with the same :class:`~dreamjax.sweep.executor.Executor` as a local sweep: orbax checkpoints of its
 in-flight batches go to ``<sweep>/.checkpoints``, complete cells are skipped. When every task has
 ended the launcher collects the sweep (manifest, summary, grids, index.html); with
 ``wait=false`` it returns after submitting and ``dreamjax-collect SWEEP_DIR`` does that later.
@@ -36,9 +36,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import submitit
+from hydra.core.utils import configure_log, setup_globals
+from omegaconf import OmegaConf
 
-from dreamjax import grid
-from dreamjax.launcher import DreamjaxLauncher
+from dreamjax.sweep import executor as run
+from dreamjax.sweep import grid
+from dreamjax.sweep import jobs as sweep
+from dreamjax.sweep.launcher import DreamjaxLauncher
 
 log = logging.getLogger("dreamjax")
 
@@ -76,8 +80,6 @@ class SweepTasks(submitit.helpers.Checkpointable):
         self.resume_cmd = resume_cmd
 
     def __call__(self, index: int, cells: list[grid.Cell]) -> dict[str, str]:
-        from dreamjax import sweep
-
         _task_logging()
         sweep_dir = Path(self.sweep_dir)
         try:
@@ -136,11 +138,6 @@ class DreamjaxSlurmLauncher(DreamjaxLauncher):
         self.params = params
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        from hydra.core.utils import configure_log, setup_globals
-        from omegaconf import OmegaConf
-
-        from dreamjax import run, sweep
-
         setup_globals()
         assert self.config is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

@@ -1,7 +1,7 @@
 """Orbax checkpoints of in-flight batches, so a killed sweep resumes exactly.
 
 One ``CheckpointManager`` per batch, in ``<sweep>/.checkpoints/<batch_id>/`` (absolute path).
-A checkpoint holds the whole :class:`~dreamjax.dream.DreamRun` state as a flat dict of numpy
+A checkpoint holds the whole :class:`~dreamjax.engine.dream.DreamRun` state as a flat dict of numpy
 arrays (octave index, the current octave's image, optimizer state, step, stop masks, loss and
 frame buffers, every finished octave's image, losses and frames, the google-mode detail; the
 PRNG keys are part of the batch's parameters and are rebuilt from the cells) plus a JSON
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 log = logging.getLogger("dreamjax")
 FORMAT = 2
@@ -72,14 +73,18 @@ def fault_point(name: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """Hash of the code that computes a batch's numbers (engine, models, image preprocessing,
-    this format) and of the JAX version: a checkpoint written by other code is refused."""
-    root = Path(__file__).resolve().parent
-    files = [root / "dream.py", root / "checkpoint.py", root / "images.py"] + sorted((root / "models").glob("*.py"))
+    """Hash of all code that decides a batch's numbers (the engine, the models and their kernels,
+    the weight readers, pixels in and out, the grid, where cells' keys and settings are derived,
+    the executor and this format) and of the JAX version: a checkpoint written by other code is
+    refused."""
+    pkg = Path(__file__).resolve().parents[1]
+    files = sorted([*pkg.glob("engine/**/*.py"), *pkg.glob("models/**/*.py"), *pkg.glob("models/**/*.cc"),
+                    *pkg.glob("weights/**/*.py"), pkg / "outputs" / "images.py", pkg / "files.py",
+                    pkg / "sweep" / "grid.py", pkg / "sweep" / "executor.py", Path(__file__).resolve()])
     h = hashlib.sha256(f"jax {jax.__version__}|format {FORMAT}".encode())
     for f in files:
         if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+            h.update(str(f.relative_to(pkg)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -161,8 +166,6 @@ class BatchCheckpointer:
     """Save/restore one batch's :class:`DreamRun` with an orbax ``CheckpointManager``."""
 
     def __init__(self, directory: str | Path, meta: dict, *, max_to_keep: int = 2, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
         self.ocp = ocp
         self.directory = Path(directory).absolute()  # orbax wants absolute paths
         self.meta = dict(meta) | {"format": FORMAT, "code": code_version()}

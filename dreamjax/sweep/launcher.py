@@ -14,20 +14,19 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
+
+from dreamjax.sweep import jobs as sweep
 
 log = logging.getLogger("dreamjax")
 
 
 def _plan_task(cfg: DictConfig):
     """Runs inside Hydra's run_job: the job's directory and .hydra/ files exist; return its cells."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from dreamjax import sweep
-
     hc = HydraConfig.get()
     return sweep.plan(cfg, job=int(hc.job.num), job_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task))
 
@@ -58,8 +57,6 @@ class DreamjaxLauncher(Launcher):
         return rets
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from dreamjax import sweep
-
         setup_globals()
         assert self.config is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -82,8 +79,6 @@ class SweepReportCallback(Callback):
     """At the end of a multirun, gather every job's cells into one report."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from dreamjax import sweep
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             sweep.collect(sweep_dir)

@@ -1,4 +1,7 @@
-"""XLA:CPU tuning that dreamjax applies when it is imported (before JAX starts a backend).
+"""XLA:CPU tuning that dreamjax's entry points apply before JAX starts a backend.
+
+Importing this module changes nothing; :func:`configure` (also ``dreamjax.configure_cpu()``, for
+library users, called before the first JAX array is made) sets the flags.
 
 Convolutions decide a dream's speed. jaxlib 0.10 sends them to YNNPACK by default; the
 XNNPACK path (also in XLA:CPU, behind an experimental flag) ran the InceptionV3 dream
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib.metadata import PackageNotFoundError, version
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,6 @@ applied: tuple[str, ...] = ()
 
 
 def _jaxlib_version() -> tuple[int, ...]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return tuple(int(p) for p in version("jaxlib").split(".")[:2])
     except (PackageNotFoundError, ValueError):
@@ -40,7 +42,7 @@ def _jaxlib_version() -> tuple[int, ...]:
 
 
 def _backends_started() -> bool:
-    try:
+    try:  # lazy: a private JAX API, imported here so that a move in a new jax version is caught below
         from jax._src import xla_bridge
 
         return bool(xla_bridge.backends_are_initialized())
@@ -64,8 +66,8 @@ def configure(environ=os.environ) -> tuple[str, ...]:
     if not added:
         return ()
     if _backends_started():
-        log.warning("JAX's backend was started before dreamjax was imported: XLA:CPU convolution "
-                    "flags not applied (import dreamjax first, or set XLA_FLAGS yourself)")
+        log.warning("JAX's backend was started before dreamjax.configure_cpu(): XLA:CPU convolution "
+                    "flags not applied (call dreamjax.configure_cpu() before using JAX, or set XLA_FLAGS yourself)")
         return ()
     environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     applied = added

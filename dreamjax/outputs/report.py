@@ -30,7 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dreamjax import images as _images
+from dreamjax import files
+from dreamjax.outputs import images as _images
 
 __all__ = [
     "comparison_grid", "contact_sheet", "write_summary_csv", "summary_rows", "write_gallery",
@@ -293,7 +294,7 @@ def write_summary_csv(path: PathLike, cells: Sequence[Mapping]) -> Path:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
-    return _images.atomic_write_text(path, buf.getvalue())
+    return files.atomic_write_text(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def render_analysis(analysis: Mapping[str, Any] | None) -> str:
     """HTML for a cell's (or original's) analysis dict; the hook for later analysis content.
 
     Known keys: ``top_classes`` — list of ``[label, prob]`` rendered as a ranked list;
-    ``hallucinated`` — same, under a "new in top-5" heading (dreamjax.analysis).
+    ``hallucinated`` — same, under a "new in top-5" heading (dreamjax.outputs.analysis).
     Any other key is rendered as ``key: value``. Everything is escaped.
     """
     if not analysis:
@@ -374,7 +375,7 @@ def render_analysis(analysis: Mapping[str, Any] | None) -> str:
         items = "".join(f"<li>{_esc(lab)} <span class=meta-inline>{float(p) * 100:.1f}%</span></li>"
                         if isinstance(p, (int, float)) else f"<li>{_esc(lab)}</li>" for lab, p in top)
         parts.append(f'<ol class="analysis top-classes">{items}</ol>')
-    if "hallucinated" in analysis:  # dreamjax.analysis: classes new in the dream's top-5
+    if "hallucinated" in analysis:  # dreamjax.outputs.analysis: classes new in the dream's top-5
         new = analysis.get("hallucinated") or []
         items = "".join(f"<li>{_esc(lab)} <span class=meta-inline>{float(p) * 100:.1f}%</span></li>" for lab, p in new)
         parts.append('<div class="analysis-head">new in top-5</div>'
@@ -509,7 +510,7 @@ def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[s
         md_path = Path(md) if Path(md).is_absolute() else sweep_dir / md
         if md_path.is_file():
             out.append(f'<a href="{_href(os.path.relpath(md_path, sweep_dir))}">analysis</a>')
-    for rel, text in manifest.get("analysis_links") or []:  # e.g. dreamjax.analysis plots
+    for rel, text in manifest.get("analysis_links") or []:  # e.g. dreamjax.outputs.analysis plots
         if (sweep_dir / rel).is_file():
             out.append(f'<a href="{_href(rel)}">{_esc(text)}</a>')
     out.append("</nav>")
@@ -542,8 +543,8 @@ def write_gallery(sweep_dir: PathLike, manifest: Mapping, *, analysis: Mapping[s
             out.append(_cell_html(sweep_dir, c, varying, analysis))
         out.append("</div></section>")
     now = _dt.datetime.now().isoformat(timespec="seconds")
-    out.append(f"</main><footer>written by dreamjax.report at {_esc(now)}</footer></body></html>")
-    return _images.atomic_write_text(sweep_dir / "index.html", "\n".join(out) + "\n")
+    out.append(f"</main><footer>written by dreamjax.outputs.report at {_esc(now)}</footer></body></html>")
+    return files.atomic_write_text(sweep_dir / "index.html", "\n".join(out) + "\n")
 
 
 def _cell_html(sweep_dir: Path, c: Mapping, varying: Sequence[str], analysis: Mapping | None) -> str:
@@ -710,7 +711,7 @@ def _loss_series(obj: Any) -> dict[str, list[float]]:
     """Best-effort reading of a losses.json: {"total": [...], "mixed4": [...]} or a list of
     per-step dicts or a bare list of totals."""
     if isinstance(obj, Mapping):
-        if isinstance(obj.get("octaves"), list) and obj.get("taps"):  # dreamjax.run's format
+        if isinstance(obj.get("octaves"), list) and obj.get("taps"):  # dreamjax.sweep.executor's format
             return _octave_loss_series(obj)
         if "steps" in obj and isinstance(obj["steps"], list):
             return _loss_series(obj["steps"])
@@ -773,4 +774,4 @@ def plot_losses(sweep_dir: PathLike, manifest: Mapping, path: PathLike, series: 
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return _images.atomic_write_bytes(path, buf.getvalue())
+    return files.atomic_write_bytes(path, buf.getvalue())

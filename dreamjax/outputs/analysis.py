@@ -12,13 +12,13 @@ and the per-cell outputs ``dream.png`` / ``losses.json``) and writes, per sweep:
 Definitions (all computed from files, numpy only, except the classifier forward pass):
 
 **Originals.** A cell's original is its painting (``manifest["paintings"][name]["path"]``,
-loaded like the run loads it) resized with :func:`dreamjax.images.resize_uint8` to the dream's
+loaded like the run loads it) resized with :func:`dreamjax.outputs.images.resize_uint8` to the dream's
 own size (``dream.png`` is the final image at the painting's aspect, long side =
 ``data.image_size``). Pixel and perceptual change compare exactly these two images.
 
 **Classification.** Originals and dreams go through the backbone's own classifier top
 (``load_backbone(name, weights, include_top=True)``), softmax probabilities. Each image is
-resized to a fixed input per aspect bucket (:func:`dreamjax.images.bucket_shape` with the
+resized to a fixed input per aspect bucket (:func:`dreamjax.outputs.images.bucket_shape` with the
 classifier's training resolution as long side, e.g. 224 for EfficientNet-Lite0), and images
 are run in fixed-size padded batches: one compilation per bucket. The classifier is
 injectable (``analyze(..., classifier=...)``), see :class:`Classifier`.
@@ -73,7 +73,14 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from dreamjax import images
+from dreamjax import files
+from dreamjax.outputs import images
+import jax
+import jax.numpy as jnp
+from dreamjax.models.registry import load_backbone
+from omegaconf import OmegaConf
+from PIL import Image
+from dreamjax.outputs import report
 
 log = logging.getLogger("dreamjax")
 
@@ -87,7 +94,7 @@ TOP_K = 5
 ANALYSIS_JSON = "analysis.json"
 ANALYSIS_MD = "analysis.md"
 PLOTS_DIR = "analysis"
-IMAGENET_LABELS = Path(__file__).resolve().parent / "data" / "imagenet_classes.txt"
+IMAGENET_LABELS = files.IMAGENET_LABELS
 
 # ImageNet-1k class-index ranges (inclusive) per coarse family; indices not listed are "objects".
 FAMILY_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
@@ -146,11 +153,6 @@ class BackboneClassifier(Classifier):
     """A registered backbone's own classifier top, batched and jitted per aspect bucket."""
 
     def __init__(self, backbone: str, weights: Any = "auto", batch_size: int = 8, input_size: int | None = None):
-        import jax
-        import jax.numpy as jnp
-
-        from dreamjax.models.registry import load_backbone
-
         bb = load_backbone(backbone, weights=weights, include_top=True)
         self.bb = bb
         self.batch_size = int(batch_size)
@@ -308,8 +310,6 @@ def _weights_spec(sweep_dir: Path, cell: Mapping) -> str:
     rel = (cell.get("outputs") or {}).get("hydra_config")
     if rel and (sweep_dir / rel).is_file():
         try:
-            from omegaconf import OmegaConf
-
             w = OmegaConf.select(OmegaConf.load(sweep_dir / rel), "model.weights")
             if w is not None:
                 return str(w)
@@ -319,8 +319,6 @@ def _weights_spec(sweep_dir: Path, cell: Mapping) -> str:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -474,8 +472,8 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
     if plots:
         paths["plots"] = _write_plots(sweep_dir, sets, result)
     result["paths"] = {k: v for k, v in paths.items()}
-    images.write_json(sweep_dir / ANALYSIS_JSON, result)
-    images.atomic_write_text(sweep_dir / ANALYSIS_MD, render_markdown(result))
+    files.write_json(sweep_dir / ANALYSIS_JSON, result)
+    files.atomic_write_text(sweep_dir / ANALYSIS_MD, render_markdown(result))
     result["paths"]["analysis_json"] = ANALYSIS_JSON
     result["paths"]["analysis_md"] = ANALYSIS_MD
     if gallery:
@@ -607,8 +605,6 @@ def _originals_entries(cells: Mapping[str, dict]) -> dict:
 
 def write_gallery(sweep_dir: Path, manifest: Mapping, result: Mapping) -> Path:
     """Rewrite index.html with the analysis: new classes under each dream, originals' classes."""
-    from dreamjax import report
-
     m = dict(manifest)
     m["paintings"] = {name: dict(p) | ({"top_classes": result["originals"][name]} if name in result["originals"]
                                        else {}) for name, p in (manifest.get("paintings") or {}).items()}
@@ -658,7 +654,7 @@ def render_markdown(result: Mapping) -> str:
         out.append("No classifier was available: class and perceptual numbers are missing.")
     n_cells = len(result["cells"])
     out += [f"{n_cells} finished cells analysed, {len(result['skipped'])} skipped. "
-            f"Numbers: `analysis.json`; definitions: `dreamjax/analysis.py`.", "",
+            f"Numbers: `analysis.json`; definitions: `dreamjax/outputs/analysis.py`.", "",
             f"## What gets hallucinated (in the dream's top-{k}, not in the original's)", ""]
     out += headline_lines(result) + [""]
     plots = result.get("paths", {}).get("plots") or {}
@@ -720,7 +716,7 @@ def _write_plots(sweep_dir: Path, sets: Mapping, result: Mapping) -> dict[str, s
         fig.tight_layout()
         fig.savefig(buf, format="png")
         plt.close(fig)
-        images.atomic_write_bytes(sweep_dir / PLOTS_DIR / fname, buf.getvalue())
+        files.atomic_write_bytes(sweep_dir / PLOTS_DIR / fname, buf.getvalue())
         written[key] = f"{PLOTS_DIR}/{fname}"
 
     names = list(sets)
@@ -794,12 +790,10 @@ def _write_plots(sweep_dir: Path, sets: Mapping, result: Mapping) -> dict[str, s
 
 
 def analyze_after_collect(sweep_dir: str | os.PathLike, manifest: Mapping | None = None) -> dict | None:
-    """Called by ``sweep.collect``: analyse unless the sweep's config says ``analyze: false``
-    (or ``DREAMJAX_ANALYZE=0``); never raises (a failure is a logged warning)."""
+    """Called by ``sweep.collect``: analyse unless the sweep's config says ``analyze: false``;
+    never raises (a failure is a logged warning)."""
     try:
         sweep_dir = Path(sweep_dir)
-        if os.environ.get("DREAMJAX_ANALYZE", "1").lower() in ("0", "false", "no"):
-            return None
         manifest = _load_manifest(sweep_dir, manifest)
         if not _config_wants_analysis(sweep_dir, manifest):
             log.info("analysis skipped (analyze=false); run `dreamjax-analyze %s` to make it", sweep_dir)
@@ -821,8 +815,6 @@ def _config_wants_analysis(sweep_dir: Path, manifest: Mapping) -> bool:
         rel = (c.get("outputs") or {}).get("hydra_config")
         if rel and (sweep_dir / rel).is_file():
             try:
-                from omegaconf import OmegaConf
-
                 v = OmegaConf.select(OmegaConf.load(sweep_dir / rel), "analyze")
                 return True if v is None else bool(v)
             except Exception:  # noqa: BLE001
@@ -830,8 +822,11 @@ def _config_wants_analysis(sweep_dir: Path, manifest: Mapping) -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``dreamjax-analyze SWEEP_DIR``: classify originals and dreams, layer energies, change."""
+def main(argv: Sequence[str] | None = None, collect: Callable[[Path], Any] | None = None) -> int:
+    """``dreamjax-analyze SWEEP_DIR``: classify originals and dreams, layer energies, change.
+
+    ``collect(sweep_dir)`` (given by the entry point, which may import the sweep layer) writes the
+    manifest first when the sweep has none yet."""
     p = argparse.ArgumentParser(prog="dreamjax-analyze", description="Analyse a finished sweep: hallucinated "
                                 "classes per weight set, per-layer energy, pixel/perceptual change; writes "
                                 "analysis.md, analysis.json, analysis/*.png and rewrites index.html.")
@@ -842,15 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sweep_dir = Path(a.sweep_dir)
     try:
-        if not (sweep_dir / "manifest.json").is_file():
-            from dreamjax import sweep
-
-            old = os.environ.get("DREAMJAX_ANALYZE")
-            os.environ["DREAMJAX_ANALYZE"] = "0"  # collect only; the analysis runs once, below
-            try:
-                sweep.collect(sweep_dir)
-            finally:
-                os.environ.pop("DREAMJAX_ANALYZE") if old is None else os.environ.__setitem__("DREAMJAX_ANALYZE", old)
+        if not (sweep_dir / "manifest.json").is_file() and collect is not None:
+            collect(sweep_dir)  # the manifest first; the analysis runs once, below
         result = analyze(sweep_dir, top_k=a.top_k, plots=not a.no_plots)
     except FileNotFoundError as e:
         print(f"dreamjax-analyze: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@
   the stock ``basic`` launcher that is one job per call; a single run (no ``-m``) also ends
   by collecting its own report.
 * The batched launcher (``hydra/launcher=dreamjax``, the default) calls ``plan`` for every
-  job, then executes all cells together (``dreamjax.launcher``).
+  job, then executes all cells together (``dreamjax.sweep.launcher``).
 * ``collect(sweep_dir)`` builds ``manifest.json``, ``summary.csv``, the grids and
   ``index.html`` from the per-cell records, whichever launcher wrote them (also
   ``dreamjax-collect SWEEP_DIR``).
@@ -15,12 +15,30 @@ import datetime as _dt
 import json
 import logging
 import os
+import shlex
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from dreamjax import grid, images
-from dreamjax.run import CELL_RECORD, Executor, Interrupted, RunOptions, resolve_paintings, setup_jax_cache
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+import dreamjax
+from dreamjax import __version__, files
+from dreamjax.engine import dream
+from dreamjax.models.registry import get_spec
+from dreamjax.outputs import analysis, images, report
+from dreamjax.sweep import grid
+from dreamjax.sweep.executor import (
+    CELL_RECORD,
+    Executor,
+    Interrupted,
+    RunOptions,
+    resolve_paintings,
+    setup_jax_cache,
+)
 
 log = logging.getLogger("dreamjax")
 SWEEP_LOCK = "dreamjax_sweep.json"
@@ -29,8 +47,6 @@ SWEEP_LOCK = "dreamjax_sweep.json"
 def _plain(cfg) -> dict:
     """The user's config as plain data, without Hydra's own node (a master multirun config
     cannot resolve ``hydra.sweep.subdir`` outside a job)."""
-    from omegaconf import OmegaConf
-
     if isinstance(cfg, dict):
         return cfg
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
@@ -39,8 +55,6 @@ def _plain(cfg) -> dict:
 
 def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -> list[grid.Cell]:
     """Cells of one job, validated before any compute (unknown taps, shapes, presets...)."""
-    from dreamjax.models.registry import get_spec
-
     c = _plain(cfg)
     paintings = resolve_paintings(c["data"]["paths"])
     cells = grid.cells_from_config(c, paintings, job=job, job_dir=job_dir, overrides=overrides,
@@ -59,9 +73,8 @@ def load_layer_sets(names) -> list[dict] | None:
     """``layer_sets=[set1,set2,...]``: several layer-weight sets dreamed in one run (one batch)."""
     if not names:
         return None
-    from omegaconf import OmegaConf
 
-    folder = Path(__file__).resolve().parent / "conf" / "layers"
+    folder = Path(dreamjax.config_dir()) / "layers"
     out = []
     for n in names:
         if isinstance(n, dict):
@@ -78,8 +91,6 @@ def load_layer_sets(names) -> list[dict] | None:
 def _check_plan(cell: grid.Cell, spec):
     """The octave plan must fit the backbone, checked before any compute on the square bucket;
     a painting whose elongated bucket is too small fails alone at run time (the rest go on)."""
-    from dreamjax import dream
-
     s = cell.static_dict()
     try:
         dream.OctavePlan.from_settings(s).check(
@@ -138,11 +149,11 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
             records = ex.run(cells, checkpoint_root=checkpoint_root)
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
-            raise SystemExit(143)
+            raise SystemExit(143) from None
     ex.compiles.close()
     _final_table(ex, records, Path(stats_path).parent if stats_path else Path(checkpoint_root).parent)
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
-    images.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
+    files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
     return records
 
 
@@ -170,9 +181,6 @@ def _final_table(ex: Executor, records: list[dict], out_dir: Path | None = None)
 
 
 def _command() -> str:
-    import shlex
-    import sys
-
     return " ".join(shlex.quote(a) for a in ["dreamjax"] + sys.argv[1:])
 
 
@@ -192,15 +200,12 @@ def claim_dir(directory: Path, overrides: Sequence[str], cfg) -> None:
             raise grid.ConfigError(f"{directory} already holds results and resume=false; choose another name=...")
         log.info("resuming in %s (complete cells are skipped)", directory)
         return
-    images.write_json(lock, mine | {"created": _dt.datetime.now().isoformat(timespec="seconds"),
+    files.write_json(lock, mine | {"created": _dt.datetime.now().isoformat(timespec="seconds"),
                                     "command": _command()})
 
 
 def task(cfg) -> Any:
     """The ``@hydra.main`` task: dream this job's cells (basic launcher / single run)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -233,13 +238,11 @@ def find_records(sweep_dir: Path) -> list[dict]:
 
 
 def build_manifest(sweep_dir: Path, records: list[dict]) -> dict:
-    from dreamjax import __version__
-
     sweep_dir = Path(sweep_dir).resolve()
     cells, paintings = [], {}
     for r in records:
         job_rel = os.path.relpath(r["job_dir"], sweep_dir)
-        rel = lambda p: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
+        rel = lambda p, job_rel=job_rel: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
         outs = {k: ([rel(x) for x in v] if isinstance(v, list) else rel(v)) for k, v in r.get("outputs", {}).items()}
         name = r["painting"]
         if name not in paintings or r.get("status") == "done":
@@ -273,10 +276,9 @@ def _label(r: dict) -> str:
     return " · ".join([r["layers"]] + extra)
 
 
-def collect(sweep_dir: str | Path) -> dict:
-    """Write manifest.json, summary.csv, grids/ and index.html for a sweep (or a single run)."""
-    from dreamjax import report
-
+def collect(sweep_dir: str | Path, *, analyze: bool = True) -> dict:
+    """Write manifest.json, summary.csv, grids/ and index.html for a sweep (or a single run);
+    then, unless ``analyze=False`` or the sweep's config says ``analyze: false``, the analysis."""
     sweep_dir = Path(sweep_dir).resolve()
     records = find_records(sweep_dir)
     if not records:
@@ -289,11 +291,9 @@ def collect(sweep_dir: str | Path) -> dict:
                 originals[name] = images.load_painting(p["path"]).pixels
             except (images.ImageError, OSError):
                 pass
-    images.write_json(sweep_dir / "manifest.json", manifest)
+    files.write_json(sweep_dir / "manifest.json", manifest)
     paths = report.write_sweep_report(sweep_dir, manifest, originals)
     log.info("sweep report: %s", sweep_dir / "index.html")
-    try:  # config `analyze` (default true): classes, layer energy, change; never breaks the sweep
-        from dreamjax import analysis; analysis.analyze_after_collect(sweep_dir, manifest)  # noqa: E702
-    except Exception as e:  # noqa: BLE001
-        log.warning("analysis skipped: %s", e)
+    if analyze:  # config `analyze` (default true): classes, layer energy, change; never breaks the sweep
+        analysis.analyze_after_collect(sweep_dir, manifest)
     return {"manifest": manifest, "paths": paths}

@@ -14,9 +14,8 @@ Three jobs:
 * :func:`bucket_shape` maps every aspect ratio to a handful of shapes so a whole
   collection compiles to a few programs; :func:`restore_aspect` puts the dream
   back to the painting's own aspect.
-* Atomic writers (temp file ``.<name>.<random>.tmp`` in the same folder, fsync,
-  ``os.replace``): a killed run never leaves a half-written PNG, JSON or GIF
-  under its final name.
+* Image writers (PNG, JPEG, GIF) through :mod:`dreamjax.files`' atomic writer: a killed
+  run never leaves a half-written image under its final name.
 """
 from __future__ import annotations
 
@@ -37,11 +36,13 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from dreamjax.files import atomic_open, atomic_write_bytes
+from PIL import ImageCms
+
 __all__ = [
     "ImageError", "Painting", "load_painting", "find_paintings", "PAINTING_EXTENSIONS",
     "DEFAULT_RATIOS", "bucket_shape", "resize_uint8", "resize_float", "restore_aspect",
-    "restored_size", "to_uint8", "file_sha256", "atomic_write_bytes", "atomic_write_text",
-    "atomic_open", "write_json", "save_png", "save_jpeg", "save_gif",
+    "restored_size", "to_uint8", "save_png", "save_jpeg", "save_gif",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -256,8 +257,6 @@ def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
     icc = im.info.get("icc_profile")
     if icc:  # print-profile CMYK: the embedded profile gives far truer colours than the naive formula
         try:
-            from PIL import ImageCms
-
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             rgb = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
             notes.append("CMYK converted to RGB (embedded ICC profile)")
@@ -464,92 +463,6 @@ def to_uint8(x: Any, rounding: str = "truncate") -> np.ndarray:
     elif rounding != "truncate":
         raise ValueError(f"rounding must be 'truncate' or 'round', got {rounding!r}")
     return arr.astype(np.uint8)
-
-
-def file_sha256(path: PathLike, chunk_size: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writers
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:  # makes the rename durable on POSIX; not possible on every OS/filesystem
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
-    """Open a temp file ``.<name>.<random>.tmp`` beside ``path``; on success fsync + rename.
-
-    On any exception the temp file is removed and an existing ``path`` is untouched.
-    """
-    if not any(c in mode for c in "wx") or "+" in mode or "a" in mode:
-        raise ValueError(f"atomic_open is for writing a whole file, got mode {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode.replace("x", "w"), **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-    return Path(path)
-
-
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, os.PathLike):
-        return os.fspath(o)
-    if isinstance(o, (set, frozenset)):
-        return sorted(o)
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
-    if hasattr(o, "__array__"):  # e.g. a jax.Array, without importing jax
-        return np.asarray(o).tolist()
-    raise TypeError(f"write_json cannot serialise {type(o).__name__}")
-
-
-def write_json(path: PathLike, obj: Any, *, sort_keys: bool = True, indent: int = 2) -> Path:
-    """Atomic JSON (UTF-8, trailing newline). numpy scalars/arrays, Paths, sets are converted.
-
-    Dict keys are sorted by default (stable diffs); list order (e.g. a manifest's cells) is kept.
-    Non-finite floats are written as NaN/Infinity (Python's json reads them back).
-    """
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_json_default, ensure_ascii=False)
-    return atomic_write_text(path, text + "\n")
 
 
 def _check_uint8_image(pixels: Any, what: str) -> np.ndarray:

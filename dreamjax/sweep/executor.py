@@ -4,7 +4,7 @@ The same code serves a single run (one job, several paintings), the batched mult
 launcher (all jobs' cells at once) and the ``basic`` launcher (one job per call).
 
 Per cell, in ``<job_dir>/<painting>/``: ``dream.png``, ``octave_<i>.png``, ``frames.gif``,
-``losses.json``, ``cell.yaml`` (the cell's settings) and, written last, ``cell.json``: the
+``losses.json``, ``cell_config.json`` (the cell's settings) and, written last, ``cell.json``: the
 cell's record (status, outputs with their sha256, losses, times). A cell is complete when its
 ``cell.json`` says "done", its fingerprint matches and every output's hash checks out; resume
 skips exactly those cells.
@@ -21,14 +21,25 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
-from dreamjax import grid, images
-from dreamjax.grid import Cell
+from dreamjax import __version__, files
+from dreamjax.engine import dream
+from dreamjax.models.registry import get_spec, load_backbone
+from dreamjax.outputs import images
+from dreamjax.sweep import checkpoint, grid
+from dreamjax.sweep.checkpoint import fault_point
+from dreamjax.sweep.grid import Cell
+from dreamjax.weights.store import cache_dir
 
 log = logging.getLogger("dreamjax")
 
-BUNDLED = Path(__file__).resolve().parent / "data" / "paintings"
+BUNDLED = files.BUNDLED_PAINTINGS
 CELL_RECORD = "cell.json"
 
 
@@ -55,10 +66,6 @@ def resolve_paintings(paths: Any) -> list[Path]:
 
 def setup_jax_cache(path: str | None = None):
     """Persistent compilation cache: rerunning or extending a sweep does not compile again."""
-    import jax
-
-    from dreamjax.weights.store import cache_dir
-
     path = path or os.environ.get("DREAMJAX_JAX_CACHE") or str(cache_dir() / "jax-cache")
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
@@ -76,8 +83,6 @@ class CompileLog:
     _registered = False
 
     def __init__(self, active: bool = True):
-        import jax
-
         self.count = 0
         self.seconds = 0.0
         if not CompileLog._registered:
@@ -125,7 +130,7 @@ def is_complete(cell: Cell) -> bool:
         return False
     for rel, digest in rec.get("hashes", {}).items():
         p = Path(cell.job_dir) / rel
-        if not p.is_file() or images.file_sha256(p) != digest:
+        if not p.is_file() or files.file_sha256(p) != digest:
             return False
     return True
 
@@ -146,7 +151,7 @@ def _record_base(cell: Cell) -> dict:
 def write_failed(cell: Cell, error: str):
     rec = _record_base(cell) | {"status": "failed", "error": error, "outputs": {}, "hashes": {}}
     cell.out_dir.mkdir(parents=True, exist_ok=True)
-    images.write_json(cell.out_dir / CELL_RECORD, rec)
+    files.write_json(cell.out_dir / CELL_RECORD, rec)
     return rec
 
 
@@ -193,8 +198,6 @@ class Executor:
 
     # --- cached resources -----------------------------------------------------------------------
     def backbone(self, name: str, weights: str):
-        from dreamjax.models.registry import load_backbone
-
         key = (name, weights)
         if key not in self._backbones:
             t = time.perf_counter()
@@ -205,8 +208,6 @@ class Executor:
 
     def dreamer(self, cell: Cell, capacity: int, shape: tuple[int, int], batch: int = 1):
         """One Dreamer (its compiled programs) per distinct static configuration."""
-        from dreamjax import dream
-
         bb = self.backbone(cell.backbone, cell.weights)
         cfg, plan = dream_settings(cell, bb, shape, batch)
         key = (cell.backbone, cell.weights, cfg, plan, capacity)
@@ -217,8 +218,6 @@ class Executor:
     # --- the whole job ---------------------------------------------------------------------------
     def run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
         """Dream every cell; returns their records (done, failed or skipped-as-complete)."""
-        from dreamjax import dream
-
         t0 = time.perf_counter()
         records: dict[str, dict] = {}
         complete: set[str] = set()
@@ -278,8 +277,6 @@ class Executor:
         return [records[c.id] for c in cells if c.id in records]
 
     def _load(self, cell: Cell):
-        from dreamjax.models.registry import get_spec
-
         try:
             min_size = get_spec(cell.backbone).min_size
             return images.load_painting(cell.painting_path, max_pixels=self.opt.max_pixels, min_size=min_size,
@@ -291,8 +288,6 @@ class Executor:
     # --- one batch ---------------------------------------------------------------------------------
     def _run_batch(self, dreamer, batch: list[Cell], loaded, shape, bar, checkpoint_root, length,
                    complete: set = frozenset()) -> list[dict]:
-        from dreamjax import checkpoint, dream
-
         bb = dreamer.backbone
         n_real = len(batch)
         padded = batch + [batch[-1]] * (length - n_real)
@@ -375,7 +370,6 @@ class Executor:
         if self.opt.octave_images:
             outputs["octaves"] = [rel(images.save_png(out / f"octave_{k}.png", to_px(im[i])))
                                   for k, im in enumerate(run.octave_images)]
-        from dreamjax.checkpoint import fault_point
 
         fault_point("output")  # tests: killed with some of this cell's outputs written
         if self.opt.gif:
@@ -393,10 +387,10 @@ class Executor:
             losses.append({"octave": k, "shape": list(sh), "per_tap": steps})
         last = next((s for o in reversed(losses) for s in reversed(o["per_tap"]) if s is not None), None)
         final_losses = dict(zip(cell.taps, last)) if last else {}
-        images.write_json(out / "losses.json", {"taps": list(cell.taps), "layer_weights": list(cell.layer_weights),
+        files.write_json(out / "losses.json", {"taps": list(cell.taps), "layer_weights": list(cell.layer_weights),
                                                 "octaves": losses})
         outputs["losses"] = rel(out / "losses.json")
-        images.write_json(out / "cell_config.json", _record_base(cell))
+        files.write_json(out / "cell_config.json", _record_base(cell))
         outputs["config"] = rel(out / "cell_config.json")
         hydra_cfg = Path(cell.job_dir) / ".hydra" / "config.yaml"
         if hydra_cfg.exists():
@@ -405,14 +399,14 @@ class Executor:
             ([outputs["gif"]] if "gif" in outputs else [])
         rec = _record_base(cell) | {
             "status": "done", "error": None, "outputs": outputs,
-            "hashes": {r: images.file_sha256(Path(cell.job_dir) / r) for r in hashed},
+            "hashes": {r: files.file_sha256(Path(cell.job_dir) / r) for r in hashed},
             "final_losses": final_losses,
             "final_loss": float(np.dot(list(final_losses.values()), cell.layer_weights)) if final_losses else None,
             "painting_sha256": painting.sha256, "painting_notes": list(painting.notes),
             "painting_size": list(painting.original_size), "weights_id": bb.weights_id,
             "bucket": list(run.originals.shape[1:3]), "seconds": seconds,
         }
-        images.write_json(out / CELL_RECORD, rec)  # last: marks the cell complete
+        files.write_json(out / CELL_RECORD, rec)  # last: marks the cell complete
         return rec
 
 
@@ -421,8 +415,6 @@ class Interrupted(RuntimeError):
 
 
 def batch_meta(batch: Sequence[Cell], bb) -> dict:
-    from dreamjax import __version__
-
     return {"batch_id": grid.batch_id(batch), "cells": [c.id for c in batch],
             "fingerprints": [c.fingerprint() for c in batch], "weights_id": bb.weights_id,
             "dreamjax_version": __version__}
@@ -430,8 +422,6 @@ def batch_meta(batch: Sequence[Cell], bb) -> dict:
 
 def dream_settings(cell: Cell, bb, shape, batch: int = 1):
     """Cell's static settings -> (DreamConfig, OctavePlan) for its backbone and bucket shape."""
-    from dreamjax import dream
-
     s = cell.static_dict()
     plan = dream.OctavePlan.from_settings(s)
     micro_batch = auto_micro_batch() if s["micro_batch"] == "auto" else s["micro_batch"]
@@ -454,8 +444,6 @@ def auto_micro_batch() -> int:
     image already fills the cores, and a pass over several large images runs out of cache),
     the whole batch elsewhere, and wherever the batch is split over several devices
     (``results/bench/README.md`` has the measurements)."""
-    import jax
-
     return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
 
 
@@ -476,11 +464,6 @@ def gradient_bytes_per_pixel(bb, taps: tuple[str, ...], compute_dtype: str = "fl
     """Temporary memory of one cell's gradient per input pixel, as XLA itself reports it
     (``memory_analysis`` of the compiled gradient at a 128x128 probe): follows the backbone, the
     taps and the compute dtype instead of a constant."""
-    import jax
-    import jax.numpy as jnp
-
-    from dreamjax import dream
-
     cfg = dream.DreamConfig(taps=taps, compute_dtype=compute_dtype, border=0)
     grad = dream.make_grad_fn(bb.feature_fn(taps, dtype=compute_dtype), cfg)
     probe = 128
@@ -492,8 +475,6 @@ def gradient_bytes_per_pixel(bb, taps: tuple[str, ...], compute_dtype: str = "fl
 
 
 def _cell_steps(cell: Cell) -> int:
-    from dreamjax import dream
-
     return cell.iterations * len(dream.OctavePlan.from_settings(cell.static_dict()).exponents)
 
 
@@ -503,16 +484,11 @@ def pad_to(n: int, devices: int) -> int:
 
 
 def _device_count() -> int:
-    import jax
-
     return jax.local_device_count()
 
 
 def shard_batch(tree):
     """Place the batch axis across all local devices (a 1-D mesh); replicated on one device."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
     devices = jax.local_devices()
     if len(devices) == 1:
         return tree
@@ -523,6 +499,4 @@ def shard_batch(tree):
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="cell-step", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
