@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from dreamjax import dream
+from dreamjax.engine import dream
 from dreamjax.models import kernels, ops
 
 RNG = np.random.default_rng(0)
