@@ -646,7 +646,7 @@ def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 
     info = machine_info()
     info["onednn"] = onednn_kernels.status().reason
     root = Path(tempfile.mkdtemp(prefix="dreamjax_cold_"))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "dlwp_notebook_tf.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "dlwp_notebook_tf.py"
     times: dict[str, list[float]] = {}
     try:
         for r in range(repeats):
