@@ -7,7 +7,7 @@ the reference a cold dreamjax CLI run is timed against as a whole process (start
 InceptionV3 (random weights unless --weights imagenet: speed only), layers mixed4..7 with
 1.0/1.5/2.0/2.5, step 20 on the L2-normalised gradient, 3 octaves x 1.4, 30 iterations,
 max_loss 15, lost-detail re-injection: the notebook's code, only the image is first resized to
-the long side (as dreamjax's data.image_size does). Needs tensorflow; not part of dreamjax.
+the long side (as dreamjax's data.image_size does). Needs tensorflow-cpu and pillow; not part of dreamjax.
 """
 import argparse
 import os
@@ -15,7 +15,7 @@ import time
 
 T0 = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ["KERAS_BACKEND"] = "tensorflow"  # the notebook runs Keras on TF (a caller may have set jax)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -674,7 +674,7 @@ def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 
                 t0 = time.perf_counter()
                 p = subprocess.run([tf_python, str(script), painting, "--long-side", str(long_side),
                                     "--iterations", str(iterations), "--out", str(root / f"tf_{r}.png")],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND="tensorflow"))
                 if p.returncode != 0:
                     raise RuntimeError(f"TF notebook script failed ({p.returncode}): {p.stderr[-2000:]}")
                 times.setdefault("tf_notebook", []).append(time.perf_counter() - t0)
