@@ -71,7 +71,7 @@ def main(argv=None):
     originals = np.asarray(bb.preprocess(pixels))
     taps = LAYERS["taps"]
     lw = np.asarray(LAYERS["weights"], np.float32) * np.asarray(LAYERS["scale"], np.float32)
-    feats = jax.jit(lambda v, x: bb.feature_fn(taps, dream=False)(v, x))
+    feats = jax.jit(lambda v, x: bb.feature_fn(taps, straight_through=False)(v, x))
 
     def grey(x):
         return np.clip(np.asarray(bb.deprocess(x)), 0, 255)

@@ -108,7 +108,7 @@ def test_tiny_backbone_dream_gradient_under_jit_and_while_loop(tiny_backbone):
     same gradient ascent inside ``lax.while_loop``: oneDNN f32 / bf16 vs XLA."""
     _need_onednn()
     taps = ("conv2", "conv3", "conv4")
-    f = tiny_backbone.feature_fn(taps, dream=True)
+    f = tiny_backbone.feature_fn(taps, straight_through=True)
     x = jnp.asarray(RNG.uniform(-1, 1, (2, 40, 48, 3)).astype(np.float32))
 
     def loss(v, x):
@@ -186,7 +186,7 @@ def test_fallback_to_xla_when_the_extension_is_absent(no_onednn, tiny_backbone, 
     with pytest.raises(ops.KernelsUnavailable, match="cpu_kernels=onednn cannot run here"):
         ops.resolve_kernels("onednn", "cpu")
     cfg = dream.DreamConfig(taps=("conv2",), cpu_kernels="onednn")
-    with pytest.raises(dream.DreamSettingsError, match="cannot run here"):
+    with pytest.raises(dream.ConfigError, match="cannot run here"):
         dream.Dreamer(tiny_backbone, cfg, dream.OctavePlan.keras(1, 1.4), 2)
     # auto still dreams (on XLA)
     d = dream.Dreamer(tiny_backbone, dream.DreamConfig(taps=("conv2",), cpu_kernels="auto"),
@@ -222,8 +222,14 @@ def test_other_platforms_and_bad_choices():
         ops.resolve_kernels("onednn", "gpu")
     with pytest.raises(ValueError, match="expected one of"):
         ops.resolve_kernels("mkl")
-    with pytest.raises(dream.DreamSettingsError, match="dream.cpu_kernels"):
+    with pytest.raises(dream.ConfigError, match="dream.cpu_kernels"):
         dream.DreamConfig(taps=("conv2",), cpu_kernels="mkl")
+
+
+def test_config_schema_offers_the_kernels_ops_knows():
+    from dreamjax import config
+
+    assert config.CPU_KERNELS == ops.KERNELS
 
 
 def test_library_name_follows_source_jaxlib_and_onednn():

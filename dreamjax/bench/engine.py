@@ -54,6 +54,9 @@ from dreamjax.sweep.executor import CompileLog, auto_micro_batch
 
 DLWP_TAPS = ("mixed4", "mixed5", "mixed6", "mixed7")
 DLWP_WEIGHTS = (1.0, 1.5, 2.0, 2.5)
+STUDY_TAPS = {"resnet50": ("conv3_block4_out", "conv4_block2_out", "conv4_block4_out", "conv4_block6_out"),
+              "vgg16": ("block3_conv3", "block4_conv1", "block4_conv3", "block5_conv1"),
+              "efficientnet_lite2": ("block10", "block12", "block14_dwpre", "block16")}
 TINY_TAPS = ("conv2", "conv3", "conv4")
 # extra batched modes for studies (EngineCase keyword arguments)
 VARIANTS = {
@@ -122,6 +125,8 @@ def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
         return DLWP_TAPS, DLWP_WEIGHTS
     if backbone.name == "efficientnet_lite0":
         return ("block7", "block9", "block10_dwpre", "block12"), DLWP_WEIGHTS
+    if backbone.name in STUDY_TAPS:  # the model config's study taps (conf/model/*.yaml)
+        return STUDY_TAPS[backbone.name], DLWP_WEIGHTS
     return TINY_TAPS, (1.0, 1.5, 2.0)
 
 
@@ -131,7 +136,8 @@ def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None
     mb = auto_micro_batch() if micro_batch is None else micro_batch
     return DreamConfig(taps=taps, norm="l2", objective="mean_square", border=2, frame_every=0,
                        clip=False, tile_size=tile_size, compute_dtype=compute_dtype, micro_batch=mb,
-                       cpu_kernels=cpu_kernels)
+                       cpu_kernels=cpu_kernels,
+                       straight_through=backbone.name == "efficientnet_lite0")  # as conf/model/*.yaml
 
 
 # ----------------------------------------------------------------------------------------------

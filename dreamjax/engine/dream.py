@@ -32,19 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamjax.models.ops import KERNELS as CPU_KERNELS
+from dreamjax.config import COMPUTE_DTYPES, CPU_KERNELS, DETAIL_MODES, NORMS, OBJECTIVES, OPTIMIZERS, ConfigError
 from dreamjax.models.ops import KernelsUnavailable
 
-NORMS = ("l2", "mean_abs", "std")
-OBJECTIVES = ("mean_square", "keras_io", "mean")
-DETAIL_MODES = ("dlwp", "google", "none")
-OPTIMIZERS = ("sgd", "adam", "rmsprop", "momentum")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
-class DreamSettingsError(ValueError):
-    """A bad setting, found before any compute. The message names the key and what is allowed."""
-
+__all__ = ["NORMS", "OBJECTIVES", "DETAIL_MODES", "OPTIMIZERS", "COMPUTE_DTYPES", "ConfigError", "DreamConfig",
+           "OctavePlan", "CellParams", "Dreamer", "DreamRun", "dream"]
 
 # ----------------------------------------------------------------------------------------------
 # Static configuration
@@ -90,7 +82,7 @@ class DreamConfig:
     optimizer: str = "sgd"
     grad_clip: float = 0.0
     compute_dtype: str = "float32"
-    straight_through: bool = True  # dream-path module variant (e.g. straight-through ReLU6)
+    straight_through: bool = False  # model.straight_through: the dream-path module variant (ReLU6 backward)
     # Bake the weights into the compiled program as constants: XLA then folds the BatchNorm
     # arithmetic at compile time (measured 6 % faster gradient on CPU, InceptionV3 256 px), at the
     # price of slower compiles and cached programs that embed the weights.
@@ -111,17 +103,17 @@ class DreamConfig:
         _one_of("dream.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _one_of("dream.cpu_kernels", self.cpu_kernels, CPU_KERNELS)
         if not self.taps:
-            raise DreamSettingsError("layers.taps is empty; name at least one tap")
+            raise ConfigError("layers.taps is empty; name at least one tap")
         if self.border < 0:
-            raise DreamSettingsError(f"dream.border must be >= 0, got {self.border}")
+            raise ConfigError(f"dream.border must be >= 0, got {self.border}")
         if self.frame_every < 0:
-            raise DreamSettingsError(f"dream.frame_every must be >= 0 (0 = no frames), got {self.frame_every}")
+            raise ConfigError(f"dream.frame_every must be >= 0 (0 = no frames), got {self.frame_every}")
         if self.compute_dtype == "float64" and not jax.config.jax_enable_x64:
-            raise DreamSettingsError("dream.compute_dtype=float64 needs JAX_ENABLE_X64=1")
+            raise ConfigError("dream.compute_dtype=float64 needs JAX_ENABLE_X64=1")
         if self.tile_size < 0:
-            raise DreamSettingsError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
+            raise ConfigError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
         if self.micro_batch < 0:
-            raise DreamSettingsError(f"dream.micro_batch must be >= 0 (0 = the whole batch), got {self.micro_batch}")
+            raise ConfigError(f"dream.micro_batch must be >= 0 (0 = the whole batch), got {self.micro_batch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,17 +134,17 @@ class OctavePlan:
     def __post_init__(self):
         _one_of("dream.octave_detail", self.detail, DETAIL_MODES)
         if not self.exponents:
-            raise DreamSettingsError("dream.octaves is empty; give at least one octave")
+            raise ConfigError("dream.octaves is empty; give at least one octave")
         if not self.scale > 1.0:
-            raise DreamSettingsError(f"dream.octave_scale must be > 1, got {self.scale}")
+            raise ConfigError(f"dream.octave_scale must be > 1, got {self.scale}")
         if list(self.exponents) != sorted(self.exponents):
-            raise DreamSettingsError(f"dream.octaves must increase (small to large), got {list(self.exponents)}")
+            raise ConfigError(f"dream.octaves must increase (small to large), got {list(self.exponents)}")
 
     @classmethod
     def keras(cls, num_octaves: int, scale: float, detail: str = "dlwp") -> "OctavePlan":
         """DLwP / keras.io: ``num_octaves`` octaves ending at the painting's own size."""
         if num_octaves < 1:
-            raise DreamSettingsError(f"dream.num_octaves must be >= 1, got {num_octaves}")
+            raise ConfigError(f"dream.num_octaves must be >= 1, got {num_octaves}")
         return cls(tuple(range(-(num_octaves - 1), 1)), scale, detail)
 
     @classmethod
@@ -165,15 +157,15 @@ class OctavePlan:
     def check(self, height: int, width: int, *, backbone: str, min_size: int, deepest_stride: int,
               border: int, objective: str):
         """Every octave must be at least the backbone's minimum input, and its deepest tap larger
-        than the border crop; raises DreamSettingsError naming the octave, its size and the fix."""
+        than the border crop; raises ConfigError naming the octave, its size and the fix."""
         for i, (h, w) in enumerate(self.shapes(height, width)):
             if min(h, w) < min_size:
-                raise DreamSettingsError(
+                raise ConfigError(
                     f"octave {i} of the plan (exponent {self.exponents[i]}, scale {self.scale}) is {h}x{w} for a "
                     f"{height}x{width} image, below {backbone}'s minimum input size {min_size}; use fewer "
                     f"octaves (dream.num_octaves), a smaller dream.octave_scale or a larger data.image_size")
             if objective != "mean" and min(h, w) // deepest_stride <= 2 * border:
-                raise DreamSettingsError(
+                raise ConfigError(
                     f"octave {i} is {h}x{w} for a {height}x{width} image: its deepest tap (stride "
                     f"{deepest_stride}) is no larger than the border crop (dream.border={border}); use fewer "
                     f"octaves (dream.num_octaves), a smaller dream.border or a larger data.image_size")
@@ -200,7 +192,7 @@ def _scaled(h, w, scale, e):
 
 def _one_of(key, value, allowed):
     if value not in allowed:
-        raise DreamSettingsError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +213,7 @@ class CellParams(NamedTuple):
         """Broadcast python/numpy values to a batch (B = len(layer_weights))."""
         w = np.asarray(layer_weights, np.float32)
         if w.ndim != 2:
-            raise DreamSettingsError(f"layer_weights must be [cells, taps], got shape {w.shape}")
+            raise ConfigError(f"layer_weights must be [cells, taps], got shape {w.shape}")
         b = w.shape[0]
 
         def col(v, dtype):
@@ -239,16 +231,16 @@ class CellParams(NamedTuple):
     def validate(self, num_taps: int):
         w = np.asarray(self.layer_weights)
         if w.shape[1] != num_taps:
-            raise DreamSettingsError(f"layers.weights has {w.shape[1]} values per cell but layers.taps has "
+            raise ConfigError(f"layers.weights has {w.shape[1]} values per cell but layers.taps has "
                                      f"{num_taps}; give one weight per tap")
         if not np.all(np.isfinite(w)):
-            raise DreamSettingsError("layers.weights must be finite numbers")
+            raise ConfigError("layers.weights must be finite numbers")
         if np.any(np.asarray(self.step_size) <= 0):
-            raise DreamSettingsError(f"dream.step_size must be > 0, got {np.asarray(self.step_size).min()}")
+            raise ConfigError(f"dream.step_size must be > 0, got {np.asarray(self.step_size).min()}")
         if np.any(np.asarray(self.iterations) < 0):
-            raise DreamSettingsError("dream.iterations must be >= 0")
+            raise ConfigError("dream.iterations must be >= 0")
         if np.any(np.asarray(self.jitter) < 0):
-            raise DreamSettingsError("dream.jitter must be >= 0 (pixels)")
+            raise ConfigError("dream.jitter must be >= 0 (pixels)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,9 +446,9 @@ class Dreamer:
                 kernels = "xla" if cfg.compute_dtype == "float64" else cfg.cpu_kernels
                 variables = backbone.dream_variables_for(kernels)
             except KernelsUnavailable as e:
-                raise DreamSettingsError(str(e)) from None
+                raise ConfigError(str(e)) from None
         self.variables = variables
-        feature_fn = backbone.feature_fn(self.taps, dream=cfg.straight_through, dtype=cfg.compute_dtype)
+        feature_fn = backbone.feature_fn(self.taps, straight_through=cfg.straight_through, dtype=cfg.compute_dtype)
         self._grad = make_grad_fn(feature_fn, cfg)
         run_steps, one_step = self._run_steps, self._one_step
         if cfg.constant_weights:  # the variables argument is then unused, so jit drops it
@@ -481,7 +473,7 @@ class Dreamer:
     def validate(self, height: int, width: int, params: CellParams):
         params.validate(len(self.taps))
         if np.any(np.asarray(params.iterations) > self.capacity):
-            raise DreamSettingsError(f"dream.iterations {int(np.max(params.iterations))} exceeds the group's "
+            raise ConfigError(f"dream.iterations {int(np.max(params.iterations))} exceeds the group's "
                                      f"steps capacity {self.capacity}")
         self.plan.check(height, width, backbone=self.backbone.name, min_size=self.backbone.min_size,
                         deepest_stride=max(self.backbone.tap_strides[t] for t in self.taps),

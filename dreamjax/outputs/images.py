@@ -309,12 +309,12 @@ def find_paintings(spec: PathLike | Sequence[PathLike]) -> list[Path]:
         text = os.path.expanduser(os.fspath(item))
         p = Path(text)
         if p.is_dir():
-            matches = [c for c in p.iterdir() if c.is_file() and _is_painting_name(c.name)]
+            matches = [c for c in p.iterdir() if c.is_file() and is_painting_name(c.name)]
         elif p.is_file():
             matches = [p]
         else:
             matches = [Path(m) for m in _glob.glob(text, recursive=True)
-                       if os.path.isfile(m) and _is_painting_name(os.path.basename(m))]
+                       if os.path.isfile(m) and is_painting_name(os.path.basename(m))]
         if not matches:
             what = "folder has no images" if p.is_dir() else "no image files match"
             raise ValueError(f"{what}: {os.fspath(item)!r} (extensions: {' '.join(PAINTING_EXTENSIONS)})")
@@ -323,7 +323,7 @@ def find_paintings(spec: PathLike | Sequence[PathLike]) -> list[Path]:
     return sorted(found.values(), key=lambda q: str(q))
 
 
-def _is_painting_name(name: str) -> bool:
+def is_painting_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in PAINTING_EXTENSIONS
 
 

@@ -144,7 +144,6 @@ class DreamjaxSlurmLauncher(DreamjaxLauncher):
         params = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                   for k, v in self.params.items()}
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
-        sweep.claim_dir(sweep_dir, list(self.config.hydra.overrides.task), self.config)
         log.info("dreamjax submitit launcher (%s): planning %d jobs in %s", params.get("submitit_executor"),
                  len(job_overrides), sweep_dir)
         rets = self.compose_jobs(job_overrides, initial_job_idx)
