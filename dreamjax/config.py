@@ -34,7 +34,8 @@ from typing import Any, Mapping, Sequence
 
 # Enumerations (the engine implements them; the schema is where they are listed).
 NORMS = ("l2", "mean_abs", "std")
-OBJECTIVES = ("mean_square", "keras_io", "mean")
+OBJECTIVES = ("mean_square", "keras_io", "mean", "l2")
+TILINGS = ("cover", "tf")
 DETAIL_MODES = ("dlwp", "google", "none")
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "momentum")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -264,6 +265,7 @@ class Dream:
     octave_detail: str = key("dlwp", "enum", choices=DETAIL_MODES)
     clip: bool = key(False, "bool")
     tile_size: Any = key(0, "int", min=0, auto=True, doc="0 = untiled; auto = from memory_budget_gb")
+    tiles: str = key("cover", "enum", choices=TILINGS, doc="cover: tiles cover the image; tf: TF tutorial's")
     memory_budget_gb: float = key(4.0, "float", gt=0)
     micro_batch: Any = key("auto", "int", min=0, auto=True, doc="cells per gradient pass; 0 = all")
     optimizer: str = key("sgd", "enum", choices=OPTIMIZERS)

@@ -32,6 +32,40 @@ BUNDLED_PAINTINGS = DATA_DIR / "paintings"
 IMAGENET_LABELS = DATA_DIR / "imagenet_classes.txt"
 
 
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+class DiskFull(RuntimeError):
+    """No space left where dreamjax writes: the run stops (its cells are not failed; complete
+    ones and committed checkpoints stay), and the same command resumes once there is space."""
+
+    def __init__(self, path: PathLike):
+        self.path = str(path)
+        super().__init__(f"no space left at {self.path}; free space and rerun the same command")
+
+
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# tensorstore (orbax's writer) reports ENOSPC as "RESOURCE_EXHAUSTED: ... No space left on device
+# [os_error_code='28']" in a ValueError.
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from or during, is a full disk or quota."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFull):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(exc) for t in _FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def file_sha256(path: PathLike, chunk_size: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -32,7 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamjax.config import COMPUTE_DTYPES, CPU_KERNELS, DETAIL_MODES, NORMS, OBJECTIVES, OPTIMIZERS, ConfigError
+from dreamjax.config import (
+    COMPUTE_DTYPES,
+    CPU_KERNELS,
+    DETAIL_MODES,
+    NORMS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    TILINGS,
+    ConfigError,
+)
 from dreamjax.models.ops import KernelsUnavailable
 
 __all__ = ["NORMS", "OBJECTIVES", "DETAIL_MODES", "OPTIMIZERS", "COMPUTE_DTYPES", "ConfigError", "DreamConfig",
@@ -51,12 +60,19 @@ class DreamConfig:
       "std" (TensorFlow tutorial).
     objective: "mean_square" = mean(act[b, c:-c, c:-c]**2) (DLwP);
       "keras_io" = sum(cropped**2) / size(uncropped) (keras.io example);
-      "mean" = mean(act) with no crop (TensorFlow tutorial).
+      "mean" = mean(act) with no crop (TensorFlow tutorial);
+      "l2" = sum(act**2) / 2, whose gradient is the activation itself (Google's notebook,
+      ``objective_L2``: ``dst.diff[:] = dst.data``).
     border: border crop in activation pixels (DLwP: 2).
     frame_every: keep the image every k steps for iteration GIFs (0 = none).
     clip: project the image onto the backbone's input range after each step.
     tile_size: 0 = whole image; otherwise gradients are computed tile by tile (TF tutorial),
       bounding memory by the tile.
+    tiles: "cover" = tiles cover the whole image (the last row/column shifted inwards), the
+      random roll is in [-jitter, jitter]; "tf" = the TF tutorial's ``TiledGradients``: tiles
+      start at multiples of tile_size and the last start is skipped unless it is the only one
+      (what it leaves out gets no gradient that step; the roll moves it), the roll is
+      ``tf.random.uniform(minval=-jitter, maxval=jitter)``, i.e. in [-jitter, jitter).
     optimizer: "sgd" (plain normalised-gradient ascent, as all four references) or an optax
       optimizer applied after the per-cell normalisation.
     grad_clip: if > 0, clip each update element to [-grad_clip, grad_clip] (optax.clip).
@@ -78,6 +94,7 @@ class DreamConfig:
     clip: bool = False
     value_range: tuple[float, float] = (-1.0, 1.0)
     tile_size: int = 0
+    tiles: str = "cover"
     micro_batch: int = 0
     optimizer: str = "sgd"
     grad_clip: float = 0.0
@@ -99,6 +116,7 @@ class DreamConfig:
     def __post_init__(self):
         _one_of("dream.norm", self.norm, NORMS)
         _one_of("dream.objective", self.objective, OBJECTIVES)
+        _one_of("dream.tiles", self.tiles, TILINGS)
         _one_of("dream.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("dream.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _one_of("dream.cpu_kernels", self.cpu_kernels, CPU_KERNELS)
@@ -125,6 +143,12 @@ class OctavePlan:
     detail: "dlwp" re-injects the detail lost by shrinking after every octave (DLwP);
       "google" carries the dream's difference from each octave base upward (Google's
       notebook, whose bases are successive shrinks of one another); "none" only resizes.
+
+    Each mode sizes and resizes its octaves as its source does (:meth:`shapes`): "dlwp"
+    ``int(dim / scale**i)`` and ``tf.image.resize`` (bilinear, half-pixel); "google"
+    ``round(dim * (1 / scale))`` from each base to the next and ``scipy.ndimage.zoom(order=1)``
+    (linear, corners aligned) for bases and detail; "none" (TF tutorial)
+    ``int(float32(dim) * float32(scale**e))`` and ``tf.image.resize``.
     """
 
     exponents: tuple[int, ...] = (-2, -1, 0)
@@ -172,13 +196,16 @@ class OctavePlan:
 
     def shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         if self.detail == "google":
-            # Google's notebook: each base is the previous one zoomed by 1/scale (nd.zoom rounds).
+            # Google's notebook: each base is the previous one nd.zoom'ed by 1.0/scale; scipy's
+            # output size is int(round(dim * zoom)).
             shapes = [(height, width)]
             for _ in range(-min(self.exponents)):
                 h, w = shapes[-1]
-                shapes.append((int(round(h / self.scale)), int(round(w / self.scale))))
+                shapes.append((int(round(h * (1.0 / self.scale))), int(round(w * (1.0 / self.scale)))))
             by_exp = {-i: s for i, s in enumerate(shapes)}
             return [by_exp[e] if e <= 0 else _scaled(height, width, self.scale, e) for e in self.exponents]
+        if self.detail == "none":
+            return [_scaled_tf(height, width, self.scale, e) for e in self.exponents]
         return [_scaled(height, width, self.scale, e) for e in self.exponents]
 
 
@@ -188,6 +215,13 @@ def _scaled(h, w, scale, e):
     if e <= 0:
         return int(h / scale ** (-e)), int(w / scale ** (-e))
     return int(h * scale ** e), int(w * scale ** e)
+
+
+def _scaled_tf(h, w, scale, e):
+    # TF tutorial: tf.cast(tf.cast(base_shape, tf.float32) * (scale ** e), tf.int32): the Python
+    # float scale**e becomes float32, the product is float32, the cast truncates.
+    f = np.float32(scale ** e)
+    return int(np.float32(h) * f), int(np.float32(w) * f)
 
 
 def _one_of(key, value, allowed):
@@ -209,9 +243,11 @@ class CellParams(NamedTuple):
     key: jax.Array  # u32[B, 2]; raw PRNG key data
 
     @classmethod
-    def make(cls, layer_weights, step_size, max_loss=None, jitter=0, iterations=30, seed=0):
-        """Broadcast python/numpy values to a batch (B = len(layer_weights))."""
-        w = np.asarray(layer_weights, np.float32)
+    def make(cls, layer_weights, step_size, max_loss=None, jitter=0, iterations=30, seed=0, dtype=np.float32):
+        """Broadcast python/numpy values to a batch (B = len(layer_weights)). ``dtype`` is that of
+        the weights, steps and loss limits: float32, or float64 for a float64 dream (a float32
+        step of 0.01 is 0.01 * (1 - 2e-8), which 60 normalised steps turn into a 1e-6 change)."""
+        w = np.asarray(layer_weights, dtype)
         if w.ndim != 2:
             raise ConfigError(f"layer_weights must be [cells, taps], got shape {w.shape}")
         b = w.shape[0]
@@ -222,7 +258,7 @@ class CellParams(NamedTuple):
         mx = np.inf if max_loss is None else max_loss
         seeds = col(seed, np.uint32)
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
-        return cls(w, col(step_size, np.float32), col(mx, np.float32), col(jitter, np.int32),
+        return cls(w, col(step_size, dtype), col(mx, dtype), col(jitter, np.int32),
                    col(iterations, np.int32), keys.astype(np.uint32))
 
     def take(self, idx) -> "CellParams":
@@ -308,6 +344,9 @@ def tap_losses(acts: dict, taps: Sequence[str], cfg: DreamConfig) -> jax.Array:
             continue
         inner = a[:, c:a.shape[1] - c, c:a.shape[2] - c, :] if c else a
         sq = jnp.sum(jnp.square(inner), axis=(1, 2, 3))
+        if cfg.objective == "l2":
+            cols.append(0.5 * sq)
+            continue
         denom = math.prod(inner.shape[1:]) if cfg.objective == "mean_square" else math.prod(a.shape[1:])
         cols.append(sq / denom)
     return jnp.stack(cols, axis=1)
@@ -347,17 +386,18 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
         if h <= t and w <= t:
             return loss_and_grad(variables, images, weights)
         th, tw = min(t, h), min(t, w)
-        ys = _tile_starts(h, th)
-        xs = _tile_starts(w, tw)
+        starts_of = _tf_tile_starts if cfg.tiles == "tf" else _tile_starts
+        ys = starts_of(h, th)
+        xs = starts_of(w, tw)
         starts = jnp.asarray([(y, x) for y in ys for x in xs], jnp.int32)
 
         def body(i, carry):
             losses, grads = carry
-            y, x = starts[i, 0], starts[i, 1]
-            tile = jax.lax.dynamic_slice(images, (0, y, x, 0), (images.shape[0], th, tw, images.shape[3]))
+            y, x, z = starts[i, 0], starts[i, 1], jnp.int32(0)  # one index dtype, also under x64
+            tile = jax.lax.dynamic_slice(images, (z, y, x, z), (images.shape[0], th, tw, images.shape[3]))
             per_tap, g = loss_and_grad(variables, tile, weights)
-            cur = jax.lax.dynamic_slice(grads, (0, y, x, 0), g.shape)
-            grads = jax.lax.dynamic_update_slice(grads, cur + g, (0, y, x, 0))
+            cur = jax.lax.dynamic_slice(grads, (z, y, x, z), g.shape)
+            grads = jax.lax.dynamic_update_slice(grads, cur + g, (z, y, x, z))
             return losses + per_tap, grads
 
         zeros = (jnp.zeros((images.shape[0], len(cfg.taps)), cfg.image_dtype), jnp.zeros_like(images))
@@ -401,6 +441,11 @@ def _micro_batched(grad_fn, micro_batch: int):
         return join(per_tap), join(g)
 
     return passes
+
+
+def _tf_tile_starts(n, t):
+    """TF tutorial: ``tf.range(0, n, t)[:-1]``, or ``[0]`` when that is empty."""
+    return list(range(0, n, t))[:-1] or [0]
 
 
 def _tile_starts(n, t):
@@ -468,6 +513,7 @@ class Dreamer:
         self.device_loop = True
         self._init = jax.jit(self._init_state)
         self._resize = jax.jit(_resize, static_argnums=(1,))
+        self._zoom = jax.jit(_zoom_linear, static_argnums=(1,))
 
     # --- checks before any compute -----------------------------------------------------------
     def validate(self, height: int, width: int, params: CellParams):
@@ -506,7 +552,9 @@ class Dreamer:
             active = active_mask(s)
             keys = jax.vmap(_step_key, in_axes=(0, None, None))(params.key, octave, s.step)
             amp = params.jitter[:, None]
-            shifts = jax.vmap(lambda kk, a: jax.random.randint(kk, (2,), -a[0], a[0] + 1))(keys, amp)
+            top = amp if self.cfg.tiles == "tf" else amp + 1  # tf: maxval excluded, as tf.random.uniform
+            shifts = jax.vmap(lambda kk, a, b: jax.random.randint(kk, (2,), -a[0], jnp.maximum(b[0], 1 - a[0])))(
+                keys, amp, top)
             rolled = _roll(s.image, shifts)
             per_tap, g = self._grad(variables, rolled, params.layer_weights)
             g = _roll(g, -shifts)
@@ -585,7 +633,9 @@ class Dreamer:
         return (self._run if self.device_loop else self._step)._cache_size()
 
     def resize(self, images, shape):
-        return self._resize(images, tuple(int(s) for s in shape))
+        """The plan's resize: ``tf.image.resize`` bilinear, or in google mode ``nd.zoom(order=1)``."""
+        fn = self._zoom if self.plan.detail == "google" else self._resize
+        return fn(images, tuple(int(s) for s in shape))
 
     def lower(self, height: int, width: int, batch: int):
         """The lowered octave program for a shape (for cost analysis and compile counting)."""
@@ -602,6 +652,24 @@ def _resize(images, shape):
     # (DLwP's and the TF tutorial's resize), so octave parity with Keras/TF holds.
     b, _, _, c = images.shape
     return jax.image.resize(images, (b, shape[0], shape[1], c), "bilinear", antialias=False)
+
+
+def _zoom_linear(images, shape):
+    # scipy.ndimage.zoom(x, (1, h/h0, w/w0, 1), order=1) as Google's notebook calls it: linear
+    # interpolation with the corner pixels aligned, output pixel o samples input o*(n-1)/(m-1).
+    x = images
+    for axis, m in ((1, shape[0]), (2, shape[1])):
+        n = x.shape[axis]
+        if n == m:
+            continue
+        step = (n - 1) / (m - 1) if m > 1 else 0.0
+        pos = np.arange(m, dtype=np.float64) * step
+        lo = np.minimum(np.floor(pos).astype(np.int32), n - 1)
+        hi = np.minimum(lo + 1, n - 1)
+        frac = jnp.asarray(pos - lo, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
+        a, b = jnp.take(x, lo, axis=axis), jnp.take(x, hi, axis=axis)
+        x = a + (b - a) * frac
+    return x
 
 
 # ----------------------------------------------------------------------------------------------

@@ -260,7 +260,16 @@ class Executor:
 
     # --- the whole job ---------------------------------------------------------------------------
     def run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
-        """Dream every cell; returns their records (done, failed or skipped-as-complete)."""
+        """Dream every cell; returns their records (done, failed or skipped-as-complete). A full
+        disk stops the run with :class:`~dreamjax.files.DiskFull` (no cell is marked failed)."""
+        try:
+            return self._run(cells, checkpoint_root)
+        except Exception as e:
+            if files.is_disk_full(e) and not isinstance(e, files.DiskFull):
+                raise files.DiskFull(_out_root(cells, checkpoint_root)) from None
+            raise
+
+    def _run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
         t0 = time.perf_counter()
         records: dict[str, dict] = {}
         complete: set[str] = set()
@@ -291,7 +300,12 @@ class Executor:
                     self.stats["cells_failed"] += 1
                 continue
             h, w = p.pixels.shape[:2]
-            buckets.append((c, images.bucket_shape(h, w, c.image_size)))
+            bucket = images.bucket_shape(h, w, c.image_size)
+            note = images.squeeze_note(p.original_size, bucket, c.image_size)
+            if note and note not in p.notes:  # never a silent squeeze: in the record, the manifest, the log
+                log.warning("painting %s: %s", c.painting, note)
+                p = loaded[c.painting_path] = dataclasses.replace(p, notes=p.notes + (note,))
+            buckets.append((c, bucket))
 
         groups = grid.group_cells(buckets)
         self.stats["groups"] += len(groups)
@@ -348,7 +362,8 @@ class Executor:
         iterations = [c.iterations for c in batch] + [0] * (len(padded) - n_real)  # padding cells idle
         params = dream.CellParams.make(
             [c.layer_weights for c in padded], [c.step_size for c in padded], [c.max_loss for c in padded],
-            [c.jitter for c in padded], iterations, seed=[c.key_seed() for c in padded])
+            [c.jitter for c in padded], iterations, seed=[c.key_seed() for c in padded],
+            dtype=np.dtype(dreamer.cfg.image_dtype))
         params = shard_batch(params)
         originals = shard_batch(originals)
         t_start = time.perf_counter()
@@ -386,6 +401,15 @@ class Executor:
         except Interrupted:
             raise
         except Exception as e:  # one bad batch must not stop the sweep
+            if files.is_disk_full(e):  # ... but a full disk stops it, and is not the cells' fault
+                if ckpt is not None:
+                    ckpt.abandon()
+                raise files.DiskFull(_out_root(batch, checkpoint_root)) from None
+            if self.stop_requested():  # raised while stopping (a signal handler, a killed child): not the cells' fault
+                if ckpt is not None:
+                    ckpt.close()
+                raise Interrupted(f"stopped during batch {grid.batch_id(batch)} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
             log.exception("batch of %d cells failed", n_real)
             if ckpt is not None:
                 ckpt.close()
@@ -397,8 +421,13 @@ class Executor:
                 ckpt.close()  # the in-flight async save is committed before the process goes
             raise
         seconds = {"run": time.perf_counter() - t_start, "compile": self.compiles.seconds - compiles_before}
-        recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
-                if c.id not in complete]
+        try:
+            recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
+                    if c.id not in complete]
+        except Exception as e:
+            if ckpt is not None and files.is_disk_full(e):
+                ckpt.abandon()  # the batch's last checkpoint stays: the rerun writes its cells from it
+            raise
         if ckpt is not None:
             ckpt.finish()
             self.stats["checkpoint_seconds"] = self.stats.get("checkpoint_seconds", 0.0) + ckpt.seconds
@@ -459,6 +488,11 @@ class Executor:
         return rec
 
 
+def _out_root(cells: Sequence[Cell], checkpoint_root) -> Path:
+    """The folder a run writes into (the sweep's, or the single run's), for messages."""
+    return Path(checkpoint_root).parent if checkpoint_root else Path(cells[0].job_dir).parent
+
+
 class Interrupted(RuntimeError):
     """A stop was requested (SIGTERM/SIGINT); in-flight batches were checkpointed."""
 
@@ -481,7 +515,8 @@ def dream_settings(cell: Cell, bb, shape, batch: int = 1):
     cfg = dream.DreamConfig(
         taps=bb.check_taps(cell.taps), norm=s["norm"], objective=s["objective"], border=int(s["border"]),
         frame_every=int(s["frame_every"] or 0), clip=bool(s["clip"]), value_range=tuple(bb.value_range),
-        tile_size=int(tile), optimizer=s["optimizer"], grad_clip=float(s["grad_clip"] or 0),
+        tile_size=int(tile), tiles=s.get("tiles") or "cover", optimizer=s["optimizer"],
+        grad_clip=float(s["grad_clip"] or 0),
         compute_dtype=s["compute_dtype"], straight_through=cell.straight_through,
         constant_weights=bool(s.get("constant_weights") or False), micro_batch=micro_batch,
         cpu_kernels=str(s.get("cpu_kernels") or "auto"))

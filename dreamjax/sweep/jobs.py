@@ -53,6 +53,7 @@ PLAN = "plan.json"  # the planned cells: the manifest is built from these
 # What this process ran, for the exit status (cli.py): set by collect (and execute, as a fallback).
 OUTCOME: dict[str, int] = {"done": 0, "failed": 0, "pending": 0, "collected": 0}
 _HELD: dict[str, files.FolderLock] = {}  # folder -> its lock, held until the process ends
+EXIT_DISK_FULL = 74  # sysexits EX_IOERR: stopped on a full disk, nothing failed, the same command resumes
 
 
 def _plain(cfg) -> dict:
@@ -213,13 +214,26 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
             raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None  # 130: Ctrl-C, 143: SIGTERM
+        except files.DiskFull as e:
+            disk_full(e)
     ex.compiles.close()
-    _final_table(ex, records, Path(stats_path).parent if stats_path else Path(checkpoint_root).parent)
+    _final_table(ex, records, Path(checkpoint_root).parent)  # the sweep (or run) folder
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
-    files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
+    try:
+        files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
+    except OSError as e:
+        if not files.is_disk_full(e):
+            raise
+        disk_full(files.DiskFull(Path(checkpoint_root).parent))
     for r in records:
         OUTCOME[r.get("status", "failed") if r.get("status") in ("done", "failed") else "pending"] += 1
     return records
+
+
+def disk_full(e: files.DiskFull):
+    """Stop once, with one line, on a full disk (exit 74)."""
+    log.error("%s", e)
+    raise SystemExit(EXIT_DISK_FULL)
 
 
 def _final_table(ex: Executor, records: list[dict], out_dir: Path | None = None):
@@ -475,6 +489,15 @@ def collect(sweep_dir: str | Path, *, analyze: bool = True) -> dict:
         records, stale = planned
     if not records:
         raise FileNotFoundError(f"no cell records ({CELL_RECORD}) under {sweep_dir}: nothing to collect")
+    try:
+        return _collect(sweep_dir, records, stale, analyze)
+    except OSError as e:
+        if files.is_disk_full(e):
+            raise files.DiskFull(sweep_dir) from None
+        raise
+
+
+def _collect(sweep_dir: Path, records: list[dict], stale: list[dict], analyze: bool) -> dict:
     manifest = build_manifest(sweep_dir, records, stale)
     for k in ("done", "failed", "pending"):
         OUTCOME[k] = manifest["counts"][k]

@@ -19,9 +19,18 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
+from dreamjax import files
 from dreamjax.sweep import jobs as sweep
 
 log = logging.getLogger("dreamjax")
+# Sweep folders whose launcher has written (or, with ``wait=false``, deferred) the report itself:
+# the callback then leaves them alone, so collect and the analysis run once per sweep.
+_REPORTED: set[str] = set()
+
+
+def report_handled(sweep_dir: str | Path) -> None:
+    """Called by a launcher that collects ``sweep_dir`` itself (or leaves it to dreamjax-collect)."""
+    _REPORTED.add(str(Path(sweep_dir).resolve()))
 
 
 class DreamjaxLauncher(Launcher):
@@ -83,7 +92,11 @@ class SweepReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if str(sweep_dir.resolve()) in _REPORTED:
+            return
         try:
             sweep.collect(sweep_dir)
         except FileNotFoundError as e:
             log.warning("%s", e)
+        except files.DiskFull as e:
+            sweep.disk_full(e)
