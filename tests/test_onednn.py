@@ -27,6 +27,7 @@ from jax import lax
 
 from dreamjax.engine import dream
 from dreamjax.models import kernels, ops
+from tests.helpers import missing
 
 RNG = np.random.default_rng(0)
 F32_TOL = 1e-4
@@ -43,7 +44,7 @@ def every_size_on_onednn(monkeypatch):
 def _need_onednn(bf16=False):
     st = kernels.status()
     if not st.available:
-        pytest.skip(f"oneDNN kernel unavailable: {st.reason}")
+        missing(f"oneDNN kernel unavailable: {st.reason}")
     if bf16 and not st.bf16:
         pytest.skip("this CPU has no bfloat16 instructions")
 
@@ -236,6 +237,6 @@ def test_library_name_follows_source_jaxlib_and_onednn():
     try:
         path = kernels.library_path()
     except Exception as e:  # noqa: BLE001 - no oneDNN wheel: nothing to name
-        pytest.skip(f"oneDNN not installed: {e}")
+        missing(f"oneDNN not installed: {e}")
     assert path.name.startswith("onednn_conv-") and path.suffix == ".so"
     assert path == kernels.library_path()
