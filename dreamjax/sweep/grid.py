@@ -51,6 +51,8 @@ class Cell:
     overrides: tuple[str, ...] = ()
     preset: str = ""
     set_dir: str = ""  # "" = one layer set per job; else the set's folder inside the job
+    # Motion settings, sorted (key, value) pairs (sweep/motion.py); () = a still image.
+    motion: tuple[tuple[str, Any], ...] = ()
 
     @property
     def id(self) -> str:

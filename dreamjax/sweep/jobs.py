@@ -31,6 +31,7 @@ from dreamjax.engine import dream
 from dreamjax.models.registry import get_spec
 from dreamjax.outputs import analysis, images, report
 from dreamjax.sweep import grid
+from dreamjax.sweep import motion as motion_sweep
 from dreamjax.sweep.executor import (
     CELL_RECORD,
     Executor,
@@ -56,9 +57,13 @@ def _plain(cfg) -> dict:
 def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -> list[grid.Cell]:
     """Cells of one job, validated before any compute (unknown taps, shapes, presets...)."""
     c = _plain(cfg)
-    paintings = resolve_paintings(c["data"]["paths"])
-    cells = grid.cells_from_config(c, paintings, job=job, job_dir=job_dir, overrides=overrides,
-                                   layer_sets=load_layer_sets(c.get("layer_sets")))
+    if motion_sweep.settings(c) is not None:  # a zoom loop or a video: chains of frames
+        cells = motion_sweep.plan(c, job=job, job_dir=job_dir, overrides=overrides,
+                                  layer_sets=load_layer_sets(c.get("layer_sets")))
+    else:
+        paintings = resolve_paintings(c["data"]["paths"])
+        cells = grid.cells_from_config(c, paintings, job=job, job_dir=job_dir, overrides=overrides,
+                                       layer_sets=load_layer_sets(c.get("layer_sets")))
     spec = get_spec(cells[0].backbone) if cells else None
     for cell in {c.layers: c for c in cells}.values() if spec is not None else ():
         unknown = [t for t in cell.taps if t not in spec.taps]
@@ -146,7 +151,7 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
     with StopFlag() as stop:
         ex = Executor(options(cfg), stop_requested=stop)
         try:
-            records = ex.run(cells, checkpoint_root=checkpoint_root)
+            records = motion_sweep.run_cells(ex, cells, checkpoint_root=checkpoint_root)
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
             raise SystemExit(143)
