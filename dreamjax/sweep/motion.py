@@ -108,7 +108,7 @@ def settings(cfg: Mapping) -> dict | None:
     end = v.get("end")
     end = None if end is None else int(grid._num("video.end", end, int, minimum=start + 1))
     every = int(grid._num("video.every", v.get("every", 1) or 1, int, minimum=1))
-    out.update(source=str(src), flow=flow, blend=blend, start=start, end=end, every=every,
+    out.update(source=[str(s) for s in src] if isinstance(src, (list, tuple)) else str(src), flow=flow, blend=blend, start=start, end=end, every=every,
                fps=None if v.get("fps") is None else grid._num("video.fps", v["fps"], strict=True, minimum=0.0))
     return out
 
