@@ -263,6 +263,7 @@ def build_manifest(sweep_dir: Path, records: list[dict]) -> dict:
             "seconds": r.get("seconds", {}), "fingerprint": r.get("fingerprint"), "backbone": r.get("backbone"),
             "weights_id": r.get("weights_id"), "taps": r.get("taps"), "layer_weights": r.get("layer_weights"),
             "hashes": {rel(k): v for k, v in r.get("hashes", {}).items()},
+            **{k: r[k] for k in ("frames", "fps", "frame_seconds", "stability", "motion") if k in r},
         })
     backbones = sorted({c["backbone"] for c in cells if c.get("backbone")})
     weights = sorted({c["weights_id"] for c in cells if c.get("weights_id")})
