@@ -274,3 +274,24 @@ def test_killed_video_render_resumes_to_the_same_bytes(tmp_path):
     assert not leftovers, leftovers
     assert executor.read_record(dataclasses.replace(
         msweep.plan(_video_cfg(clip), job=0, job_dir=tmp_path / "run")[0]))["status"] == "done"
+
+
+@pytest.mark.slow
+def test_multirun_per_cell_zoom_is_one_batch(tmp_path):
+    """``-m motion.zoom=a,b``: two Hydra jobs, one batch of two chains, one dream program."""
+    import subprocess
+    import sys
+
+    painting = PAINTINGS / "munch_the_scream.jpg"
+    p = subprocess.run([sys.executable, "-m", "dreamjax.cli", "-m", "+experiment=zoom", "layer_sets=null", *TINY,
+                        "motion.zoom=1.02,1.15", "motion.frames=3", "data.image_size=64",
+                        f"data.paths=[{painting}]", f"hydra.sweep.dir={tmp_path / 'sw'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stats = json.loads((tmp_path / "sw" / "run_stats.json").read_text())
+    assert stats["cells_done"] == 2 and stats["batches"] == 1 and stats["programs"] == 1, stats
+    a, b = (np.asarray(Image.open(tmp_path / "sw" / j / "munch_the_scream" / "frames" / "00002.png"))
+            for j in ("0", "1"))
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() > 2  # their own zoom
+    m = json.loads((tmp_path / "sw" / "manifest.json").read_text())
+    assert sorted(c["motion"]["zoom"] for c in m["cells"]) == [1.02, 1.15]

@@ -41,7 +41,8 @@ def _played(browser_test, browser, tmp_path, page: Path) -> dict:
         def do_GET(self):
             if self.path.startswith("/__slow__"):
                 time.sleep(3.0)
-                body = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+                body = bytes.fromhex("47494638396101000100800000000000ffffff21f904010000000"
+                                     "02c00000000010001000002024401003b")  # a 1x1 GIF
                 self.send_response(200)
                 self.send_header("Content-Type", "image/gif")
                 self.send_header("Content-Length", str(len(body)))

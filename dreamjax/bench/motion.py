@@ -54,7 +54,8 @@ def zoom_fps(size: int, *, batched: bool, chains: int = 4, frames: int = 4, iter
     steady_seconds = sum(s[-1] - s[0] for s in stamps.values())
     return {"size": size, "mode": "batched" if batched else "one_at_a_time", "chains": chains, "frames": frames,
             "iterations_per_frame": iterations, "bucket": recs[0]["bucket"],
-            "cell_frames_per_s": steady_frames / steady_seconds, "seconds_per_cell_frame": steady_seconds / steady_frames,
+            "cell_frames_per_s": steady_frames / steady_seconds,
+            "seconds_per_cell_frame": steady_seconds / steady_frames,
             "wall_s_including_compile": wall, "compile_s": ex.compiles.seconds}
 
 
@@ -101,8 +102,8 @@ def format_table(res: dict) -> str:
     for z in res["zoom"]:
         alone = by.get((z["size"], "one_at_a_time"))
         up = z["cell_frames_per_s"] / alone["cell_frames_per_s"] if alone else float("nan")
-        lines.append(f"| {z['size']} | {z['mode']} | {z['cell_frames_per_s']:.2f} | {z['seconds_per_cell_frame']:.3f} "
-                     f"| {up:.2f}x |")
+        lines.append(f"| {z['size']} | {z['mode']} | {z['cell_frames_per_s']:.2f} "
+                     f"| {z['seconds_per_cell_frame']:.3f} | {up:.2f}x |")
     lines += ["", "| size | decode | flow DIS | flow Farneback | encode | dream frame | overhead (DIS) | (Farneback) |",
               "|---|---|---|---|---|---|---|---|"]
     for v in res["video"]:

@@ -29,13 +29,11 @@ import hashlib
 import io
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -108,7 +106,8 @@ def settings(cfg: Mapping) -> dict | None:
     end = v.get("end")
     end = None if end is None else int(grid._num("video.end", end, int, minimum=start + 1))
     every = int(grid._num("video.every", v.get("every", 1) or 1, int, minimum=1))
-    out.update(source=[str(s) for s in src] if isinstance(src, (list, tuple)) else str(src), flow=flow, blend=blend, start=start, end=end, every=every,
+    source = [str(s) for s in src] if isinstance(src, (list, tuple)) else str(src)
+    out.update(source=source, flow=flow, blend=blend, start=start, end=end, every=every,
                fps=None if v.get("fps") is None else grid._num("video.fps", v["fps"], strict=True, minimum=0.0))
     return out
 
@@ -360,7 +359,7 @@ class MotionRunner:
         bar.close()
         seconds = {"run": time.perf_counter() - t_batch, "compile": self.ex.compiles.seconds - compiles_before}
         recs = [self._finish_cell(c, s, bb, seconds, n_frames, shape) for c, s in zip(batch, srcs)]
-        files_rm_tree(ckdir)
+        _rm_tree(ckdir)
         self.ex.stats["batches"] += 1
         self.ex.stats["cells_done"] += len(recs)
         self.ex.stats["frames"] = self.ex.stats.get("frames", 0) + (n_frames - start_t) * n_real
@@ -546,7 +545,7 @@ def _clean_tmp(folder: Path):
                 p.unlink(missing_ok=True)
 
 
-def files_rm_tree(folder: Path):
+def _rm_tree(folder: Path):
     if folder.is_dir():
         for p in sorted(folder.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
