@@ -239,13 +239,19 @@ def test_motion_settings_are_checked_before_compute():
 # SIGKILL mid-render (the real CLI)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_killed_video_render_resumes_to_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("kill_at, resumed", [("frame:4", "resuming 1 chains at frame 3"),
+                                              ("finish:1", "resuming 2 chains at frame 8")])
+def test_killed_video_render_resumes_to_the_same_bytes(tmp_path, kill_at, resumed):
+    """frame:4 = frame 3 written, its checkpoint not; finish:1 = two chains (two weight sets), the
+    first one's MP4 and record written, the second's not."""
     import os
     import subprocess
     import sys
 
     clip = video.write_synthetic_video(tmp_path / "clip.mp4", 8, *VSIZE)
     args = [f"data.video={clip}", "data.image_size=96", "dream.step_size=0.5", *TINY]
+    if kill_at.startswith("finish"):
+        args.append("layer_sets=[tiny_set1,tiny_set2]")
 
     def run(out, env=None):
         return subprocess.run([sys.executable, "-m", "dreamjax.cli", *args, f"hydra.run.dir={out}"],
@@ -254,27 +260,32 @@ def test_killed_video_render_resumes_to_the_same_bytes(tmp_path):
 
     ref = run(tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = run(tmp_path / "run", {"DREAMJAX_TEST_KILL_AT": "frame:4"})  # frame 3 written, not checkpointed
+    killed = run(tmp_path / "run", {"DREAMJAX_TEST_KILL_AT": kill_at})
     assert killed.returncode == -9, killed.stderr[-3000:]
-    cell = tmp_path / "run" / "clip"
-    assert not (cell / "cell.json").exists() and not (cell / "video.mp4").exists()
-    assert len(list((cell / "frames").glob("*.png"))) == 4
+    cells = sorted(p.parent for p in (tmp_path / "ref").rglob("clip/frames.json"))
+    assert len(cells) == (2 if kill_at.startswith("finish") else 1)
+    first = tmp_path / "run" / cells[-1].relative_to(tmp_path / "ref")
+    assert not (first / "cell.json").exists() and not (first / "video.mp4").exists()
+    if kill_at.startswith("frame"):
+        assert len(list((first / "frames").glob("*.png"))) == 4
     again = run(tmp_path / "run")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming 1 chains at frame 3" in again.stdout + again.stderr
-    a = video.decode_all(tmp_path / "ref" / "clip" / "video.mp4")
-    b = video.decode_all(cell / "video.mp4")
-    assert len(a) == len(b) == 8
-    for t, (x, y) in enumerate(zip(a, b)):
-        assert np.array_equal(x, y), f"decoded frame {t} differs"
-    for t in range(8):
-        f = f"frames/{t:05d}.png"
-        assert (cell / f).read_bytes() == (tmp_path / "ref" / "clip" / f).read_bytes(), f
+    assert resumed in again.stdout + again.stderr
+    for ref_cell in cells:
+        cell = tmp_path / "run" / ref_cell.relative_to(tmp_path / "ref")
+        a = video.decode_all(ref_cell / "video.mp4")
+        b = video.decode_all(cell / "video.mp4")
+        assert len(a) == len(b) == 8
+        for t, (x, y) in enumerate(zip(a, b)):
+            assert np.array_equal(x, y), f"{cell}: decoded frame {t} differs"
+        for t in range(8):
+            f = f"frames/{t:05d}.png"
+            assert (cell / f).read_bytes() == (ref_cell / f).read_bytes(), f
     leftovers = [p for p in (tmp_path / "run").rglob("*") if p.name.endswith(".tmp") or ".checkpoints" in p.parts
                  and p.is_file()]
     assert not leftovers, leftovers
-    assert executor.read_record(dataclasses.replace(
-        msweep.plan(_video_cfg(clip), job=0, job_dir=tmp_path / "run")[0]))["status"] == "done"
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "run").rglob("clip/cell.json")]
+    assert len(recs) == len(cells) and all(r["status"] == "done" for r in recs)
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ checksum must match, and every cell's frames up to it must hash as recorded) and
 the next: frames already written are never recomputed, and the float state is exact, so a killed
 render gives the same bytes as an uninterrupted one. At the end the MP4 (H.264, yuv420p, the
 source's audio) and GIF are written atomically from the frame PNGs, then ``cell.json``.
+Test-only kill points (``DREAMJAX_TEST_KILL_AT``, see sweep/checkpoint.py): ``frame`` (frame t
+written, its checkpoint not yet) and ``finish`` (a cell of the batch finished, the next not yet).
 
 Per cell, in ``<job_dir>/<painting or video>/``: ``frames/00000.png...``, ``frames.json``,
 ``video.mp4``, ``frames.gif`` (short sequences), ``stability.png``, ``cell_config.json``,
@@ -225,13 +227,15 @@ class MotionRunner:
     def run(self, cells: Sequence[grid.Cell], checkpoint_root=None) -> list[dict]:
         t0 = time.perf_counter()
         records: dict[str, dict] = {}
-        todo = []
+        complete: set[str] = set()
         for c in cells:
             if is_complete(c):
                 records[c.id] = read_record(c) | {"skipped": True}
                 self.ex.stats["cells_skipped"] += 1
-            else:
-                todo.append(c)
+                complete.add(c.id)
+        # Batches are formed from *all* cells (complete ones included, as the executor does), so a
+        # rerun has exactly the batches, checkpoints and bytes of an uninterrupted run.
+        todo = list(cells) if len(complete) < len(cells) else []
         sources: dict[str, Any] = {}
         keyed = []
         for c in todo:
@@ -239,8 +243,9 @@ class MotionRunner:
                 sources[c.painting_path] = load_source(c, self.opt.max_pixels, get_spec(c.backbone).min_size)
             s = sources[c.painting_path]
             if isinstance(s, str):
-                records[c.id] = write_failed(c, s)
-                self.ex.stats["cells_failed"] += 1
+                if c.id not in complete:
+                    records[c.id] = write_failed(c, s)
+                    self.ex.stats["cells_failed"] += 1
                 continue
             w, h = s.size
             keyed.append((c, images.bucket_shape(h, w, c.image_size) + (s.n_frames,)))
@@ -250,6 +255,8 @@ class MotionRunner:
         self.ex.stats["groups"] += len(groups)
         for key, group in groups.items():
             shape, n_frames = key[-2], key[-1]
+            if all(c.id in complete for c in group):
+                continue
             length = pad_to(min(self.opt.batch_size, len(group)), jax.local_device_count())
             try:
                 dreamer = self.ex.dreamer(group[0], max(c.iterations for c in group), shape, length)
@@ -261,7 +268,10 @@ class MotionRunner:
             for batch in grid.batches(group, self.opt.batch_size):
                 if self.ex.stop_requested():
                     raise Interrupted("stopped between batches")
-                for rec in self._run_batch(dreamer, batch, sources, shape, n_frames, length, checkpoint_root):
+                if all(c.id in complete for c in batch):
+                    continue
+                for rec in self._run_batch(dreamer, batch, sources, shape, n_frames, length, checkpoint_root,
+                                           complete):
                     records[rec["id"]] = rec
         self.ex.stats["programs"] = sum(d.programs() for d in self.ex._dreamers.values())
         self.ex.stats["seconds"] += time.perf_counter() - t0
@@ -280,7 +290,8 @@ class MotionRunner:
         return motion.video_start(source, prev, flow, blend, use_flow=use_flow, mode="edge")
 
     # --- one batch of chains ------------------------------------------------------------------
-    def _run_batch(self, dreamer, batch, sources, shape, n_frames, length, checkpoint_root) -> list[dict]:
+    def _run_batch(self, dreamer, batch, sources, shape, n_frames, length, checkpoint_root,
+                   complete=frozenset()) -> list[dict]:
         bb = dreamer.backbone
         n_real = len(batch)
         padded = batch + [batch[-1]] * (length - n_real)
@@ -320,9 +331,8 @@ class MotionRunner:
                     prev_px = np.stack([images.resize_uint8(s.frame(t - 1), shape) for s in srcs]) \
                         if prev_src is None else prev_src
                     if flow_method != "none":
-                        flows = np.stack([video.optical_flow(a, b, flow_method) for a, b in zip(px, prev_px)])
-                    mflows = flows if flow_method == measure_flow else \
-                        np.stack([video.optical_flow(a, b, measure_flow) for a, b in zip(px, prev_px)])
+                        flows = _flows(srcs, px, prev_px, flow_method)
+                    mflows = flows if flow_method == measure_flow else _flows(srcs, px, prev_px, measure_flow)
                 prev_src = px
                 if t == 0:
                     start = source
@@ -337,7 +347,8 @@ class MotionRunner:
                 run = dream.DreamRun(dreamer, start.astype(dreamer.cfg.image_dtype), params).run()
                 final = np.asarray(run.final, np.float32)
                 seconds = time.perf_counter() - t_frame
-                self._write_frame(batch, t, final, prev, mflows, bb, out_sizes, srcs, seconds, per, m["border"])
+                self._write_frame(batch, t, final, prev, mflows, bb, out_sizes, srcs, seconds, per, m["border"],
+                                  complete)
                 fault_point("frame")  # tests: killed with frame t written, its checkpoint not yet
                 self._save(ckdir, meta, t, final)
                 if self.on_frame is not None:
@@ -354,11 +365,16 @@ class MotionRunner:
             msg = str(e).splitlines()[0] if str(e) else ""
             if not isinstance(e, video.VideoError):
                 log.exception("motion batch of %d cells failed", n_real)
-            self.ex.stats["cells_failed"] += n_real
-            return [write_failed(c, f"{type(e).__name__}: {msg}") for c in batch]
+            todo = [c for c in batch if c.id not in complete]
+            self.ex.stats["cells_failed"] += len(todo)
+            return [write_failed(c, f"{type(e).__name__}: {msg}") for c in todo]
         bar.close()
         seconds = {"run": time.perf_counter() - t_batch, "compile": self.ex.compiles.seconds - compiles_before}
-        recs = [self._finish_cell(c, s, bb, seconds, n_frames, shape) for c, s in zip(batch, srcs)]
+        recs = []
+        for c, s in zip(batch, srcs):
+            if c.id not in complete:
+                recs.append(self._finish_cell(c, s, bb, seconds, n_frames, shape))
+                fault_point("finish")  # tests: killed with some cells of the batch finished
         _rm_tree(ckdir)
         self.ex.stats["batches"] += 1
         self.ex.stats["cells_done"] += len(recs)
@@ -368,7 +384,7 @@ class MotionRunner:
         return recs
 
     # --- frame records and checkpoints -------------------------------------------------------
-    def _write_frame(self, batch, t, final, prev, mflows, bb, out_sizes, srcs, seconds, per, border):
+    def _write_frame(self, batch, t, final, prev, mflows, bb, out_sizes, srcs, seconds, per, border, complete):
         cur_px = _to_px(bb, final)
         prev_px = _to_px(bb, prev) if prev is not None else None
         if prev_px is not None and mflows is None:  # loop: the feedback transform is the motion
@@ -376,6 +392,8 @@ class MotionRunner:
             moved = np.asarray(self._moved(prev_px.astype(np.float32) / 255.0, per["zoom"][:n], per["angle"][:n],
                                            per["shift"][:n], border=border))
         for i, c in enumerate(batch):
+            if c.id in complete:  # finished (and hashed) before a kill: left as it is
+                continue
             rel = f"frames/{t:05d}.png"
             w, h = out_sizes[i]
             img = images.resize_uint8(cur_px[i], (h, w))
@@ -515,6 +533,17 @@ class MotionRunner:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+def _flows(srcs, px, prev_px, method) -> np.ndarray:
+    """Optical flow per cell, computed once per source (four weight sets on one video: one flow)."""
+    done: dict[int, np.ndarray] = {}
+    out = []
+    for s, a, b in zip(srcs, px, prev_px):
+        if id(s) not in done:
+            done[id(s)] = video.optical_flow(a, b, method)
+        out.append(done[id(s)])
+    return np.stack(out)
+
+
 def _frame_seed(seed: int, t: int) -> int:
     """Each frame draws its own jitter from the cell's key (the same on a rerun)."""
     return int.from_bytes(hashlib.sha256(f"{seed}|frame{t}".encode()).digest()[:4], "little")
