@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import dreamjax
 from dreamjax.models.inception_v3 import InceptionV3
 from dreamjax.weights.keras_h5 import read_keras_h5
 from dreamjax.weights.store import converted_path, fetch, load_converted, save_variables
@@ -61,6 +62,7 @@ def _info(args):
 
 
 def main(argv=None) -> int:
+    dreamjax.configure_cpu()
     parser = argparse.ArgumentParser(prog="dreamjax-weights", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="download the official Keras weights into the cache")

@@ -64,7 +64,7 @@ def test_registered_with_golden_tap_shapes(random_backbone):
     assert random_backbone.weights_id.startswith("random-")
     assert random_backbone.taps == TAPS
     assert random_backbone.tap_shapes(299, 299) == TAP_SHAPES_299
-    for tap, (h, w, _) in TAP_SHAPES_299.items():  # strides agree with the shapes (VALID convs lose a few px)
+    for tap, (h, _w, _) in TAP_SHAPES_299.items():  # strides agree with the shapes (VALID convs lose a few px)
         assert 299 // TAP_STRIDES[tap] - 2 <= h <= 299 // TAP_STRIDES[tap]
 
 

@@ -1,6 +1,7 @@
 """Weight store: the real download code against a local HTTP server, the converted cache, the CLI."""
 import hashlib
 import http.server
+import json
 import threading
 
 import numpy as np
@@ -116,7 +117,7 @@ def _official_file(path, variables, include_top):
 
     with h5py.File(path, "w") as f:
         names = []
-        for k, (unit, kind, leaves) in enumerate(expected_layers(include_top)):
+        for k, (_unit, _kind, leaves) in enumerate(expected_layers(include_top)):
             name = f"layer_{k}"
             names.append(name.encode())
             g = f.create_group(name)
@@ -183,3 +184,18 @@ def test_cli_info_convert(capsys, monkeypatch, tmp_path, random_h5):
     assert store.sha256_file(path) in out and "21,802,784" in out and "mixed7   9x13x768" in out
     assert weights_cli.main(["info", str(tmp_path / "missing.h5")]) == 1
     assert "no such weights file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_model_inception_v3_with_a_weights_file_uses_its_own_layer_set(tmp_path, random_h5):
+    """`dreamjax model=inception_v3 model.weights=FILE` alone: the model brings set1 and dlwp."""
+    from tests.helpers import PAINTINGS, dreamjax
+
+    path, _ = random_h5
+    painting = PAINTINGS / "kandinsky_composition_vii.jpg"
+    dreamjax("model=inception_v3", f"model.weights={path}", f"data.paths=[{painting}]", "data.image_size=128",
+             "dream.iterations=1", "dream.num_octaves=1", "analyze=false", "outputs.gif=false",
+             f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    rec = json.loads(next((tmp_path / "run").rglob("cell.json")).read_text())
+    assert rec["status"] == "done" and rec["backbone"] == "inception_v3"
+    assert rec["layers"] == "set1" and rec["taps"] == ["mixed4", "mixed5", "mixed6", "mixed7"]

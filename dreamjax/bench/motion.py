@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import dreamjax as dj
 from dreamjax.outputs import video
 from dreamjax.sweep import executor, jobs
@@ -108,7 +107,8 @@ def format_table(res: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for v in res["video"]:
         lines.append(f"| {v['size']} | {v['decode_s'] * 1e3:.1f} ms | {v['flow_dis_s'] * 1e3:.1f} ms | "
-                     f"{v['flow_farneback_s'] * 1e3:.1f} ms | {v['encode_s'] * 1e3:.1f} ms | {v['dream_frame_s']:.3f} s | "
+                     f"{v['flow_farneback_s'] * 1e3:.1f} ms | {v['encode_s'] * 1e3:.1f} ms | "
+                     f"{v['dream_frame_s']:.3f} s | "
                      f"{v['overhead_dis_share']:.1%} | {v['overhead_farneback_share']:.1%} |")
     lines.append(f"\nload average before {res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f} "
                  f"({res['cpus']} CPUs)")

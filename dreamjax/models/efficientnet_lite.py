@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamjax.files import file_sha256
 from dreamjax.models.ops import Conv2D
 from dreamjax.models.registry import BackboneSpec, register
-from dreamjax.files import file_sha256
 
 # Per stage: depthwise kernel, stride of the first block, expansion, output width, blocks.
 STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
