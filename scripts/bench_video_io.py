@@ -35,7 +35,7 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--out", default="results/bench/video_io.json")
     a = ap.parse_args(argv)
-    import imageio_ffmpeg  # the alternative measured here, not a dreamjax dependency
+    import imageio_ffmpeg  # lazy: the alternative measured here, not a dreamjax dependency
 
     n, h, w = a.frames, 1080, 1920
     frames = video.synthetic_frames(n, h, w, speed=12, square=400)

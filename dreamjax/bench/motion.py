@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import dreamjax as dj
+from dreamjax import files
 from dreamjax.outputs import video
 from dreamjax.sweep import executor, jobs
 from dreamjax.sweep import motion as msweep
@@ -24,7 +25,7 @@ SETS = ["lite_set1", "lite_set2", "lite_set3", "lite_set4"]
 
 
 def _cfg(overrides):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_dir  # lazy: only the benchmark composes configs
 
     with initialize_config_dir(dj.config_dir(), version_base="1.3"):
         return jobs._plain(compose("config", overrides=list(overrides)))
@@ -116,8 +117,6 @@ def format_table(res: dict) -> str:
 
 
 def write(res: dict, json_path: str, table_path: str | None = None):
-    from dreamjax import files
-
     files.write_json(json_path, res)
     if table_path:
         files.atomic_write_text(table_path, format_table(res) + "\n")

@@ -584,11 +584,11 @@ def _rm_tree(folder: Path):
 def plot_stability(path: Path, stab: list[dict], title: str, flow: str | None = None) -> Path | None:
     """Per-frame mean |frame_t - warp(frame_{t-1})| with and without the flow warp (matplotlib,
     optional: no figure without it)."""
-    try:  # optional dependency (the report extra)
+    try:  # lazy: optional dependency (the report extra)
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: with matplotlib above
     except ImportError:
         return None
     t = np.arange(1, len(stab) + 1)
