@@ -19,6 +19,7 @@ from PIL import Image
 
 from dreamjax import available_backbones, load_backbone
 from dreamjax.models.inception_v3 import (
+    ARCH,
     TAP_STRIDES,
     TAPS,
     InceptionV3,
@@ -87,7 +88,7 @@ def test_taps_stop_early(random_backbone):
 @pytest.fixture(scope="module")
 def keras_ref(tmp_path_factory):
     st = keras_setup(tmp_path_factory)
-    return st, load_keras_h5(st["files"][("official", True)], include_top=True)
+    return st, load_keras_h5(st["files"][("official", True)], ARCH, include_top=True)
 
 
 def _creation_rank(layers, prefix):

@@ -53,6 +53,9 @@ from dreamjax.sweep.executor import CompileLog, auto_micro_batch
 
 DLWP_TAPS = ("mixed4", "mixed5", "mixed6", "mixed7")
 DLWP_WEIGHTS = (1.0, 1.5, 2.0, 2.5)
+STUDY_TAPS = {"resnet50": ("conv3_block4_out", "conv4_block2_out", "conv4_block4_out", "conv4_block6_out"),
+              "vgg16": ("block3_conv3", "block4_conv1", "block4_conv3", "block5_conv1"),
+              "efficientnet_lite2": ("block10", "block12", "block14_dwpre", "block16")}
 TINY_TAPS = ("conv2", "conv3", "conv4")
 # extra batched modes for studies (EngineCase keyword arguments)
 VARIANTS = {
@@ -118,6 +121,8 @@ def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
         return DLWP_TAPS, DLWP_WEIGHTS
     if backbone.name == "efficientnet_lite0":
         return ("block7", "block9", "block10_dwpre", "block12"), DLWP_WEIGHTS
+    if backbone.name in STUDY_TAPS:  # the model config's study taps (conf/model/*.yaml)
+        return STUDY_TAPS[backbone.name], DLWP_WEIGHTS
     return TINY_TAPS, (1.0, 1.5, 2.0)
 
 

@@ -31,6 +31,10 @@ STUDIES = {
                    "title": "Quickstart: EfficientNet-Lite0 (offline), 3 bundled paintings, 192 px"},
     "seed_study_offline": {"args": ["-m", "+experiment=seed_study_offline"], "multirun": True,
                            "title": "Seed study on the offline backbone: 12 paintings x 4 weight sets"},
+    "seed_study_offline_lite2": {"args": ["-m", "+experiment=seed_study_offline", "model=efficientnet_lite2"],
+                                 "multirun": True,
+                                 "title": "Seed study on the second offline backbone, EfficientNet-Lite2: "
+                                          "12 paintings x 4 weight sets"},
     "seed_study": {"args": ["-m", "+experiment=seed_study"], "multirun": True,
                    "title": "Seed study: InceptionV3, 12 paintings x the article's 4 weight sets (DLwP loop)"},
     "zoom": {"args": ["+experiment=zoom"], "multirun": False,

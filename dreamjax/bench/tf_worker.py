@@ -6,6 +6,7 @@ start, then per request line ``{"size", "steps", "cells"}`` one JSON line of tim
 """
 import json
 import os
+import resource
 import sys
 import time
 
@@ -60,6 +61,5 @@ for line in sys.stdin:
                 break
         x.numpy()
     out["seconds"] = time.perf_counter() - t0
-    import resource
     out["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out), flush=True)
