@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,7 @@ def _render(cfg, job_dir, batch_size=8, cells=None):
         for c, s in zip(batch, states):
             floats.setdefault(c.id, []).append(np.array(s))
 
-    cells = cells if cells is not None else msweep.plan(cfg, job=0, job_dir=job_dir,
-                                                        layer_sets=jobs.load_layer_sets(cfg.get("layer_sets")))
+    cells = cells if cells is not None else jobs.plan(cfg, job=0, job_dir=job_dir)
     ex = executor.Executor(executor.RunOptions(batch_size=batch_size, progress=False, gif_max_side=64))
     recs = msweep.MotionRunner(ex, on_frame=keep).run(cells, checkpoint_root=Path(job_dir) / ".checkpoints")
     return recs, floats, ex
@@ -63,7 +63,7 @@ def _frames_of(rec) -> list[np.ndarray]:
 def test_zoom_loop_batched_equals_each_cell_alone(tmp_path):
     cfg = _cfg(TINY + ["motion=zoom", "motion.frames=6", "data.image_size=64", "layer_sets=[tiny_set1,tiny_set2]",
                        f"data.paths=[{PAINTINGS / 'munch_the_scream.jpg'}]"])
-    cells = msweep.plan(cfg, job=0, job_dir=tmp_path / "a", layer_sets=jobs.load_layer_sets(cfg["layer_sets"]))
+    cells = jobs.plan(cfg, job=0, job_dir=tmp_path / "a")
     assert len(cells) == 2
     # per-cell motion: the second chain zooms more and turns
     m = dict(cells[1].motion) | {"zoom": 1.12, "angle": 4.0, "shift": (1.0, -2.0)}
@@ -197,7 +197,6 @@ def test_bad_videos_fail_alone_with_one_clear_line(tmp_path):
     by = {r["painting"]: r for r in recs}
     assert by["good"]["status"] == "done"
     assert len(recs) == 7
-    import re
 
     for kind, pattern in BAD.items():
         (r,) = [r for r in recs if re.search(pattern.split(":")[0], r["painting_path"] + ":")]
@@ -220,17 +219,17 @@ def test_video_passed_as_painting_and_missing_video(tmp_path):
     from dreamjax.sweep import grid
 
     with pytest.raises(grid.ConfigError, match=r"data.video: .*nope.mp4: no such file or folder; check data.video"):
-        msweep.plan(_video_cfg(tmp_path / "nope.mp4"), job=0, job_dir=tmp_path)
+        jobs.plan(_video_cfg(tmp_path / "nope.mp4"), job=0, job_dir=tmp_path)
 
 
 def test_motion_settings_are_checked_before_compute():
     from dreamjax.sweep import grid
 
-    for bad, msg in ((["video.flow=raft"], "video.flow='raft' is not allowed"),
-                     (["video.blend=1.5"], "video.blend=1.5 must be in"),
-                     (["motion=zoom", "motion.border=wrap"], "motion.border='wrap' is not allowed")):
+    for bad, msg in ((["video.flow=raft"], "video.flow: 'raft' is not allowed"),
+                     (["video.blend=1.5"], "video.blend: 1.5 must be in [0, 1]"),
+                     (["motion=zoom", "motion.border=wrap"], "motion.border: 'wrap' is not allowed")):
         cfg = _cfg(TINY + (["data.video=x.mp4"] if "video" in bad[0] else []) + bad)
-        with pytest.raises(grid.ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.")):
+        with pytest.raises(grid.ConfigError, match=re.escape(msg)):
             msweep.settings(cfg)
     assert msweep.settings(_cfg(TINY)) is None
 

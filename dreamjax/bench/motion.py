@@ -39,7 +39,7 @@ def zoom_fps(size: int, *, batched: bool, chains: int = 4, frames: int = 4, iter
                 f"dream.iterations={iterations}", "dream.num_octaves=1", f"motion.frames={frames}",
                 f"layer_sets=[{','.join(SETS[:chains])}]", "analyze=false"])
     work = Path(workdir or tempfile.mkdtemp()) / f"zoom_{size}_{'batched' if batched else 'alone'}"
-    cells = msweep.plan(cfg, job=0, job_dir=work, layer_sets=jobs.load_layer_sets(cfg["layer_sets"]))
+    cells = jobs.plan(cfg, job=0, job_dir=work)
     stamps: dict[tuple, list[float]] = {}
 
     def on_frame(t, batch, states):

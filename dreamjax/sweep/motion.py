@@ -33,13 +33,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dreamjax import files
+from dreamjax import config, files
+from dreamjax.config import ConfigError
 from dreamjax.engine import dream, motion
 from dreamjax.models.registry import get_spec
 from dreamjax.outputs import images, video
@@ -53,7 +54,6 @@ from dreamjax.sweep.executor import (
     is_complete,
     pad_to,
     read_record,
-    resolve_paintings,
     write_failed,
 )
 
@@ -68,65 +68,42 @@ FRAMES_RECORD = "frames.json"
 # ----------------------------------------------------------------------------------------------
 # Config -> motion settings on the cell
 # ----------------------------------------------------------------------------------------------
-def settings(cfg: Mapping) -> dict | None:
-    """The run's motion settings (validated), or None for a still-image run."""
-    m = dict(cfg.get("motion") or {})
-    v = dict(cfg.get("video") or {})
-    src = (cfg.get("data") or {}).get("video")
-    mode = "video" if src else str(m.get("mode", "none"))
-    if mode not in MODES:
-        raise grid.ConfigError(f"motion.mode={mode!r} is not allowed; choose one of: {', '.join(MODES)} "
-                               "(video is chosen by data.video=PATH)")
+def settings(cfg) -> dict | None:
+    """The run's motion settings, or None for a still-image run. The schema (``dreamjax.config``:
+    ``motion``, ``video``, ``data.video``) checks types and choices; this adds the rules between keys."""
+    c = config.validate(cfg)
+    m, v, src = c.motion, c.video, c.data.video
+    mode = "video" if src else m.mode
     if mode == "none":
         return None
-    shift = m.get("shift") or [0.0, 0.0]
-    if len(shift) != 2:
-        raise grid.ConfigError(f"motion.shift={list(shift)} must be [dx, dy] in pixels per frame")
-    out = {
-        "mode": mode,
-        "zoom": grid._num("motion.zoom", m.get("zoom", 1.0), strict=True, minimum=0.0),
-        "angle": grid._num("motion.angle", m.get("angle", 0.0)),
-        "shift": [grid._num("motion.shift", s) for s in shift],
-        "border": str(m.get("border", "reflect")),
-        "fps": grid._num("motion.fps", m.get("fps") or 12, strict=True, minimum=0.0),
-        "gif_max_frames": int(grid._num("motion.gif_max_frames", m.get("gif_max_frames", 60), int, minimum=0)),
-    }
-    if out["border"] not in motion.MODES:
-        raise grid.ConfigError(f"motion.border={out['border']!r} is not allowed; choose one of: "
-                               f"{', '.join(motion.MODES)}")
+    if len(m.shift) != 2:
+        raise ConfigError("motion.shift", "must be [dx, dy] in pixels per frame", value=list(m.shift))
+    out = {"mode": mode, "zoom": float(m.zoom), "angle": float(m.angle), "shift": [float(x) for x in m.shift],
+           "border": m.border, "fps": float(m.fps), "gif_max_frames": int(m.gif_max_frames)}
     if mode == "loop":
-        out["frames"] = int(grid._num("motion.frames", m.get("frames", 24), int, minimum=1))
+        out["frames"] = int(m.frames)
         return out
-    flow = str(v.get("flow", "dis"))
-    if flow not in video.FLOWS:
-        raise grid.ConfigError(f"video.flow={flow!r} is not allowed; choose one of: {', '.join(video.FLOWS)}")
-    blend = grid._num("video.blend", v.get("blend", 0.5))
-    if not 0.0 <= blend <= 1.0:
-        raise grid.ConfigError(f"video.blend={blend} must be in [0, 1] (weight of the new source frame; "
-                               "1 = every frame dreamed alone, 0 = only the warped previous dream)")
-    start = int(grid._num("video.start", v.get("start", 0) or 0, int, minimum=0))
-    end = v.get("end")
-    end = None if end is None else int(grid._num("video.end", end, int, minimum=start + 1))
-    every = int(grid._num("video.every", v.get("every", 1) or 1, int, minimum=1))
-    source = [str(s) for s in src] if isinstance(src, (list, tuple)) else str(src)
-    out.update(source=source, flow=flow, blend=blend, start=start, end=end, every=every,
-               fps=None if v.get("fps") is None else grid._num("video.fps", v["fps"], strict=True, minimum=0.0))
+    if not 0.0 <= v.blend <= 1.0:
+        raise ConfigError("video.blend", "must be in [0, 1] (weight of the new source frame; 1 = every frame "
+                          "dreamed alone, 0 = only the warped previous dream)", value=v.blend)
+    if v.end is not None and v.end <= v.start:
+        raise ConfigError("video.end", f"must be > video.start={v.start}", value=v.end)
+    source = [str(x) for x in src] if isinstance(src, (list, tuple)) else str(src)
+    out.update(source=source, flow=v.flow, blend=float(v.blend), start=int(v.start), end=v.end,
+               every=int(v.every), fps=None if v.fps is None else float(v.fps))
     return out
 
 
-def plan(cfg: Mapping, *, job: int, job_dir, overrides: Sequence[str] = (), layer_sets=None) -> list[grid.Cell]:
-    """Cells of a motion job: one chain per input (painting, or video for ``data.video``) and
-    layer set, carrying the motion settings (per-cell values and the static part)."""
-    m = settings(cfg)
-    if m["mode"] == "video":
-        try:
-            inputs = video.find_videos(m["source"])
-        except video.VideoError as e:
-            raise grid.ConfigError(f"data.video: {e}") from None
-    else:
-        inputs = resolve_paintings(cfg["data"]["paths"])
-    cells = grid.cells_from_config(cfg, inputs, job=job, job_dir=job_dir, overrides=overrides,
-                                   layer_sets=layer_sets)
+def plan_inputs(m: dict) -> list[grid.PaintingInput]:
+    """The videos of ``data.video`` as the cells' inputs (hashed when the cell loads them)."""
+    try:
+        return [grid.PaintingInput(str(p)) for p in video.find_videos(m["source"])]
+    except video.VideoError as e:
+        raise ConfigError(f"data.video: {e}") from None
+
+
+def with_motion(cells: Sequence[grid.Cell], m: dict) -> list[grid.Cell]:
+    """The cells carrying the motion settings (per-cell values and the static part)."""
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k != "source"))
     return [dataclasses.replace(c, motion=items) for c in cells]
 
@@ -239,6 +216,11 @@ class MotionRunner:
         sources: dict[str, Any] = {}
         keyed = []
         for c in todo:
+            if c.input_error:  # found at plan time (unreadable data.paths entry)
+                if c.id not in complete:
+                    records[c.id] = write_failed(c, c.input_error)
+                    self.ex.stats["cells_failed"] += 1
+                continue
             if c.painting_path not in sources:
                 sources[c.painting_path] = load_source(c, self.opt.max_pixels, get_spec(c.backbone).min_size)
             s = sources[c.painting_path]
