@@ -39,7 +39,7 @@ TILINGS = ("cover", "tf")
 DETAIL_MODES = ("dlwp", "google", "none")
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "momentum")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
-CPU_KERNELS = ("auto", "xla", "onednn")
+CPU_KERNELS = ("auto", "xla", "onednn", "onednn_f32")  # = dreamjax.models.ops.KERNELS (tested)
 RESUME_MODES = ("auto", "false")
 
 _MISSING = object()
@@ -273,7 +273,8 @@ class Dream:
     compute_dtype: str = key("float32", "enum", choices=COMPUTE_DTYPES)
     constant_weights: bool = key(False, "bool")
     frame_every: int = key(5, "int", min=0)
-    cpu_kernels: str = key("auto", "enum", choices=CPU_KERNELS, doc="XLA:CPU convolution kernels (issue 16)")
+    cpu_kernels: str = key("auto", "enum", choices=CPU_KERNELS,
+                           doc="CPU convolutions: auto (oneDNN bf16 where it builds) | xla | onednn | onednn_f32")
 
     def _check(self, prefix: str):
         if self.octaves is not None:

@@ -3,6 +3,10 @@
 
   python scripts/bench.py --backbone inception_v3 --sizes 256 512 --batch 1 4 8 --repeats 3 \
       --keras [--tf-python /tmp/tfvenv/bin/python] [--rss] [--tiled 4096] --json results/bench/engine_cpu.json
+  python scripts/bench.py --backbone inception_v3 --sizes 512 --batch 1 --variants onednn \
+      --tf-python /tmp/tfvenv/bin/python --json results/bench/engine_cpu_onednn.json   # + TF mixed_bfloat16
+  python scripts/bench.py --cold-start --tf-python /tmp/tfvenv/bin/python --repeats 3 \
+      --json results/bench/cold_start_cpu.json
 
 Logic lives in dreamjax/bench/engine.py. Set XLA_FLAGS in the environment to study XLA options.
 """
@@ -32,9 +36,18 @@ def main(argv=None):
     p.add_argument("--matmul-precision", default=None, help="jax_default_matmul_precision")
     p.add_argument("--tiled", type=int, default=0, help="also dream one NxN image tiled, report peak RSS")
     p.add_argument("--tile-size", type=int, default=512)
-    p.add_argument("--variants", nargs="*", default=[], help="extra batched modes: devloop hostloop bf16")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="extra batched modes: devloop hostloop bf16 onednn onednn_f32 (dreamjax.bench.VARIANTS)")
+    p.add_argument("--no-tf-mixed", action="store_true",
+                   help="with --tf-python: skip the TF mixed_bfloat16 anchor (timed beside TF float32 by default)")
     p.add_argument("--memory-only", action="store_true",
                    help="only peak RSS per (size, batch) and --tiled, each in a fresh process")
+    p.add_argument("--cold-start", action="store_true",
+                   help="whole processes: the dreamjax CLI (empty compilation cache, then warm) vs the DLwP "
+                        "notebook script on TF (--tf-python), InceptionV3 random weights, one painting")
+    p.add_argument("--painting", default=None, help="--cold-start: the painting (default: a bundled one)")
+    p.add_argument("--long-side", type=int, default=256, help="--cold-start: the dream's long side")
+    p.add_argument("--kernels", nargs="+", default=["xla", "auto"], help="--cold-start: dream.cpu_kernels values")
     p.add_argument("--json", default=None, help="write results here")
     a = p.parse_args(argv)
 
@@ -44,6 +57,19 @@ def main(argv=None):
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     from dreamjax.bench import engine as bench
 
+    if a.cold_start:
+        from pathlib import Path
+
+        import dreamjax
+
+        bundled = Path(dreamjax.__file__).parent / "data" / "paintings"
+        painting = a.painting or str(bundled / "van_gogh_starry_night.jpg")
+        res = bench.run_cold_start_bench(a.tf_python, painting, a.long_side, a.repeats, a.kernels)
+        res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
+        print(bench.format_cold_table(res))
+        if a.json:
+            bench.write_json(a.json, res)
+        return
     if a.memory_only:
         res = bench.run_memory_bench(a.backbone, a.weights, a.sizes, a.batch, a.tiled or None, a.tile_size)
         if a.json:
@@ -51,7 +77,8 @@ def main(argv=None):
         return
     res = bench.run_engine_bench(a.backbone, a.weights, a.sizes, a.batch, a.repeats, a.steps, keras=a.keras,
                                  tf_python=a.tf_python, rss=a.rss, compute_dtype=a.compute_dtype,
-                                 tiled=a.tiled or None, tile_size=a.tile_size, variants=a.variants)
+                                 tiled=a.tiled or None, tile_size=a.tile_size, variants=a.variants,
+                                 tf_mixed=not a.no_tf_mixed)
     res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
     res["matmul_precision"] = a.matmul_precision
     print(bench.format_engine_table(res))

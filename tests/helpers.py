@@ -62,3 +62,13 @@ def assert_complete_and_identical(ref: Path, sw: Path, n_cells=4):
     assert not ck.exists() or not any(ck.iterdir()), list(ck.rglob("*"))[:5]
     m = json.loads((sw / "manifest.json").read_text())
     assert m["counts"]["done"] == n_cells and m["counts"]["failed"] == 0 and len(m["cells"]) == n_cells
+
+
+def missing(why: str):
+    """A component that .ci/run installs is missing: a failure in CI (DREAMJAX_CI=1), else a skip
+    that says how to get it. Tests never count a skipped check as passing in CI."""
+    import pytest
+
+    if os.environ.get("DREAMJAX_CI"):
+        pytest.fail(f"{why} (CI installs it: see .ci/run)")
+    pytest.skip(why)

@@ -190,3 +190,18 @@ def test_cli_dreams_with_your_own_backbone(tmp_path):
                        env=env, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert list((tmp_path / "out").glob("*/dream.png")), sorted(str(q) for q in (tmp_path / "out").rglob("*"))[:20]
+
+
+def test_model_module_checked_before_compute(tmp_path, monkeypatch):
+    """The validation pass imports model.module (which registers the backbone) before it looks the
+    name up; a module that cannot be imported is one ConfigError line naming it."""
+    from dreamjax.config import ConfigError
+    from dreamjax.sweep.jobs import check_config
+
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent))
+    layers = ["layers.backbone=mini_cnn", "layers.name=mini", "layers.taps=[c2,c3]", "layers.weights=[1,2]",
+              "layers.scale=null", "data.image_size=64"]
+    c, _ = check_config(_compose("model.module=custom_backbone", "model.name=mini_cnn", *layers))
+    assert c.model.name == "mini_cnn"
+    with pytest.raises(ConfigError, match=r"model.module: 'no_such_module_xyz' cannot be imported"):
+        check_config(_compose("model.module=no_such_module_xyz", "model.name=other_net", *layers))

@@ -91,3 +91,16 @@ def test_wheel_installed_elsewhere_composes_every_experiment_and_dreams(tmp_path
                          cwd=work, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(list((work / "outputs" / "wheel").rglob("dream.png"))) == 3
+
+
+@pytest.mark.slow
+def test_readme_python_api_example_runs(tmp_path):
+    """The README's Python API block, run as written in a fresh interpreter."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "api.py"
+    script.write_text(block + "\nassert dreams.shape == (2, 224, 176, 3) and dreams.dtype.name == 'uint8'\n"
+                      "assert len(top5) == 5 and set(feats) == {'block9'}\nprint('ok')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PAINTINGS, assert_complete_and_identical, cli
+from tests.helpers import PAINTINGS, assert_complete_and_identical, cli, missing
 
 THREE = [PAINTINGS / f"{n}.jpg" for n in ("kandinsky_composition_vii", "turner_shipwreck", "monet_water_lilies_1919")]
 # All three paintings share the 128x192 bucket, so the local run's batches are the tasks' batches.
@@ -43,15 +43,15 @@ SLURM = ["hydra/launcher=dreamjax_slurm", "hydra.launcher.cells_per_task=2", "hy
 
 def _cluster_or_skip():
     if shutil.which("sinfo") is None:
-        pytest.skip("no SLURM client (sinfo not found); .ci/run installs slurm-client and starts a cluster")
+        missing("no SLURM client (sinfo not found); .ci/run installs slurm-client and starts a cluster")
     try:
         p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.skip("sinfo timed out: no SLURM controller answers")
+        missing("sinfo timed out: no SLURM controller answers")
     states = p.stdout.split()
     if p.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
         why = (p.stderr.strip().splitlines() or [f"node states {states}"])[-1]
-        pytest.skip(f"no usable SLURM cluster ({why}); start one with: eval \"$(.ci/slurm/up)\"")
+        missing(f"no usable SLURM cluster ({why}); start one with: eval \"$(.ci/slurm/up)\"")
 
 
 def _job(jid: str) -> dict[str, str]:

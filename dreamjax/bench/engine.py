@@ -49,6 +49,7 @@ from dreamjax.engine.dream import (
     pass_size,
 )
 from dreamjax.files import write_json as atomic_json
+from dreamjax.models import kernels as onednn_kernels
 from dreamjax.sweep.executor import CompileLog, auto_micro_batch
 
 DLWP_TAPS = ("mixed4", "mixed5", "mixed6", "mixed7")
@@ -61,7 +62,10 @@ TINY_TAPS = ("conv2", "conv3", "conv4")
 VARIANTS = {
     "devloop": {"device_loop": True},  # the device while_loop (the engine's default)
     "hostloop": {"device_loop": False},
-    "bf16": {"compute_dtype": "bfloat16"},
+    "bf16": {"compute_dtype": "bfloat16"},  # XLA with bfloat16 activations (no AMX path: slower)
+    "onednn": {"cpu_kernels": "onednn"},  # oneDNN bfloat16 convolutions (AMX), float32 elsewhere
+    "onednn_f32": {"cpu_kernels": "onednn_f32"},
+    "xla": {"cpu_kernels": "xla"},
     "mb1": {"micro_batch": 1},  # the batch's gradient in passes of 1 / 2 / 4 cells (one program)
     "mb2": {"micro_batch": 2},
     "mb4": {"micro_batch": 4},
@@ -126,12 +130,13 @@ def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
     return TINY_TAPS, (1.0, 1.5, 2.0)
 
 
-def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None):
+def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None, cpu_kernels="xla"):
     """The DLwP preset's static settings; ``micro_batch`` None = what ``run.py`` picks (per platform)."""
     taps, _ = default_taps(backbone)
     mb = auto_micro_batch() if micro_batch is None else micro_batch
     return DreamConfig(taps=taps, norm="l2", objective="mean_square", border=2, frame_every=0,
                        clip=False, tile_size=tile_size, compute_dtype=compute_dtype, micro_batch=mb,
+                       cpu_kernels=cpu_kernels,
                        straight_through=backbone.name == "efficientnet_lite0")  # as conf/model/*.yaml
 
 
@@ -144,11 +149,12 @@ class EngineCase:
     while_loop (True) or the host step loop (False); None = the engine's default."""
 
     def __init__(self, backbone, size: int, batch: int, steps: int, compute_dtype="float32",
-                 tile_size=0, height=None, device_loop=None, micro_batch=None):
+                 tile_size=0, height=None, device_loop=None, micro_batch=None, cpu_kernels="xla"):
         self.size, self.batch, self.steps = size, batch, steps
         h, w = (height or size), size
-        cfg = dlwp_config(backbone, compute_dtype, tile_size, micro_batch)
+        cfg = dlwp_config(backbone, compute_dtype, tile_size, micro_batch, cpu_kernels)
         self.micro_batch = cfg.micro_batch
+        self.cpu_kernels = cpu_kernels
         _, weights = default_taps(backbone)
         self.dreamer = Dreamer(backbone, cfg, OctavePlan(), steps_capacity=steps)
         if device_loop is not None:
@@ -276,9 +282,13 @@ TF_WORKER = Path(__file__).with_name("tf_worker.py")  # runs in the TensorFlow i
 
 
 class TFWorker:
-    def __init__(self, python: str):
+    """The DLwP notebook step in a TensorFlow interpreter; ``policy`` is a Keras mixed-precision
+    policy (``float32``, ``mixed_bfloat16``)."""
+
+    def __init__(self, python: str, policy: str = "float32"):
         path = TF_WORKER
-        env = dict(os.environ, KERAS_BACKEND="tensorflow")  # ours is jax; the notebook's Keras runs on TF
+        # ours is jax; the notebook's Keras runs on TF
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", DREAMJAX_TF_POLICY=policy)
         self.proc = subprocess.Popen([python, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1, env=env)
         line = self.proc.stdout.readline()
@@ -341,7 +351,7 @@ def measure_rss(backbone: str, weights: str, size: int, batch: int, steps: int =
 # ----------------------------------------------------------------------------------------------
 def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256, 512), batches=(1, 4, 8),
                      repeats=3, steps=3, keras=False, tf_python=None, rss=False, compute_dtype="float32",
-                     tiled=None, tile_size=512, peak_n=2048, variants=(), log=print) -> dict:
+                     tiled=None, tile_size=512, peak_n=2048, variants=(), tf_mixed=True, log=print) -> dict:
     """Interleaved, repeated timing of batched / per-cell / Keras / TF modes. Returns a JSON-able dict.
 
     variants: extra batched modes from :data:`VARIANTS` (e.g. "devloop", "bf16"), timed in the
@@ -351,10 +361,12 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
     info = machine_info()
     peak = matmul_peak(peak_n)
     log(f"float32 matmul peak ({peak_n}^3, best of 10): {peak['gflops_best']:.1f} GFLOP/s")
-    tfw = None
+    tfw = tfm = None
     if tf_python:
         tfw = TFWorker(tf_python)
         info["tensorflow"] = tfw.version
+        if tf_mixed:
+            tfm = TFWorker(tf_python, "mixed_bfloat16")
     if keras:
         os.environ.setdefault("KERAS_BACKEND", "jax")
         import keras as _k
@@ -373,6 +385,7 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
             tf_compile = None
             if tfw is not None:
                 tf_compile = tfw.request(size, 1, 1).get("compile_seconds")
+            tfm_compile = tfm.request(size, 1, 1).get("compile_seconds") if tfm is not None else None
             # ---- interleaved repeats ----
             times: dict[tuple[str, int], list[float]] = {}
             for r in range(repeats):
@@ -388,6 +401,8 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
                     if tfw is not None:
                         res = tfw.request(size, steps, b)
                         times.setdefault(("tf", b), []).append(res["seconds"])
+                    if tfm is not None:
+                        times.setdefault(("tf_bf16", b), []).append(tfm.request(size, steps, b)["seconds"])
                 log(f"  size {size}: repeat {r + 1}/{repeats} done (load {os.getloadavg()[0]:.2f})")
             # ---- rows ----
             for (mode, b), ts in times.items():
@@ -398,7 +413,9 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
                        "seconds_per_step": summary(per_step),
                        "cell_steps_per_s": summary(cps)}
                 if mode.startswith("batched") or mode == "per_cell":
-                    fl = c.flops_per_step * (b if mode == "per_cell" else 1)
+                    # XLA counts no FLOPs in a custom call: oneDNN variants do the XLA program's work.
+                    flops = cases[b].flops_per_step if "onednn" in mode else c.flops_per_step
+                    fl = flops * (b if mode == "per_cell" else 1)
                     achieved = [fl / t for t in per_step]
                     row.update(compile_seconds=c.compile_seconds, compilations=c.compilations,
                                programs=1, flops_per_step=fl,
@@ -408,16 +425,25 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
                 elif mode == "keras":
                     row.update(compile_seconds=kcase.compile_seconds, compilations=kcase.compilations,
                                programs=1, weights="keras random init (speed only)")
-                elif mode == "tf":
-                    row.update(compile_seconds=tf_compile, weights="keras random init (speed only)")
+                elif mode in ("tf", "tf_bf16"):
+                    row.update(compile_seconds=tf_compile if mode == "tf" else tfm_compile,
+                               policy="float32" if mode == "tf" else "mixed_bfloat16",
+                               weights="keras random init (speed only)")
                 rows.append(row)
             for b in batches:
                 base = times[("batched", b)]
-                for other in ("per_cell", "keras", "tf", *(f"batched_{v}" for v in variants)):
+                for other in ("per_cell", "keras", "tf", "tf_bf16", *(f"batched_{v}" for v in variants)):
                     if (other, b) in times:
                         # throughput ratio batched / other, paired by repeat
                         rr = [o / t for t, o in zip(base, times[(other, b)])]
                         ratios.append({"size": size, "batch": b, "vs": other, "ratio": summary(rr)})
+                        # ... and each variant against the TF anchors (the acceptance ratios)
+                for v in variants:
+                    for anchor in ("tf", "tf_bf16"):
+                        if (anchor, b) in times:
+                            rr = [a / t for t, a in zip(times[(f"batched_{v}", b)], times[(anchor, b)])]
+                            ratios.append({"size": size, "batch": b, "mode": f"batched_{v}", "vs": anchor,
+                                           "ratio": summary(rr)})
             if rss:
                 for b in batches:
                     m = measure_rss(backbone_name, weights, size, b, 1, compute_dtype)
@@ -428,8 +454,9 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
             del cases, vcases, one, kcase
             jax.clear_caches()
     finally:
-        if tfw is not None:
-            tfw.close()
+        for w in (tfw, tfm):
+            if w is not None:
+                w.close()
     out = {"kind": "engine", "backbone": backbone_name, "weights": weights, "compute_dtype": compute_dtype,
            "steps_per_call": steps, "repeats": repeats, "machine": info, "matmul_peak": peak,
            "rows": rows, "ratios": ratios}
@@ -445,7 +472,8 @@ def format_engine_table(res: dict) -> str:
     lines = [f"backbone {res['backbone']} ({res['weights']}), compute {res['compute_dtype']}, "
              f"{res['steps_per_call']} steps/call, {res['repeats']} repeats; "
              f"f32 matmul peak {res['matmul_peak']['gflops_best']:.1f} GFLOP/s; "
-             f"XLA_FLAGS={res['machine']['XLA_FLAGS'] or '-'}"]
+             f"XLA_FLAGS={res['machine']['XLA_FLAGS'] or '-'}; load {res['machine']['loadavg_start'][0]:.2f} -> "
+             f"{res['machine'].get('loadavg_end', [float('nan')])[0]:.2f}"]
     hdr = (f"{'size':>5} {'B':>3} {'mode':<9} {'compile s':>9} {'s/step med':>10} "
            f"{'cell-steps/s min/med/max':>26} {'GFLOP/step':>10} {'GFLOP/s med':>11} {'%peak':>6} {'RSS MiB':>8}")
     lines += [hdr, "-" * len(hdr)]
@@ -465,10 +493,11 @@ def format_engine_table(res: dict) -> str:
             f"{r.get('peak_rss_mib', float('nan')):>8.0f}")
     if res["ratios"]:
         lines.append("")
-        lines.append("throughput ratio batched / other (paired by repeat): min / median / max")
+        lines.append("throughput ratio batched (or the named mode) / other (paired by repeat): min / median / max")
         for q in res["ratios"]:
             s = q["ratio"]
-            lines.append(f"  size {q['size']:>4} B={q['batch']:<2} vs {q['vs']:<16} "
+            who = q.get("mode", "batched").replace("batched_", "b_")
+            lines.append(f"  size {q['size']:>4} B={q['batch']:<2} {who:<12} vs {q['vs']:<16} "
                          f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}")
     if "tiled" in res:
         t = res["tiled"]
@@ -600,3 +629,82 @@ def run_memory_bench(backbone_name="inception_v3", weights="random", sizes=(256,
         log(f"  tiled {tiled}x{tiled} (tile {tile_size}): peak RSS {t['peak_rss_gib']:.2f} GiB, "
             f"one step {t['seconds']:.1f} s, compile {t['compile_seconds']:.1f} s")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cold start: whole processes, start-up included
+# ----------------------------------------------------------------------------------------------
+def cold_cli_overrides(painting: str, long_side: int, run_dir: str, iterations: int = 30) -> list[str]:
+    """The dreamjax CLI run that does what ``scripts/dlwp_notebook_tf.py`` does: InceptionV3 with
+    random weights, DLwP preset (3 octaves x 30 steps), one painting at ``long_side``."""
+    return ["model=inception_v3", "model.weights=random", "layers=set1", "dream=dlwp",
+            f"dream.iterations={iterations}", f"data.paths=[{painting}]", f"data.image_size={long_side}",
+            "outputs.gif=false", "outputs.octave_images=false", "checkpoint.enabled=false", "analyze=false",
+            f"hydra.run.dir={run_dir}"]
+
+
+def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 256, repeats: int = 3,
+                         kernels: Sequence[str] = ("xla", "auto"), iterations: int = 30, log=print) -> dict:
+    """Wall seconds of whole processes, interleaved over ``repeats``: the dreamjax CLI with an empty
+    compilation cache (``cold``) and again with that cache (``warm``), once per ``dream.cpu_kernels``
+    choice, against the DLwP notebook as a script on TensorFlow (``tf_python``). The oneDNN
+    extension itself is built before timing (it is built once per machine, not per run)."""
+    info = machine_info()
+    info["onednn"] = onednn_kernels.status().reason
+    root = Path(tempfile.mkdtemp(prefix="dreamjax_cold_"))
+    script = Path(__file__).resolve().parents[2] / "scripts" / "dlwp_notebook_tf.py"
+    times: dict[str, list[float]] = {}
+    try:
+        for r in range(repeats):
+            for k in kernels:
+                cache = root / f"cache_{k}_{r}"
+                for phase in ("cold", "warm"):
+                    run_dir = root / f"run_{k}_{r}_{phase}"
+                    env = dict(os.environ, DREAMJAX_JAX_CACHE=str(cache))
+                    cmd = [sys.executable, "-m", "dreamjax.cli",
+                           *cold_cli_overrides(painting, long_side, str(run_dir), iterations),
+                           f"dream.cpu_kernels={k}"]
+                    t0 = time.perf_counter()
+                    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    dt = time.perf_counter() - t0
+                    if p.returncode != 0:
+                        raise RuntimeError(f"dreamjax CLI failed ({p.returncode}): {p.stderr[-2000:]}")
+                    times.setdefault(f"dreamjax_{k}_{phase}", []).append(dt)
+                    stats = list(run_dir.rglob("run_stats.json"))
+                    if stats:
+                        d = json.loads(stats[0].read_text())
+                        times.setdefault(f"dreamjax_{k}_{phase}_compilations", []).append(d.get("compilations", 0))
+                        times.setdefault(f"dreamjax_{k}_{phase}_compile_seconds", []).append(
+                            d.get("compile_seconds", 0.0))
+            if tf_python:
+                t0 = time.perf_counter()
+                p = subprocess.run([tf_python, str(script), painting, "--long-side", str(long_side),
+                                    "--iterations", str(iterations), "--out", str(root / f"tf_{r}.png")],
+                                   capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND="tensorflow"))
+                if p.returncode != 0:
+                    raise RuntimeError(f"TF notebook script failed ({p.returncode}): {p.stderr[-2000:]}")
+                times.setdefault("tf_notebook", []).append(time.perf_counter() - t0)
+            log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()
+                                                          if not k.endswith(("compilations", "seconds"))))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out = {"kind": "cold_start", "painting": painting, "long_side": long_side, "iterations": iterations,
+           "repeats": repeats, "machine": info, "wall_seconds": {k: summary(v) for k, v in times.items()}}
+    if "tf_notebook" in times:
+        out["tf_over_dreamjax"] = {k[len("dreamjax_"):]: summary([t / d for t, d in zip(times["tf_notebook"], v)])
+                                   for k, v in times.items()
+                                   if k.startswith("dreamjax_") and k.endswith(("_cold", "_warm"))}
+    out["machine"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def format_cold_table(res: dict) -> str:
+    lines = [f"cold start, whole processes: {res['painting']} at long side {res['long_side']}, "
+             f"{res['iterations']} steps x 3 octaves, {res['repeats']} repeats; load "
+             f"{res['machine']['loadavg_start'][0]:.2f} -> {res['machine']['loadavg_end'][0]:.2f}"]
+    for k, s in res["wall_seconds"].items():
+        lines.append(f"  {k:<42} {s['min']:8.2f} / {s['median']:8.2f} / {s['max']:8.2f}")
+    for k, s in res.get("tf_over_dreamjax", {}).items():
+        lines.append(f"  TF notebook / dreamjax {k:<20} {s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
+                     "  (>1: dreamjax faster)")
+    return "\n".join(lines)

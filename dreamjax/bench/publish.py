@@ -25,6 +25,7 @@ import jax
 from PIL import Image
 
 from dreamjax import __version__, files
+from dreamjax.models.ops import resolve_kernels
 
 STUDIES = {
     "quickstart": {"args": ["+experiment=quickstart"], "multirun": False,
@@ -59,7 +60,9 @@ def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_model": cpu_model(), "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
             "python": platform.python_version(), "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # which convolution kernel the CLI's dream.cpu_kernels=auto picks here (oneDNN bf16 or XLA)
+            "cpu_kernels": resolve_kernels("auto")}
 
 
 def run_and_publish(name: str, *, work: str | Path, out: str | Path, inception_weights: str | None = None) -> dict:

@@ -32,7 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamjax.config import COMPUTE_DTYPES, DETAIL_MODES, NORMS, OBJECTIVES, OPTIMIZERS, TILINGS, ConfigError
+from dreamjax.config import (
+    COMPUTE_DTYPES,
+    CPU_KERNELS,
+    DETAIL_MODES,
+    NORMS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    TILINGS,
+    ConfigError,
+)
+from dreamjax.models.ops import KernelsUnavailable
 
 __all__ = ["NORMS", "OBJECTIVES", "DETAIL_MODES", "OPTIMIZERS", "COMPUTE_DTYPES", "ConfigError", "DreamConfig",
            "OctavePlan", "CellParams", "Dreamer", "DreamRun", "dream"]
@@ -94,6 +104,10 @@ class DreamConfig:
     # arithmetic at compile time (measured 6 % faster gradient on CPU, InceptionV3 256 px), at the
     # price of slower compiles and cached programs that embed the weights.
     constant_weights: bool = False
+    # Who runs the convolutions on a CPU backend (models/ops.py resolve_kernels): "auto" = oneDNN
+    # bfloat16 on AMX / AVX512-BF16 where the extension builds, else XLA; "xla"; "onednn"
+    # (an error where it cannot run); "onednn_f32". The image and its updates stay float32.
+    cpu_kernels: str = "xla"
 
     @property
     def image_dtype(self):
@@ -105,6 +119,7 @@ class DreamConfig:
         _one_of("dream.tiles", self.tiles, TILINGS)
         _one_of("dream.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("dream.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _one_of("dream.cpu_kernels", self.cpu_kernels, CPU_KERNELS)
         if not self.taps:
             raise ConfigError("layers.taps is empty; name at least one tap")
         if self.border < 0:
@@ -470,7 +485,14 @@ class Dreamer:
         self.plan = plan
         self.capacity = int(steps_capacity)
         self.taps = backbone.check_taps(cfg.taps)
-        self.variables = backbone.dream_variables if variables is None else variables
+        if variables is None:
+            try:
+                # float64 (parity runs) stays on XLA: the oneDNN kernel is bfloat16 / float32.
+                kernels = "xla" if cfg.compute_dtype == "float64" else cfg.cpu_kernels
+                variables = backbone.dream_variables_for(kernels)
+            except KernelsUnavailable as e:
+                raise ConfigError(str(e)) from None
+        self.variables = variables
         feature_fn = backbone.feature_fn(self.taps, straight_through=cfg.straight_through, dtype=cfg.compute_dtype)
         self._grad = make_grad_fn(feature_fn, cfg)
         run_steps, one_step = self._run_steps, self._one_step

@@ -21,20 +21,37 @@ The pools are written as elementwise maxima / sums of strided slices: XLA fuses 
 single loop (forward and backward), where ``reduce_window`` and its ``select_and_scatter``
 gradient run as slow standalone loops on CPU. The max pool keeps ``reduce_window``'s tie rule
 (the first maximum in row-major window order gets the gradient), so gradients are identical.
+
+On CPUs the convolutions can run through oneDNN instead of XLA (:mod:`dreamjax.models.kernels`,
+an XLA FFI custom call: bfloat16 on AMX / AVX512-BF16 with float32 accumulation, or float32).
+Which kernel runs is a property of the dream variables, not of the code above the models:
+``prepare_dream_variables(..., kernels="onednn")`` stores each non-grouped convolution's forward
+and backward kernels in the kernel's dtype (``kernel_onednn``, ``kernel_bwd_onednn``), and
+:class:`Conv2D` takes the oneDNN path when it finds them and the convolution is large enough
+(``ONEDNN_MIN_FLOPS``). The input gradient is again a forward convolution with the backward
+kernel, so one custom call serves both directions; depthwise convolutions stay on XLA (the slice
+form above). :func:`resolve_kernels` turns ``auto|xla|onednn|onednn_f32`` into what runs here.
 """
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dreamjax.models import kernels as onednn
+
+log = logging.getLogger(__name__)
+
 DN = ("NHWC", "HWIO", "NHWC")
 DREAM = "dream"  # the variables collection holding backward kernels
+KERNELS = ("auto", "xla", "onednn", "onednn_f32")  # onednn = bfloat16 products, f32 accumulation
 
 
 def _pads(in_hw, kernel_hw, strides, padding) -> tuple[tuple[int, int], ...]:
@@ -122,11 +139,7 @@ def _fwd(x, kernel, kernel_bwd, strides, pads, groups, in_hw):
 
 def _bwd(strides, pads, groups, in_hw, res, g):
     kernel_bwd, kernel, x = res
-    # Input gradient of a strided, padded convolution: dilate g by the stride, pad it by (k-1-lo)
-    # before and whatever makes the result the input's size after, convolve with the backward
-    # kernel at stride 1. (A 1x1 convolution's is (0, 0): a matrix product again.)
-    back_pads = [(k - 1 - lo, n + lo - (o - 1) * s - 1)
-                 for k, n, o, s, (lo, _) in zip(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)]
+    back_pads = _back_pads(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
     dx = _conv(g, kernel_bwd, (1, 1), back_pads, groups, dilation=strides)
     dk = None
     if x is not None:
@@ -135,6 +148,116 @@ def _bwd(strides, pads, groups, in_hw, res, g):
 
 
 conv_with_backward_kernel.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+def _back_pads(kernel_hw, in_hw, out_hw, strides, pads):
+    # Input gradient of a strided, padded convolution: dilate g by the stride, pad it by (k-1-lo)
+    # before and whatever makes the result the input's size after, convolve with the backward
+    # kernel at stride 1. (A 1x1 convolution's is (0, 0): a matrix product again.)
+    return [(k - 1 - lo, n + lo - (o - 1) * s - 1)
+            for k, n, o, s, (lo, _) in zip(kernel_hw, in_hw, out_hw, strides, pads)]
+
+
+def _onednn_conv(x, kernel, strides, pads, dilation=(1, 1)):
+    """``_conv`` through oneDNN for a non-grouped convolution: ``x`` is cast to the kernel's dtype
+    (bfloat16 or float32; XLA fuses the cast into the loop that made ``x``), the result is float32.
+    Input dilation and negative padding are done in XLA first (only strided layers' gradients
+    need them), so oneDNN always sees a plain stride-``strides`` convolution."""
+    x = x.astype(kernel.dtype)
+    if tuple(dilation) != (1, 1) or any(p < 0 for lohi in pads for p in lohi):
+        cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, dilation)] + [(0, 0, 0)]
+        x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+        pads = ((0, 0), (0, 0))
+    return onednn.conv(x, kernel, None, strides, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def conv_onednn(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw):
+    """``conv(x, kernel)`` through oneDNN with the prepared ``kernel_fast`` (``kernel`` in the
+    kernel's dtype) and ``kernel_bwd`` (its backward kernel, same dtype); the result is float32.
+    The input gradient is a forward oneDNN convolution of ``g`` with ``kernel_bwd``; the
+    gradient with respect to ``kernel`` (never needed in a dream) is JAX's rule on XLA's conv."""
+    return _onednn_conv(x, kernel_fast, strides, pads)
+
+
+def _onednn_fwd(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw):
+    y = _onednn_conv(x.value, kernel_fast.value, strides, pads)
+    saved_x = x.value if kernel.perturbed else None
+    return y, (kernel_bwd.value, kernel.value if kernel.perturbed else None, saved_x)
+
+
+def _onednn_bwd(strides, pads, in_hw, res, g):
+    kernel_bwd, kernel, x = res
+    back = _back_pads(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
+    # x had Conv2D's dtype, which the result (and so g) is cast back to.
+    dx = _onednn_conv(g, kernel_bwd, (1, 1), back, dilation=strides).astype(g.dtype)
+    dk = None
+    if x is not None:
+        dk = jax.vjp(lambda k: _conv(x.astype(k.dtype), k, strides, pads, 1), kernel)[1](g.astype(kernel.dtype))[0]
+    return dx, dk, None, None
+
+
+conv_onednn.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)
+
+
+def resolve_kernels(choice: str = "auto", platform: str | None = None, devices: int | None = None) -> str:
+    """``auto|xla|onednn|onednn_f32`` -> the kernel that runs here (``xla``, ``onednn`` or ``onednn_f32``).
+
+    ``auto`` takes oneDNN bfloat16 on a CPU backend whose CPU has bfloat16 instructions and where
+    the extension builds and loads and the batch is not sharded over several devices, else XLA (one
+    log line says why). Asking for ``onednn`` where it cannot run raises :class:`KernelsUnavailable`
+    with the reason.
+    """
+    if choice not in KERNELS:
+        raise ValueError(f"cpu_kernels={choice!r}: expected one of {', '.join(KERNELS)}")
+    if choice == "xla":
+        return "xla"
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
+        if choice != "auto":
+            raise KernelsUnavailable(f"cpu_kernels={choice}: the oneDNN kernel runs on CPUs only "
+                                     f"(JAX backend here: {platform})")
+        return "xla"
+    if devices is None:
+        devices = jax.local_device_count()
+    st = onednn.status()
+    need_bf16 = choice in ("auto", "onednn")
+    if devices > 1:
+        # The custom call has no partitioning rule: a batch sharded over several (forced host)
+        # devices would be gathered onto each of them.
+        st = onednn.Status(False, False, f"the batch is sharded over {devices} CPU devices (one device only)")
+    if st.available and (st.bf16 or not need_bf16):
+        return "onednn" if choice == "auto" else choice
+    why = st.reason if not st.available else "this CPU has no bfloat16 instructions (AMX / AVX512-BF16)"
+    if choice != "auto":
+        raise KernelsUnavailable(f"cpu_kernels={choice} cannot run here: {why}. Use cpu_kernels=xla or auto "
+                                 "(oneDNN needs `pip install dreamjax[onednn]`, a C++ compiler and an x86 CPU)")
+    if not _told_fallback:
+        log.warning("oneDNN kernels unavailable, XLA convolutions run instead: %s", why)
+        _told_fallback.append(why)
+    return "xla"
+
+
+# Below this many FLOPs per call a convolution stays on XLA even with oneDNN kernels: a oneDNN call
+# costs ~45 us on top (SYCL queue round trip, weight reorder), and AMX tiles waste most of their
+# width on few channels. Measured under load on the 2-core CPU (1x1 convolutions at Lite0 shapes):
+# 15-22 MFLOP ran 0.5x XLA's speed, 30 MFLOP level, 40 MFLOP 2.8-3.9x; 3x3 at >= 230 MFLOP 3.9-5.6x.
+ONEDNN_MIN_FLOPS = 25e6
+
+
+def _conv_flops(x_shape, kernel_shape, strides, pads) -> float:
+    n, h, w, _ = x_shape
+    kh, kw, ci, o = kernel_shape
+    ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+    wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+    return 2.0 * n * ho * wo * kh * kw * ci * o
+
+
+class KernelsUnavailable(RuntimeError):
+    """``onednn`` kernels were asked for where they cannot run (the message says why)."""
+
+
+_told_fallback: list = []
 
 
 class Conv2D(nn.Module):
@@ -164,28 +287,62 @@ class Conv2D(nn.Module):
         if (self.is_mutable_collection(DREAM) and not self.is_initializing()
                 and supports_backward_kernel(kernel.shape, groups)):
             self.variable(DREAM, "kernel_bwd", lambda: backward_kernel(kernel, groups))
+            if groups == 1:  # marks the convolutions oneDNN may run; kept or dropped by prepare_dream_variables
+                self.variable(DREAM, "kernel_onednn", lambda: kernel)
+        if (self.has_variable(DREAM, "kernel_onednn") and not self.is_mutable_collection(DREAM)
+                and _conv_flops(x.shape, kernel.shape, strides, pads) >= ONEDNN_MIN_FLOPS):
+            kf, kb = self.get_variable(DREAM, "kernel_onednn"), self.get_variable(DREAM, "kernel_bwd_onednn")
+            return conv_onednn(x, kernel, kf, kb, strides, pads, tuple(x.shape[1:3])).astype(self.dtype)
         if not self.has_variable(DREAM, "kernel_bwd"):
             return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN, feature_group_count=groups)
         kb = self.get_variable(DREAM, "kernel_bwd").astype(self.dtype)
         return conv_with_backward_kernel(x, k, kb, strides, pads, groups, tuple(x.shape[1:3]))
 
 
-def prepare_dream_variables(module: nn.Module, variables, sample_shape) -> dict:
+def prepare_dream_variables(module: nn.Module, variables, sample_shape, kernels: str = "xla") -> dict:
     """``variables`` plus the ``"dream"`` collection of backward kernels for ``module``.
 
     Traces the module once on zeros of ``sample_shape`` (the smallest valid input) so that every
     :class:`Conv2D` adds its own backward kernel; the result is ordinary arrays, made once per
-    backbone and reused by every compiled dream program.
+    backbone and reused by every compiled dream program. ``kernels`` (``xla``, ``onednn`` or
+    ``onednn_f32``, see :func:`resolve_kernels`) picks who runs the non-grouped convolutions:
+    for oneDNN their forward and backward kernels are stored in its dtype (bfloat16 or float32).
     """
+    if kernels not in ("xla", "onednn", "onednn_f32"):
+        raise ValueError(f"kernels={kernels!r}: expected xla, onednn or onednn_f32 (resolve 'auto' first)")
     plain = {k: v for k, v in variables.items() if k != DREAM}
+    dtype = jnp.bfloat16 if kernels == "onednn" else jnp.float32
 
     def made(v):
-        return module.apply(v, jnp.zeros(sample_shape, jnp.float32), mutable=[DREAM])[1].get(DREAM, {})
+        added = module.apply(v, jnp.zeros(sample_shape, jnp.float32), mutable=[DREAM])[1].get(DREAM, {})
+        return _for_kernels(flax.core.unfreeze(added), kernels, dtype)
 
     # Jitted: the forward pass is dead code (only the kernels are returned), so XLA drops it and
     # this is one small compilation instead of hundreds of eager ones.
     added = jax.jit(made)(plain)
     return {**plain, DREAM: added} if added else plain
+
+
+def _for_kernels(tree: dict, kernels: str, dtype) -> dict:
+    """The prepared collection with each oneDNN-capable convolution's kernels in ``dtype``
+    (``kernel_onednn`` dropped for ``xla``)."""
+    tree = dict(tree)
+    if "kernel_onednn" in tree:
+        if kernels == "xla":
+            del tree["kernel_onednn"]
+        else:
+            tree["kernel_onednn"] = tree["kernel_onednn"].astype(dtype)
+            # kernel_bwd stays float32 for the convolutions too small for oneDNN (XLA runs them)
+            tree["kernel_bwd_onednn"] = tree["kernel_bwd"].astype(dtype)
+    return {k: _for_kernels(v, kernels, dtype) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def dream_kernels(variables) -> str:
+    """Which kernel the dream variables select: ``xla``, ``onednn`` (bfloat16) or ``onednn_f32``."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get(DREAM, {})):
+        if getattr(path[-1], "key", None) == "kernel_onednn":
+            return "onednn" if leaf.dtype == jnp.bfloat16 else "onednn_f32"
+    return "xla"
 
 
 def _max_and_argmax(x, window, stride):

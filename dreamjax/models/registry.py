@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamjax.models.ops import prepare_dream_variables
+from dreamjax.models.ops import prepare_dream_variables, resolve_kernels
 
 Variables = Mapping[str, Any]
 
@@ -113,7 +113,7 @@ class Backbone:
         self.dtype = jnp.dtype(dtype)
         self.module = spec.build(include_top=include_top, dtype=self.dtype, straight_through=False)
         self._jitted: dict = {}
-        self._dream_variables = None
+        self._dream_variables: dict = {}
 
     # --- facts -----------------------------------------------------------------------------
     name = property(lambda self: self.spec.name)
@@ -142,11 +142,18 @@ class Backbone:
     def dream_variables(self):
         """``variables`` plus what the dream path precomputes once per backbone (the backward
         kernels of :mod:`dreamjax.models.ops`); made on first use, ~1 s for InceptionV3."""
-        if self._dream_variables is None:
+        return self.dream_variables_for("xla")
+
+    def dream_variables_for(self, kernels: str = "auto"):
+        """:attr:`dream_variables` for the convolution kernels ``auto|xla|onednn|onednn_f32``
+        (``ops.resolve_kernels``); the variables themselves select the kernel that runs."""
+        kernels = resolve_kernels(kernels)
+        if kernels not in self._dream_variables:
             module = self.spec.build(include_top=False, dtype=jnp.float32, straight_through=True)
             size = self.spec.min_size
-            self._dream_variables = prepare_dream_variables(module, self.variables, (1, size, size, 3))
-        return self._dream_variables
+            self._dream_variables[kernels] = prepare_dream_variables(module, self.variables, (1, size, size, 3),
+                                                                     kernels=kernels)
+        return self._dream_variables[kernels]
 
     def param_count(self) -> int:
         return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(self.variables["params"])))

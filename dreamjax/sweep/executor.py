@@ -518,7 +518,8 @@ def dream_settings(cell: Cell, bb, shape, batch: int = 1):
         tile_size=int(tile), tiles=s.get("tiles") or "cover", optimizer=s["optimizer"],
         grad_clip=float(s["grad_clip"] or 0),
         compute_dtype=s["compute_dtype"], straight_through=cell.straight_through,
-        constant_weights=bool(s.get("constant_weights") or False), micro_batch=micro_batch)
+        constant_weights=bool(s.get("constant_weights") or False), micro_batch=micro_batch,
+        cpu_kernels=str(s.get("cpu_kernels") or "auto"))
     return cfg, plan
 
 

@@ -23,7 +23,7 @@ PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
 # ... and those that define the compiled program.
 STATIC_KEYS = ("norm", "objective", "border", "frame_every", "clip", "tile_size", "optimizer",
                "grad_clip", "compute_dtype", "octaves", "num_octaves", "octave_scale", "octave_detail",
-               "memory_budget_gb", "constant_weights", "micro_batch", "tiles")
+               "memory_budget_gb", "constant_weights", "micro_batch", "tiles", "cpu_kernels")
 # In a cell's fingerprint the painting and the weights count by content, not by where they are.
 _NOT_IN_FINGERPRINT = ("job_dir", "overrides", "painting_path", "weights", "input_error", "config_json")
 

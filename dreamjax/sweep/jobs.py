@@ -72,8 +72,13 @@ def check_config(cfg) -> tuple[config.Config, list[config.LayerSet] | None]:
     """The validation pass of one job, before any painting is read or backbone loaded: the schema
     (config.validate), the backbone's name, layer sets, taps, octave plan and static dream settings."""
     c = config.validate(_plain(cfg))
+    name = c.model.name
+    if c.model.module and ":" not in name:  # your own backbone: its module registers it (as grid does)
+        name = f"{c.model.module}:{name}"
     try:
-        spec = get_spec(c.model.name)
+        spec = get_spec(name)
+    except ImportError as e:
+        raise ConfigError("model.module", f"cannot be imported ({e})", value=c.model.module) from None
     except ValueError:
         raise ConfigError("model.name", "is not a backbone", value=c.model.name,
                           allowed=available_backbones()) from None

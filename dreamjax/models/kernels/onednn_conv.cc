@@ -1,0 +1,214 @@
+// Convolutions and 1x1 matrix products through oneDNN, as an XLA FFI custom call.
+//
+// One handler, `dreamjax_onednn_conv`: y[N,Ho,Wo,O] (f32) = act(conv(x[N,H,W,C], w[kh,kw,C,O]) + b)
+// with x and w both bfloat16 (AMX / AVX512-BF16, f32 accumulation) or both float32. NHWC and
+// HWIO are XLA's own layouts, so nothing is transposed on the JAX side; oneDNN reorders the
+// weights into its blocked layout on each call (weights are arguments of the dream programs, so
+// their address is not a safe cache key). A 1x1, stride-1, unpadded convolution runs as a
+// oneDNN matmul [N*H*W, C] x [C, O]. Primitives are cached per shape; each call gets its own
+// thread-local stream and scratch buffers, because XLA:CPU may run independent branches (an
+// Inception block's towers) concurrently.
+//
+// Built by dreamjax/models/kernels/__init__.py into the cache folder on first use.
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+dnnl::stream& thread_stream() {
+  thread_local dnnl::stream s(cpu_engine());
+  return s;
+}
+
+struct Entry {
+  dnnl::primitive prim;
+  memory::desc src_md, w_md, user_w_md, bias_md, dst_md;
+  bool reorder_w = false;
+  dnnl::reorder w_reorder;
+  size_t scratch_bytes = 0;
+};
+
+std::mutex cache_mu;
+std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
+
+struct Problem {
+  int64_t n, h, w, c, kh, kw, o, ho, wo;
+  int64_t sh, sw, pt, pb, pl, pr;
+  bool bf16, bias, relu;
+  bool pointwise() const {
+    return kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0;
+  }
+  std::string key() const {
+    std::ostringstream k;
+    k << n << ',' << h << ',' << w << ',' << c << ',' << kh << ',' << kw << ',' << o << ',' << ho << ','
+      << wo << ',' << sh << ',' << sw << ',' << pt << ',' << pb << ',' << pl << ',' << pr << ',' << bf16
+      << bias << relu;
+    return k.str();
+  }
+};
+
+dnnl::primitive_attr make_attr(const Problem& p) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (p.relu) {
+    dnnl::post_ops ops;
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(ops);
+  }
+  return attr;
+}
+
+std::shared_ptr<Entry> build(const Problem& p) {
+  auto& eng = cpu_engine();
+  auto e = std::make_shared<Entry>();
+  dt in = p.bf16 ? dt::bf16 : dt::f32;
+  auto attr = make_attr(p);
+  if (p.pointwise()) {
+    int64_t m = p.n * p.h * p.w;
+    e->src_md = memory::desc({m, p.c}, in, tag::ab);
+    e->user_w_md = memory::desc({p.c, p.o}, in, tag::ab);
+    e->bias_md = memory::desc({1, p.o}, dt::f32, tag::ab);
+    e->dst_md = memory::desc({m, p.o}, dt::f32, tag::ab);
+    auto any_w = memory::desc({p.c, p.o}, in, tag::any);
+    auto pd = p.bias ? dnnl::matmul::primitive_desc(eng, e->src_md, any_w, e->bias_md, e->dst_md, attr)
+                     : dnnl::matmul::primitive_desc(eng, e->src_md, any_w, e->dst_md, attr);
+    e->w_md = pd.weights_desc();
+    e->scratch_bytes = pd.scratchpad_desc().get_size();
+    e->prim = dnnl::matmul(pd);
+  } else {
+    e->src_md = memory::desc({p.n, p.c, p.h, p.w}, in, tag::nhwc);
+    e->user_w_md = memory::desc({p.o, p.c, p.kh, p.kw}, in, tag::hwio);
+    e->bias_md = memory::desc({p.o}, dt::f32, tag::a);
+    e->dst_md = memory::desc({p.n, p.o, p.ho, p.wo}, dt::f32, tag::nhwc);
+    auto any_w = memory::desc({p.o, p.c, p.kh, p.kw}, in, tag::any);
+    memory::dims strides{p.sh, p.sw}, pad_l{p.pt, p.pl}, pad_r{p.pb, p.pr};
+    auto kind = dnnl::prop_kind::forward_inference;
+    auto algo = dnnl::algorithm::convolution_direct;
+    auto pd = p.bias ? dnnl::convolution_forward::primitive_desc(eng, kind, algo, e->src_md, any_w, e->bias_md,
+                                                                 e->dst_md, strides, pad_l, pad_r, attr)
+                     : dnnl::convolution_forward::primitive_desc(eng, kind, algo, e->src_md, any_w, e->dst_md,
+                                                                 strides, pad_l, pad_r, attr);
+    e->w_md = pd.weights_desc();
+    e->scratch_bytes = pd.scratchpad_desc().get_size();
+    e->prim = dnnl::convolution_forward(pd);
+  }
+  e->reorder_w = e->w_md != e->user_w_md;
+  if (e->reorder_w) e->w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->user_w_md, eng, e->w_md));
+  return e;
+}
+
+std::shared_ptr<Entry> get(const Problem& p) {
+  std::string k = p.key();
+  {
+    std::lock_guard<std::mutex> lock(cache_mu);
+    auto it = cache.find(k);
+    if (it != cache.end()) return it->second;
+  }
+  auto e = build(p);  // outside the lock: building a primitive JIT-compiles its kernel
+  std::lock_guard<std::mutex> lock(cache_mu);
+  return cache.emplace(k, e).first->second;
+}
+
+void* thread_buffer(int which, size_t bytes) {
+  thread_local std::vector<char> bufs[2];
+  auto& b = bufs[which];
+  if (b.size() < bytes + 64) b.resize(bytes + 64);
+  auto addr = reinterpret_cast<std::uintptr_t>(b.data());
+  return reinterpret_cast<void*>((addr + 63) & ~std::uintptr_t(63));
+}
+
+ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                int64_t pad_right, bool has_bias, bool relu) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x, w and y must be 4-d (NHWC, HWIO, NHWC)");
+  if (x.element_type() != w.element_type() ||
+      (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32))
+    return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x and w must both be bfloat16 or both float32");
+  Problem p{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], stride_h, stride_w,
+            pad_top, pad_bottom, pad_left, pad_right, x.element_type() == ffi::DataType::BF16, has_bias, relu};
+  if (wd[2] != p.c || yd[0] != p.n || yd[3] != p.o)
+    return ffi::Error::InvalidArgument("dreamjax_onednn_conv: shapes of x, w and y do not agree");
+  try {
+    auto e = get(p);
+    auto& eng = cpu_engine();
+    auto& s = thread_stream();
+    memory src(e->src_md, eng, x.untyped_data());
+    memory dst(e->dst_md, eng, y->untyped_data());
+    memory user_w(e->user_w_md, eng, w.untyped_data());
+    memory wts = user_w;
+    if (e->reorder_w) {
+      wts = memory(e->w_md, eng, thread_buffer(0, e->w_md.get_size()));
+      e->w_reorder.execute(s, user_w, wts);
+    }
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DST, dst}};
+    if (has_bias) args.emplace(DNNL_ARG_BIAS, memory(e->bias_md, eng, b.untyped_data()));
+    if (e->scratch_bytes) {
+      auto sd = memory::desc({static_cast<int64_t>(e->scratch_bytes)}, dt::u8, tag::a);
+      args.emplace(DNNL_ARG_SCRATCHPAD, memory(sd, eng, thread_buffer(1, e->scratch_bytes)));
+    }
+    e->prim.execute(s, args);
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("dreamjax_onednn_conv: oneDNN: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DreamjaxOnednnConv, Conv,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right")
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("relu"));
+
+// What the Python side checks before it offers the kernel: 0 = usable with bf16 units,
+// 1 = usable but the CPU has no bfloat16 instructions (f32 only), 2 = no CPU engine.
+extern "C" __attribute__((visibility("default"))) int dreamjax_onednn_probe() {
+  try {
+    cpu_engine();
+  } catch (const dnnl::error&) {
+    return 2;
+  }
+  auto isa = dnnl::get_effective_cpu_isa();
+  auto has = [isa](dnnl::cpu_isa want) {
+    return (static_cast<unsigned>(isa) & static_cast<unsigned>(want)) == static_cast<unsigned>(want);
+  };  // cpu_isa values are bit sets of instruction groups
+  bool bf16 = has(dnnl::cpu_isa::avx512_core_bf16) || has(dnnl::cpu_isa::avx2_vnni_2);
+  return bf16 ? 0 : 1;
+}
+
+extern "C" __attribute__((visibility("default"))) int dreamjax_onednn_cached_primitives() {
+  std::lock_guard<std::mutex> lock(cache_mu);
+  return static_cast<int>(cache.size());
+}

@@ -1,0 +1,242 @@
+"""The oneDNN convolution kernel (models/kernels) against XLA's, and the fallback without it.
+
+Tolerances, measured on this project's CPU (Sapphire Rapids, AMX) with random weights and inputs:
+
+* float32 through oneDNN vs XLA, one convolution, forward and input gradient: max |delta| /
+  max |ref| <= 1.6e-6 (tested at 1e-4 relative);
+* bfloat16 through oneDNN (f32 accumulation, f32 out) vs XLA float32, one convolution:
+  1.8e-3 .. 3.6e-3 relative (bf16 keeps 8 bits of mantissa: 2^-9 = 2e-3 per rounded operand);
+  tested at 1e-2;
+* the tiny backbone (stacked convolutions, ReLUs, max pools), B=2, 4 random inputs: taps in bf16
+  2.7e-3 .. 4.8e-3 max-relative (tested at 1e-2); the dream loss's input gradient through the
+  whole network 2.9e-2 .. 5.4e-2 relative L2 (||d|| / ||ref||; tested at 0.1): a bf16-rounded
+  activation near a ReLU's or a max pool's switch point sends the gradient another way, so the
+  network gradient is the loosest number; its max-relative error (7.6e-2 .. 2.5e-1) is no test.
+  float32 through oneDNN: <= 2.8e-7 everywhere (tested at 1e-4).
+
+Tests that need the kernel skip (with the reason) where it cannot be built or loaded; the
+fallback tests always run.
+"""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from dreamjax.engine import dream
+from dreamjax.models import kernels, ops
+from tests.helpers import missing
+
+RNG = np.random.default_rng(0)
+F32_TOL = 1e-4
+BF16_TOL = 1e-2
+BF16_GRAD_L2_TOL = 0.1
+
+
+@pytest.fixture(autouse=True)
+def every_size_on_onednn(monkeypatch):
+    """The test convolutions are tiny: send them to oneDNN whatever their size."""
+    monkeypatch.setattr(ops, "ONEDNN_MIN_FLOPS", 0)
+
+
+def _need_onednn(bf16=False):
+    st = kernels.status()
+    if not st.available:
+        missing(f"oneDNN kernel unavailable: {st.reason}")
+    if bf16 and not st.bf16:
+        pytest.skip("this CPU has no bfloat16 instructions")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+CONVS = [  # input shape, kernel, out, stride, padding
+    ((2, 13, 16, 8), (3, 3), 12, 1, "SAME"),
+    ((1, 17, 17, 8), (3, 3), 12, 2, "VALID"),
+    ((1, 16, 16, 8), (3, 3), 12, 2, "SAME"),  # asymmetric padding (0, 1)
+    ((1, 13, 13, 8), (1, 7), 12, 1, "SAME"),
+    ((1, 13, 13, 8), (7, 1), 12, 1, "SAME"),
+    ((2, 9, 11, 16), (1, 1), 24, 1, "SAME"),  # a matrix product through oneDNN's matmul
+    ((1, 9, 9, 16), (1, 1), 24, 2, "VALID"),  # strided 1x1: a convolution
+    ((1, 21, 21, 3), (3, 3), 16, 2, "VALID"),  # InceptionV3's stem: 3 channels
+]
+
+
+@pytest.mark.parametrize("shape,kernel,cout,stride,padding", CONVS, ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("kern,tol", [("onednn_f32", F32_TOL), ("onednn", BF16_TOL)])
+def test_conv2d_forward_and_input_gradient_match_xla(shape, kernel, cout, stride, padding, kern, tol):
+    _need_onednn(bf16=kern == "onednn")
+    m = ops.Conv2D(cout, kernel, stride, padding)
+    x = jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
+    v = m.init(jax.random.PRNGKey(0), x)
+    ref_v = ops.prepare_dream_variables(m, v, shape, kernels="xla")
+    our_v = ops.prepare_dream_variables(m, v, shape, kernels=kern)
+    assert ops.dream_kernels(ref_v) == "xla" and ops.dream_kernels(our_v) == kern
+    y_ref, vjp_ref = jax.vjp(lambda x: m.apply(ref_v, x), x)
+    y, vjp = jax.jit(lambda x: jax.vjp(lambda x: m.apply(our_v, x), x))(x)
+    g = jnp.asarray(RNG.standard_normal(y_ref.shape).astype(np.float32))
+    assert y.dtype == jnp.float32 and y.shape == y_ref.shape
+    assert _rel(y, y_ref) <= tol, f"forward off by {_rel(y, y_ref):.2e}"
+    dx_ref, dx = vjp_ref(g)[0], vjp(g)[0]
+    assert dx.dtype == jnp.float32
+    assert _rel(dx, dx_ref) <= tol, f"input gradient off by {_rel(dx, dx_ref):.2e}"
+
+
+def test_bias_and_relu_post_ops():
+    _need_onednn()
+    x = jnp.asarray(RNG.standard_normal((1, 9, 9, 8)).astype(np.float32))
+    w = jnp.asarray(RNG.standard_normal((3, 3, 8, 5)).astype(np.float32))
+    b = jnp.asarray(RNG.standard_normal(5).astype(np.float32))
+    for k in [(3, 3), (1, 1)]:
+        wk = w[:k[0], :k[1]]
+        pads = ((k[0] // 2,) * 2, (k[1] // 2,) * 2)
+        ref = jax.nn.relu(lax.conv_general_dilated(x, wk, (1, 1), pads, dimension_numbers=ops.DN,
+                                                   precision="highest") + b)
+        assert _rel(kernels.conv(x, wk, b, (1, 1), pads, relu=True), ref) <= F32_TOL
+
+
+def test_tiny_backbone_dream_gradient_under_jit_and_while_loop(tiny_backbone):
+    """Taps and the dream loss's input gradient through the whole (tiny) network, B=2, and the
+    same gradient ascent inside ``lax.while_loop``: oneDNN f32 / bf16 vs XLA."""
+    _need_onednn()
+    taps = ("conv2", "conv3", "conv4")
+    f = tiny_backbone.feature_fn(taps, straight_through=True)
+    x = jnp.asarray(RNG.uniform(-1, 1, (2, 40, 48, 3)).astype(np.float32))
+
+    def loss(v, x):
+        a = f(v, x)
+        return sum(jnp.mean(jnp.square(a[t])) for t in taps)
+
+    def ascent(v, x):
+        def body(c):
+            i, x = c
+            g = jax.grad(loss, argnums=1)(v, x)
+            return i + 1, x + 0.01 * g / (jnp.abs(g).mean() + 1e-8)
+        return lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    ref_v = tiny_backbone.dream_variables_for("xla")
+    acts_ref = f(ref_v, x)
+    g_ref = jax.grad(loss, argnums=1)(ref_v, x)
+    x_ref = jax.jit(ascent)(ref_v, x)
+    kinds = [("onednn_f32", F32_TOL, F32_TOL)]
+    if kernels.status().bf16:
+        kinds.append(("onednn", BF16_TOL, BF16_GRAD_L2_TOL))
+    for kern, tol, grad_tol in kinds:
+        v = tiny_backbone.dream_variables_for(kern)
+        acts = jax.jit(f)(v, x)
+        for t in taps:
+            assert _rel(acts[t], acts_ref[t]) <= tol, (kern, t, _rel(acts[t], acts_ref[t]))
+        g = jax.jit(jax.grad(loss, argnums=1))(v, x)
+        assert _rel_l2(g, g_ref) <= grad_tol, (kern, _rel_l2(g, g_ref))
+        xs = jax.jit(ascent)(v, x)
+        assert _rel_l2(xs - x, x_ref - x) <= grad_tol, (kern, "while_loop", _rel_l2(xs - x, x_ref - x))
+
+
+def test_dreamer_runs_the_octave_loop_on_onednn(tiny_backbone):
+    _need_onednn()
+    plan = dream.OctavePlan.keras(2, 1.4)
+    params = dream.CellParams.make(np.ones((2, 3), np.float32), 0.05, iterations=4, seed=[0, 1])
+    images = RNG.uniform(-1, 1, (2, 40, 40, 3)).astype(np.float32)
+    finals = {}
+    for kern in ("xla", "onednn_f32"):
+        cfg = dream.DreamConfig(taps=("conv2", "conv3", "conv4"), border=0, cpu_kernels=kern)
+        d = dream.Dreamer(tiny_backbone, cfg, plan, 4)
+        assert ops.dream_kernels(d.variables) == kern
+        finals[kern] = dream.DreamRun(d, images, params).run().final
+    assert _rel(finals["onednn_f32"] - images, finals["xla"] - images) <= F32_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Without the extension: XLA runs, one log line; asking for oneDNN is one clear error.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_onednn(monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    monkeypatch.setattr(kernels, "_status", None)
+    monkeypatch.setattr(ops, "_told_fallback", [])
+    yield
+    kernels._status = None  # the real status is found again by the next caller
+
+
+def test_small_convolutions_stay_on_xla(monkeypatch):
+    _need_onednn()
+    monkeypatch.setattr(ops, "ONEDNN_MIN_FLOPS", 1e12)
+    m = ops.Conv2D(4, (3, 3))
+    x = jnp.ones((1, 8, 8, 3), jnp.float32)
+    v = ops.prepare_dream_variables(m, m.init(jax.random.PRNGKey(0), x), x.shape, kernels="onednn")
+    hlo = jax.jit(jax.value_and_grad(lambda x: m.apply(v, x).sum())).lower(x).as_text()
+    assert kernels.TARGET not in hlo
+    monkeypatch.setattr(ops, "ONEDNN_MIN_FLOPS", 0)
+    hlo = jax.jit(jax.value_and_grad(lambda x: m.apply(v, x).sum())).lower(x).as_text()
+    assert hlo.count(kernels.TARGET) == 2, "forward and input gradient"
+
+
+def test_fallback_to_xla_when_the_extension_is_absent(no_onednn, tiny_backbone, caplog):
+    with caplog.at_level(logging.WARNING, logger="dreamjax.models.ops"):
+        assert ops.resolve_kernels("auto", "cpu") == "xla"
+    assert "XLA convolutions run instead" in caplog.text and kernels.DISABLE_ENV in caplog.text
+    with pytest.raises(ops.KernelsUnavailable, match="cpu_kernels=onednn cannot run here"):
+        ops.resolve_kernels("onednn", "cpu")
+    cfg = dream.DreamConfig(taps=("conv2",), cpu_kernels="onednn")
+    with pytest.raises(dream.ConfigError, match="cannot run here"):
+        dream.Dreamer(tiny_backbone, cfg, dream.OctavePlan.keras(1, 1.4), 2)
+    # auto still dreams (on XLA)
+    d = dream.Dreamer(tiny_backbone, dream.DreamConfig(taps=("conv2",), cpu_kernels="auto"),
+                      dream.OctavePlan.keras(1, 1.4), 2)
+    assert ops.dream_kernels(d.variables) == "xla"
+    params = dream.CellParams.make(np.ones((1, 1), np.float32), 0.05, iterations=2)
+    assert np.isfinite(dream.DreamRun(d, RNG.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32),
+                                      params).run().final).all()
+
+
+def test_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    """No compiler (or a compile error) -> status says why; nothing raises."""
+    monkeypatch.setenv("DREAMJAX_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_status", None)
+    try:
+        st = kernels.status()
+    finally:
+        kernels._status = None
+    assert not st.available
+    assert "not built" in st.reason
+    assert not list((tmp_path / "kernels").glob("*.so")), "a failed build leaves no library behind"
+
+
+def test_other_platforms_and_bad_choices():
+    assert ops.resolve_kernels("xla") == "xla"
+    assert ops.resolve_kernels("auto", "cpu", devices=2) == "xla"  # no partitioning rule for the call
+    with pytest.raises(ops.KernelsUnavailable, match="one device only"):
+        ops.resolve_kernels("onednn", "cpu", devices=2)
+    assert ops.resolve_kernels("auto", "gpu") == "xla"
+    with pytest.raises(ops.KernelsUnavailable, match="CPUs only"):
+        ops.resolve_kernels("onednn", "gpu")
+    with pytest.raises(ValueError, match="expected one of"):
+        ops.resolve_kernels("mkl")
+    with pytest.raises(dream.ConfigError, match="dream.cpu_kernels"):
+        dream.DreamConfig(taps=("conv2",), cpu_kernels="mkl")
+
+
+def test_config_schema_offers_the_kernels_ops_knows():
+    from dreamjax import config
+
+    assert config.CPU_KERNELS == ops.KERNELS
+
+
+def test_library_name_follows_source_jaxlib_and_onednn():
+    try:
+        path = kernels.library_path()
+    except Exception as e:  # noqa: BLE001 - no oneDNN wheel: nothing to name
+        missing(f"oneDNN not installed: {e}")
+    assert path.name.startswith("onednn_conv-") and path.suffix == ".so"
+    assert path == kernels.library_path()
