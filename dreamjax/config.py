@@ -290,6 +290,33 @@ class Data:
     image_size: int = key(256, "int", min=16)
     max_pixels: int = key(64_000_000, "int", min=1)
     upscale_small: bool = key(True, "bool")
+    video: Any = key(None, "paths", nullable=True, doc="a video, a folder of videos or a list: dream it frame by frame")
+
+
+@dataclasses.dataclass
+class Motion:
+    """Feedback loops (conf/motion/*.yaml, dreamjax.sweep.motion); zoom, angle, shift are per cell."""
+
+    mode: str = key("none", "enum", choices=("none", "loop"))
+    frames: int = key(24, "int", min=1)
+    zoom: float = key(1.05, "float", gt=0)
+    angle: float = key(0.0, "float")
+    shift: list = key([0.0, 0.0], "list_float")
+    border: str = key("reflect", "enum", choices=("reflect", "edge", "zeros"))
+    fps: float = key(12.0, "float", gt=0)
+    gif_max_frames: int = key(60, "int", min=0)
+
+
+@dataclasses.dataclass
+class Video:
+    """How ``data.video`` is dreamed (conf/video/default.yaml); blend is per cell."""
+
+    flow: str = key("dis", "enum", choices=("none", "farneback", "dis"))
+    blend: float = key(0.5, "float", min=0)
+    start: int = key(0, "int", min=0)
+    end: int | None = key(None, "int", nullable=True, min=1)
+    every: int = key(1, "int", min=1)
+    fps: float | None = key(None, "float", nullable=True, gt=0)
 
 
 @dataclasses.dataclass
@@ -345,6 +372,8 @@ class Config:
     data: Data = group(Data)
     outputs: Outputs = group(Outputs)
     checkpoint: Checkpoint = group(Checkpoint)
+    motion: Motion = group(Motion)
+    video: Video = group(Video)
 
     def to_dict(self) -> dict:
         """Plain data (the full resolved config, as recorded in each cell.json)."""

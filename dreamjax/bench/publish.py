@@ -38,6 +38,8 @@ STUDIES = {
                                           "12 paintings x 4 weight sets"},
     "seed_study": {"args": ["-m", "+experiment=seed_study"], "multirun": True,
                    "title": "Seed study: InceptionV3, 12 paintings x the article's 4 weight sets (DLwP loop)"},
+    "zoom": {"args": ["+experiment=zoom"], "multirun": False,
+             "title": "Zoom feedback loop: The Great Wave under the four offline weight sets, 4 chains in one batch"},
 }
 GIFS_PER_STUDY = 4
 
@@ -109,6 +111,11 @@ def publish(sweep: Path, dest: Path, info: dict):
             dst = dest / "gifs" / f"{c['painting']}__{c['layers']}.gif"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(sweep / c["outputs"]["gif"], dst)
+    for c in picked:  # motion cells: their MP4 (H.264) too
+        if "video" in c["outputs"]:
+            dst = dest / "videos" / f"{c['painting']}__{c['layers']}.mp4"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(sweep / c["outputs"]["video"], dst)
     if info["study"] == "quickstart":  # the dreams themselves, to check that a fresh clone reproduces them
         for c in done:
             dst = dest / "dreams" / f"{c['painting']}.png"
@@ -179,8 +186,12 @@ def write_readme(out: str | Path):
                 lines.append(f"![{g.stem}]({name}/grids/{g.name})")
         lines.append("")
         gifs = sorted((out / name / "gifs").glob("*.gif"))
+        videos = sorted((out / name / "videos").glob("*.mp4"))
         if gifs:
-            lines += ["Iteration GIFs: " + ", ".join(f"[{g.stem}]({name}/gifs/{g.name})" for g in gifs), ""]
+            what = "GIFs" if videos else "Iteration GIFs"
+            lines += [f"{what}: " + ", ".join(f"[{g.stem}]({name}/gifs/{g.name})" for g in gifs), ""]
+        if videos:
+            lines += ["MP4 (H.264): " + ", ".join(f"[{v.stem}]({name}/videos/{v.name})" for v in videos), ""]
         if (out / name / "analysis.md").exists():
             lines += [f"Analysis: [{name}/analysis.md]({name}/analysis.md)", ""]
     files.atomic_write_text(out / "README.md", "\n".join(lines) + "\n")

@@ -145,6 +145,9 @@ def load_painting(
     except Image.DecompressionBombError as e:
         raise ImageError(path, f"refused as a decompression bomb ({e})", _BOMB_FIX) from None
     except UnidentifiedImageError:
+        if _looks_like_video(path, data[:16]):
+            raise ImageError(path, "is a video, not a painting",
+                             "pass videos as data.video=PATH (dreamed frame by frame)") from None
         raise ImageError(path, "not an image Pillow can read (unknown format or not an image at all)",
                          "check the file type and re-export it as PNG/JPEG") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -197,6 +200,15 @@ def load_painting(
     pixels.setflags(write=False)
     return Painting(pixels=pixels, path=path, name=path.stem, sha256=sha,
                     original_size=original_size, notes=tuple(notes))
+
+
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg", ".wmv", ".flv")
+
+
+def _looks_like_video(path: Path, head: bytes) -> bool:
+    """MP4/MOV (``ftyp`` box), Matroska/WebM (EBML), AVI (RIFF AVI), MPEG-PS, or a video extension."""
+    return (head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI")
+            or head[:4] == b"\x00\x00\x01\xba" or path.suffix.lower() in VIDEO_EXTENSIONS)
 
 
 def _load_fully(im: Image.Image, path: Path) -> None:

@@ -269,10 +269,13 @@ def summary_rows(cells: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
     hyper = _union_keys(c.get("hyper") for c in cells)
     taps = _union_keys(c.get("final_losses") for c in cells)
     secs = _union_keys(c.get("seconds") for c in cells)
-    outs = _union_keys(c.get("outputs") for c in cells)
+    outs = [k for k in _union_keys(c.get("outputs") for c in cells) if k != "frames"]  # frames: a count below
+    # Motion cells (sweep/motion.py): frames, seconds spent on them, mean instability warped / not.
+    moving = any("frames" in c for c in cells)
+    motion_cols = ["frames", "frame_seconds", "stability.with_flow", "stability.without_flow"] if moving else []
     header = (["id", "painting", "layers", "label", "status", "error", "overrides"]
               + [f"hyper.{k}" for k in hyper] + [f"loss.{t}" for t in taps] + ["final_loss"]
-              + [f"seconds.{k}" for k in secs] + [f"output.{k}" for k in outs])
+              + [f"seconds.{k}" for k in secs] + motion_cols + [f"output.{k}" for k in outs])
     rows = []
     for c in cells:
         h, fl, s, o = (c.get(k) or {} for k in ("hyper", "final_losses", "seconds", "outputs"))
@@ -283,7 +286,11 @@ def summary_rows(cells: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
                      " ".join(str(c["error"]).split()) if c.get("error") else "",
                      " ".join(map(str, c.get("overrides") or []))]
                     + [_fmt_csv(h.get(k)) for k in hyper] + [_fmt_csv(fl.get(t)) for t in taps]
-                    + [_fmt_csv(c.get("final_loss"))] + [_fmt_csv(s.get(k)) for k in secs] + out_vals)
+                    + [_fmt_csv(c.get("final_loss"))] + [_fmt_csv(s.get(k)) for k in secs]
+                    + ([_fmt_csv(c.get("frames")), _fmt_csv(c.get("frame_seconds")),
+                        _fmt_csv((c.get("stability") or {}).get("with_flow")),
+                        _fmt_csv((c.get("stability") or {}).get("without_flow"))] if moving else [])
+                    + out_vals)
     return header, rows
 
 
@@ -307,7 +314,7 @@ h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:28px 0 8px}h2 small{fo
 .facts dt{color:#666}.facts dd{margin:0}
 nav a{margin-right:14px}.shared{color:#555;font-size:13px}
 .row{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
-figure{margin:0;width:240px}figure img{width:240px;height:auto;display:block;border:1px solid #eee}
+figure{margin:0;width:240px}figure img,figure video{width:240px;height:auto;display:block;border:1px solid #eee}
 figure.original img{border-color:#999}
 figcaption{font-size:13px;margin-top:4px}figcaption b{display:block}
 .hyper,.meta{display:block;color:#555;font-size:12px}.links a{font-size:12px;margin-right:8px}
@@ -335,6 +342,15 @@ _SELF_CHECK_JS = (
     "document.body.dataset.images=imgs.length;"
     "document.body.dataset.brokenSrc=bad.map(function(i){return i.getAttribute('src');}).join(' ');"
     "document.body.dataset.broken=bad.length;});"
+    # Videos (motion cells): play each muted and sample currentTime twice, so a test can see it
+    # advance: data-videos=N data-videos-playing=K data-video-first/-second (space-separated seconds).
+    "var vids=Array.prototype.slice.call(document.querySelectorAll('video'));"
+    "document.body.dataset.videos=vids.length;"
+    "vids.forEach(function(v){v.muted=true;var p=v.play();if(p&&p.catch)p.catch(function(){});});"
+    "function times(){return vids.map(function(v){return v.currentTime.toFixed(3);}).join(' ');}"
+    "setTimeout(function(){document.body.dataset.videoFirst=times();},600);"
+    "setTimeout(function(){document.body.dataset.videoSecond=times();document.body.dataset.videosPlaying="
+    "vids.filter(function(v){return v.currentTime>0&&!v.error;}).length;},1600);"
 )
 
 
@@ -562,7 +578,12 @@ def _cell_html(sweep_dir: Path, c: Mapping, varying: Sequence[str], analysis: Ma
                                           if isinstance(v, (int, float))))
     dream = _rel_if_file(sweep_dir, o.get("dream")) if status == "done" else None
     gif = _rel_if_file(sweep_dir, o.get("gif"))
-    if dream:
+    mp4 = _rel_if_file(sweep_dir, o.get("video")) if status == "done" else None
+    if mp4:  # a motion cell: its MP4 (H.264, yuv420p), the last frame as the poster
+        poster = f' poster="{_href(dream)}"' if dream else ""
+        body = (f'<video src="{_href(mp4)}"{poster} width="240" controls muted loop autoplay playsinline '
+                f'preload="auto" title="{_esc(label)}"></video>')
+    elif dream:
         target = gif or dream
         tip = "open the iteration GIF" if gif else "open the dream"
         body = (f'<a href="{_href(target)}" title="{tip}"><img src="{_href(dream)}" loading="lazy" '
@@ -574,7 +595,13 @@ def _cell_html(sweep_dir: Path, c: Mapping, varying: Sequence[str], analysis: Ma
     else:
         body = f"<div class='box pending'><strong>{_esc(status)}</strong></div>"
     links = []
-    for key, text in [("dream", "png"), ("gif", "gif"), ("losses", "losses"), ("config", "config"),
+    if isinstance(c.get("frames"), int):
+        meta.append(f"{c['frames']} frames")
+    stab = c.get("stability")
+    if isinstance(stab, Mapping) and isinstance(stab.get("with_flow"), (int, float)):
+        meta.append(f"instability {stab['with_flow']:.4f} warped / {stab.get('without_flow', float('nan')):.4f} raw")
+    for key, text in [("dream", "png"), ("video", "mp4"), ("gif", "gif"), ("stability", "stability"),
+                      ("losses", "losses"), ("config", "config"),
                       ("hydra_config", "hydra")]:
         rel = _rel_if_file(sweep_dir, o.get(key))
         if rel:

@@ -66,6 +66,8 @@ class Cell:
     weights_id: str = ""  # the loaded weights' id (sha256 of the file, or the random init's id)
     input_error: str = ""  # the painting cannot be read: the cell fails without compute
     config_json: str = ""  # the job's full resolved config (JSON), recorded in cell.json
+    # Motion settings, sorted (key, value) pairs (sweep/motion.py); () = a still image.
+    motion: tuple[tuple[str, Any], ...] = ()
 
     @property
     def id(self) -> str:

@@ -33,6 +33,7 @@ from dreamjax.engine import dream
 from dreamjax.models.registry import available_backbones, get_spec
 from dreamjax.outputs import analysis, images, report
 from dreamjax.sweep import grid
+from dreamjax.sweep import motion as motion_sweep
 from dreamjax.sweep.executor import (
     CELL_RECORD,
     Executor,
@@ -98,10 +99,13 @@ def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -
     weights (opened and loaded once, here), each painting's bytes (hashed: cells are content-addressed;
     an unreadable one fails alone) and the peak-memory estimate."""
     c, sets = check_config(cfg)
+    moving = motion_sweep.settings(c)  # a zoom loop or a video: chains of frames (sweep/motion.py)
     bb = load_weights(c.model)
-    inputs = plan_inputs(c.data.paths)
+    inputs = motion_sweep.plan_inputs(moving) if moving and moving["mode"] == "video" else plan_inputs(c.data.paths)
     cells = grid.cells_from_config(c, inputs, job=job, job_dir=job_dir, overrides=overrides, layer_sets=sets,
                                    weights_id=bb.weights_id)
+    if moving:
+        cells = motion_sweep.with_motion(cells, moving)
     groups: dict[tuple, list[grid.Cell]] = {}
     for cell in cells:
         groups.setdefault((cell.taps, cell.static), []).append(cell)
@@ -215,7 +219,7 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
     with StopFlag() as stop:
         ex = Executor(options(cfg), stop_requested=stop)
         try:
-            records = ex.run(cells, checkpoint_root=checkpoint_root)
+            records = motion_sweep.run_cells(ex, cells, checkpoint_root=checkpoint_root)
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
             raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None  # 130: Ctrl-C, 143: SIGTERM
@@ -467,6 +471,7 @@ def build_manifest(sweep_dir: Path, records: list[dict], stale: Sequence[dict] =
             "weights": r.get("weights"), "weights_id": r.get("weights_id"), "taps": r.get("taps"),
             "layer_weights": r.get("layer_weights"), "painting_sha256": r.get("painting_sha256"),
             "hashes": {rel(k): v for k, v in r.get("hashes", {}).items()},
+            **{k: r[k] for k in ("frames", "fps", "frame_seconds", "stability", "motion") if k in r},
         })
     backbones = sorted({c["backbone"] for c in cells if c.get("backbone")})
     weights = sorted({c["weights_id"] for c in cells if c.get("weights_id")})
