@@ -71,15 +71,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
-import numpy as np
-
-from dreamjax import files
-from dreamjax.outputs import images
 import jax
 import jax.numpy as jnp
-from dreamjax.models.registry import load_backbone
+import numpy as np
 from PIL import Image
-from dreamjax.outputs import report
+
+from dreamjax import files
+from dreamjax.models.registry import load_backbone
+from dreamjax.outputs import images, report
 
 log = logging.getLogger("dreamjax")
 
@@ -414,7 +413,7 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
                 continue
             probs, feats = clf.predict(batch)
             probs, feats = np.asarray(probs, np.float64), np.asarray(feats, np.float64)
-            row = lambda i: (probs[i], feats[i] if feats.size else None)  # noqa: E731
+            row = lambda i, probs=probs, feats=feats: (probs[i], feats[i] if feats.size else None)  # noqa: E731
             orig_out.update({k: row(i) for k, i in new_orig.items()})
             for it, i in zip(chunk, slots):
                 it["clf"] = clf
@@ -433,7 +432,7 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
         rec.update(energy_stats(it["losses"]) if it["losses"] else {})
         clf = it.get("clf")
         if clf is not None and it.get("probs") is not None:
-            lab = lambda i: str(clf.labels[i])  # noqa: E731
+            lab = lambda i, clf=clf: str(clf.labels[i])  # noqa: E731
             p = it["probs"]
             rec["dream_top"] = [[lab(i), float(p[i]), i] for i in _topk(p, top_k)]
             if clf.imagenet:

@@ -24,20 +24,17 @@ import dataclasses
 import glob as _glob
 import hashlib
 import io
-import json
 import math
 import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
-from dreamjax.files import atomic_open, atomic_write_bytes
-from PIL import ImageCms
+from dreamjax.files import atomic_write_bytes
 
 __all__ = [
     "ImageError", "Painting", "load_painting", "find_paintings", "PAINTING_EXTENSIONS",

@@ -22,7 +22,6 @@ import html
 import io
 import json
 import os
-import re
 import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
