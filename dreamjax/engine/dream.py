@@ -139,6 +139,9 @@ class DreamConfig:
                                      f"{list(self.taps)}; add them (with layer weight 0)")
         if self.lapnorm < 0:
             raise DreamSettingsError(f"objective.lapnorm must be >= 0 levels (0 = off), got {self.lapnorm}")
+        if self.lapnorm and self.param != "pixels":
+            raise DreamSettingsError(f"objective.lapnorm normalises a pixel gradient; it cannot be combined with "
+                                     f"objective.param={self.param!r} (its own 1/f scaling does that job)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,8 +616,8 @@ class Dreamer:
             active = active_mask(s)
             keys = jax.vmap(_step_key, in_axes=(0, None, None))(params.key, octave, s.step)
             per_tap, g = self._grad(variables, s.image, params, keys, image_shape)
-            if cfg.lapnorm:
-                g = self._in_image_space(transforms.lap_normalize, g, image_shape)
+            if cfg.lapnorm:  # pixels only (checked in DreamConfig)
+                g = transforms.lap_normalize(g, cfg.lapnorm)
             updates, opt_state = rule.update(g, s.opt_state, s.image)
             image = optax.apply_updates(s.image, updates)
             image = self._after_update(image, params, s.step, image_shape)

@@ -22,8 +22,9 @@ class Transforms:
     """Static transform settings (each cell draws its own values every step).
 
     pad: constant padding in pixels (with the value-range midpoint: Lucid pads with grey);
-    jitter: random translation in [-jitter, jitter] pixels;
-    scale: (lo, hi) random zoom factor range; rotate: random angle in [-rotate, rotate] degrees.
+    jitter: random whole-pixel translation in [-jitter, jitter];
+    scale: (lo, hi): a random zoom among 11 steps from lo to hi;
+    rotate: a random whole-degree angle in [-rotate, rotate].
     """
 
     pad: int = 0
@@ -46,27 +47,38 @@ class Transforms:
         return bool(self.jitter or self.rotate or self.scale != (1.0, 1.0))
 
 
+SCALE_STEPS = 11  # Lucid's random_scale list: 11 scales from lo to hi
+
+
+def _tables(tf: Transforms):
+    """Host-made tables of the allowed scales and of (cos, sin) of the allowed whole-degree
+    angles (Lucid draws from lists too). A cell's draw is an index, so its transform is the same
+    bits whatever batch it runs in (no transcendental function evaluated on the device)."""
+    scales = np.linspace(tf.scale[0], tf.scale[1], SCALE_STEPS if tf.scale[0] != tf.scale[1] else 1)
+    deg = np.arange(-int(tf.rotate), int(tf.rotate) + 1) * (np.pi / 180)
+    return (np.float32(1.0) / scales.astype(np.float32), np.cos(deg).astype(np.float32),
+            np.sin(deg).astype(np.float32))
+
+
 def draw(tf: Transforms, key):
-    """One cell's (dy, dx, scale, angle in radians) for this step."""
+    """One cell's (dy, dx), 1/scale, cos and sin of its angle for this step."""
     kj, ks, kr = jax.random.split(key, 3)
-    shift = jax.random.uniform(kj, (2,), minval=-tf.jitter, maxval=tf.jitter) if tf.jitter else jnp.zeros(2)
-    shift = jnp.round(shift)  # integer shifts: Lucid's jitter is a crop
-    scale = jax.random.uniform(ks, (), minval=tf.scale[0], maxval=tf.scale[1]) if tf.scale[0] != tf.scale[1] \
-        else jnp.asarray(tf.scale[0])
-    angle = jax.random.uniform(kr, (), minval=-tf.rotate, maxval=tf.rotate) * (math.pi / 180) if tf.rotate \
-        else jnp.zeros(())
-    return shift, scale, angle
+    inv_scales, cos, sin = _tables(tf)
+    shift = jax.random.randint(kj, (2,), -tf.jitter, tf.jitter + 1).astype(jnp.float32)  # Lucid: a crop
+    i = jax.random.randint(ks, (), 0, len(inv_scales))
+    j = jax.random.randint(kr, (), 0, len(cos))
+    return shift, jnp.asarray(inv_scales)[i], jnp.asarray(cos)[j], jnp.asarray(sin)[j]
 
 
-def _affine(image, shift, scale, angle):
+def _affine(image, shift, inv_scale, cos, sin):
     """Resample one image [H, W, C]: output pixel p reads input at R(-a) (p - c) / s + c - shift."""
     h, w, _ = image.shape
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=image.dtype), jnp.arange(w, dtype=image.dtype), indexing="ij")
     dy, dx = yy - cy, xx - cx
-    cos, sin = jnp.cos(angle).astype(image.dtype), jnp.sin(angle).astype(image.dtype)
-    sy = (cos * dy - sin * dx) / scale + cy - shift[0]
-    sx = (sin * dy + cos * dx) / scale + cx - shift[1]
+    cos, sin, inv_scale = (jnp.asarray(v, image.dtype) for v in (cos, sin, inv_scale))
+    sy = (cos * dy - sin * dx) * inv_scale + cy - shift[0]
+    sx = (sin * dy + cos * dx) * inv_scale + cx - shift[1]
     sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [sy, sx], order=1, mode="nearest")  # noqa: E731
     return jnp.stack([sample(image[..., c]) for c in range(image.shape[-1])], axis=-1)
 
