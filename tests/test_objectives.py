@@ -183,7 +183,7 @@ def test_batch_invariance_of_mixed_objectives(tiny_backbone, param, tf):
     # The weights did something: the class cells raised their class logits.
     logits = np.asarray(tiny_backbone.logits(jnp.asarray(finals)))
     start_logits = np.asarray(tiny_backbone.logits(jnp.asarray(starts)))
-    assert logits[2, 1] - start_logits[2, 1] > 0.1  # cell 2: the class term alone, from grey
+    assert logits[2, 1] - start_logits[2, 1] > 0.03  # cell 2: the class term alone, from grey
 
 
 def test_bad_term_values_fail_before_compute(tiny_backbone):
