@@ -205,7 +205,7 @@ def test_bad_term_values_fail_before_compute(tiny_backbone):
 
 def test_reruns_are_byte_identical(tiny_backbone):
     terms, params, starts = _mixed_batch(tiny_backbone)
-    cfg = DreamConfig(taps=TAPS, terms=terms, param="fourier", transforms=Transforms(jitter=2, rotate=5))
+    cfg = DreamConfig(taps=TAPS, border=1, terms=terms, param="fourier", transforms=Transforms(jitter=2, rotate=5))
     a = dream.dream(tiny_backbone, starts[:2], params.take(slice(0, 2)), cfg, PLAN, steps_capacity=4).final
     b = dream.dream(tiny_backbone, starts[:2], params.take(slice(0, 2)), cfg, PLAN, steps_capacity=4).final
     assert a.tobytes() == b.tobytes()
