@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from dreamjax.sweep import units
+
 # Dream settings that ride on the batch axis (never recompile) ...
 PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
 # ... and those that define the compiled program.
@@ -51,6 +53,13 @@ class Cell:
     overrides: tuple[str, ...] = ()
     preset: str = ""
     set_dir: str = ""  # "" = one layer set per job; else the set's folder inside the job
+    # --- objective (issue 13): per-cell term entries, static rendering settings, start image ---
+    objective: tuple = ()  # units.Entry per term beyond the layer taps (weights are per cell)
+    objective_static: tuple = ()  # sorted (key, value): reduction, param, transforms, lapnorm, blur_every
+    start: str = "painting"  # painting | noise | grey
+    start_noise: float = 0.1  # noise amplitude, fraction of the pixel range
+    original_colors: bool = False  # the dream's luminance with the painting's chroma
+    unit: str = ""  # the atlas unit of this cell ("" = not an atlas cell)
 
     @property
     def id(self) -> str:
@@ -62,18 +71,20 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return self.layers
+        return f"{self.layers} {self.unit}" if self.unit else self.layers
 
     def static_dict(self) -> dict:
         return dict(self.static)
 
     def signature(self) -> tuple:
         """What the compiled program depends on (the bucket shape is added by the runner)."""
-        return (self.backbone, self.weights, self.straight_through, self.taps, self.static, self.image_size)
+        return (self.backbone, self.weights, self.straight_through, self.taps, self.static, self.image_size,
+                self.objective_static, units.structure(self.objective))
 
     def key_seed(self) -> int:
         """Per-cell PRNG seed: from the run seed and the cell's identity, not its batch position."""
-        h = hashlib.sha256(f"{self.seed}|{self.painting}|{self.layers}|{self.job}".encode()).digest()
+        unit = f"|{self.unit}" if self.unit else ""  # atlas cells of one painting differ by unit
+        h = hashlib.sha256(f"{self.seed}|{self.painting}|{self.layers}|{self.job}{unit}".encode()).digest()
         return int.from_bytes(h[:4], "little")
 
     def fingerprint(self) -> str:
@@ -81,6 +92,9 @@ class Cell:
         d = dataclasses.asdict(self)
         for k in ("job_dir", "overrides"):
             d.pop(k)
+        for f in dataclasses.fields(self):  # settings at their defaults leave old fingerprints unchanged
+            if f.name in _OBJECTIVE_FIELDS and getattr(self, f.name) == f.default:
+                d.pop(f.name)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -178,6 +192,10 @@ def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int
     image_size = int(_num("data.image_size", _get(cfg, "data.image_size"), int, minimum=1))
     static = dream_static(dream)
     seed = int(_get(cfg, "seed", 0))
+    try:
+        objective = units.parse_objective(cfg.get("objective"))
+    except units.UnitError as e:
+        raise ConfigError(str(e)) from None
     names: dict[str, int] = {}
     unique = []
     for p in paintings:
@@ -186,17 +204,30 @@ def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int
         names[stem] = n + 1
         unique.append((stem if n == 0 else f"{stem}_{n}", str(p)))
     cells = []
-    for name, taps, eff in sets:
-        for painting, path in unique:
-            cells.append(Cell(
-                job=job, job_dir=str(Path(job_dir).resolve()), painting=painting, painting_path=path,
-                backbone=backbone, weights=str(model.get("weights", "auto")),
-                straight_through=bool(model.get("straight_through", False)), layers=name,
-                taps=taps, layer_weights=eff, step_size=step,
-                max_loss=math.inf if max_loss is None else max_loss, jitter=jitter, iterations=iterations,
-                seed=seed, static=static, image_size=image_size, overrides=tuple(overrides),
-                preset=str(dream.get("name", "")), set_dir=name if layer_sets else ""))
+    for name, set_taps, set_eff in sets:
+        for unit, entries in objective.cells():
+            # Term taps join the dream's taps with layer weight 0 (their energy is recorded too).
+            extra = tuple(dict.fromkeys(e.tap for e in entries if e.tap and e.tap not in set_taps))
+            taps = set_taps + extra
+            eff = tuple(w * objective.layer for w in set_eff) + (0.0,) * len(extra)
+            set_dir = "/".join(p for p in (name if layer_sets else "", unit) if p)
+            for painting, path in unique:
+                cells.append(Cell(
+                    job=job, job_dir=str(Path(job_dir).resolve()), painting=painting, painting_path=path,
+                    backbone=backbone, weights=str(model.get("weights", "auto")),
+                    straight_through=bool(model.get("straight_through", False)), layers=name,
+                    taps=taps, layer_weights=eff, step_size=step,
+                    max_loss=math.inf if max_loss is None else max_loss, jitter=jitter, iterations=iterations,
+                    seed=seed, static=static, image_size=image_size, overrides=tuple(overrides),
+                    preset=str(dream.get("name", "")), set_dir=set_dir, objective=entries,
+                    objective_static=objective.static if entries or objective.static != _DEFAULT_STATIC else (),
+                    start=objective.start, start_noise=objective.start_noise,
+                    original_colors=objective.original_colors, unit=unit))
     return cells
+
+
+_DEFAULT_STATIC = units.parse_objective(None).static
+_OBJECTIVE_FIELDS = ("objective", "objective_static", "start", "start_noise", "original_colors", "unit")
 
 
 def group_cells(cells: Iterable[tuple[Cell, tuple[int, int]]]) -> dict[tuple, list[Cell]]:

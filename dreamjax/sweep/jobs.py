@@ -30,7 +30,7 @@ from dreamjax import __version__, files
 from dreamjax.engine import dream
 from dreamjax.models.registry import get_spec
 from dreamjax.outputs import analysis, images, report
-from dreamjax.sweep import grid
+from dreamjax.sweep import grid, objective
 from dreamjax.sweep.executor import (
     CELL_RECORD,
     Executor,
@@ -60,6 +60,9 @@ def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -
     cells = grid.cells_from_config(c, paintings, job=job, job_dir=job_dir, overrides=overrides,
                                    layer_sets=load_layer_sets(c.get("layer_sets")))
     spec = get_spec(cells[0].backbone) if cells else None
+    if spec is not None and any(cell.objective for cell in cells):  # before the taps: names the term
+        include_top = c.get("model", {}).get("include_top")
+        objective.check(cells, spec, include_top=None if include_top is None else bool(include_top))
     for cell in {c.layers: c for c in cells}.values() if spec is not None else ():
         unknown = [t for t in cell.taps if t not in spec.taps]
         if unknown:

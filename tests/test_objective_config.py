@@ -1,0 +1,108 @@
+"""Objective config: unit addressing, bad settings failing before compute, a tiny atlas end to end."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import dreamjax
+from dreamjax.sweep import grid, jobs, units
+from dreamjax.sweep.executor import Executor, RunOptions
+from tests.conftest import PAINTINGS
+
+PAINTING = str(PAINTINGS / "van_gogh_starry_night.jpg")
+TINY = ["model=tiny", "layers=tiny_set1", "dream=dlwp", "dream.num_octaves=1", "dream.iterations=3",
+        "dream.border=0", "data.image_size=48", f"data.paths=[{PAINTING}]"]
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(config_dir=str(dreamjax.config_dir()), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _plan(tmp_path, *overrides):
+    return jobs.plan(_cfg(*TINY, *overrides), job=0, job_dir=tmp_path)
+
+
+def test_units_as_people_write_them():
+    assert units.parse_unit("mixed4:97") == ("channel", "mixed4", (97,))
+    assert units.parse_unit("block9:[3,17]") == ("channel", "block9", (3, 17))
+    assert units.parse_unit("block9:0-3") == ("channel", "block9", (0, 1, 2, 3))
+    assert units.parse_unit("class:1") == ("class", "", (1,))
+    assert units.parse_unit("class:goldfish") == ("class", "", (1,))
+    assert units.parse_unit("class:Great White Shark") == ("class", "", (2,))
+    with pytest.raises(units.UnitError, match=r"unknown class name 'goldfsh'.*did you mean 'goldfish'"):
+        units.parse_unit("class:goldfsh")
+    with pytest.raises(units.UnitError, match="write TAP:CHANNEL"):
+        units.parse_unit("block9")
+
+
+def test_default_objective_leaves_cells_as_before(tmp_path):
+    (cell,) = _plan(tmp_path)
+    assert cell.objective == () and cell.objective_static == () and cell.start == "painting"
+    fields = {k for k in json.loads(json.dumps(cell.fingerprint()))}
+    assert fields  # a fingerprint; the default objective adds nothing to it
+    legacy = grid.Cell(**{k: getattr(cell, k) for k in grid.Cell.__dataclass_fields__
+                          if k not in grid._OBJECTIVE_FIELDS})
+    assert legacy.fingerprint() == cell.fingerprint()
+
+
+def test_atlas_cells_terms_and_taps(tmp_path):
+    cells = _plan(tmp_path, "objective=lucid", "objective.atlas={tap:conv3,channels:0-3}",
+                  "objective.terms=['conv2:[1,2]','class:3']", "objective.tv=0.5", "layers.taps=[conv1]",
+                  "layers.weights=[1.0]")
+    assert [c.unit for c in cells] == [f"conv3_{i:04d}" for i in range(4)]
+    c = cells[2]
+    assert c.taps == ("conv1", "conv2", "conv3")  # the layer set's taps + the term taps (weight 0)
+    assert c.layer_weights[-1] == 0.0 and all(w == 0.0 for w in c.layer_weights)  # lucid: layer 0
+    kinds = [(e.kind, e.tap, e.index) for e in c.objective]
+    assert ("channel", "conv3", (2,)) in kinds and ("class", "", (3,)) in kinds and ("tv", "", ()) in kinds
+    assert len({x.key_seed() for x in cells}) == 4  # each atlas cell draws its own noise
+    assert len(grid.group_cells((x, (48, 48)) for x in cells)) == 1  # one program for the atlas
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["objective.terms=['conv3:40']"], r"channel 40 of conv3 is out of range: conv3 has 16 channels \(0-15\)"),
+    (["objective.terms=['class:goldfsh']"], r"did you mean 'goldfish'"),
+    (["objective.terms=['class:3']", "+model.include_top=false"], "needs the classifier top"),
+    (["objective.terms=[{guide:'/nonexistent/guide.jpg',tap:conv2}]"], "guide image '/nonexistent/guide.jpg' cannot be read"),
+    (["objective.terms=[{unit:'conv2:1',mask:'BAD'}]"], "cannot be resized to a tap"),
+    (["objective.terms=['nope:1']"], "unknown tap 'nope'"),
+    (["objective.start=paint"], "objective.start='paint'; choose one of: painting, noise, grey"),
+])
+def test_bad_settings_fail_before_compute(tmp_path, overrides, message):
+    for i, o in enumerate(overrides):
+        if "BAD" in o:
+            bad = tmp_path / "mask.npy"
+            np.save(bad, np.zeros((2, 3, 4, 5), np.float32))
+            overrides[i] = o.replace("BAD", str(bad))
+    with pytest.raises(grid.ConfigError, match=message):
+        _plan(tmp_path, *overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_atlas(tmp_path_factory):
+    d = tmp_path_factory.mktemp("atlas")
+    over = ["objective=lucid", "objective.atlas={tap:conv3,channels:0-3}", "objective.param=pixels",
+            "objective.transforms.rotate=0", "dream.step_size=0.05", "dream.optimizer=adam"]
+    out = []
+    for run in ("a", "b"):
+        cells = _plan(d / run, *over)
+        recs = Executor(RunOptions(batch_size=4, gif=False, octave_images=False, checkpoint=False,
+                                   progress=False)).run(cells)
+        out.append((cells, recs))
+    return out
+
+
+def test_tiny_atlas_end_to_end_and_byte_identical(tiny_atlas):
+    (cells, recs), (cells_b, recs_b) = tiny_atlas
+    assert [r["status"] for r in recs] == ["done"] * 4
+    for c, r, rb in zip(cells, recs, recs_b):
+        assert r["unit"] == c.unit and r["start"] == "noise"
+        assert set(r["final_terms"]) == {"channel:conv3"}
+        a = (Path(c.job_dir) / r["outputs"]["dream"]).read_bytes()
+        b = (Path(cells_b[0].job_dir) / rb["outputs"]["dream"]).read_bytes()
+        assert a == b, f"{c.unit}: rerun differs"
