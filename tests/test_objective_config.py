@@ -106,3 +106,13 @@ def test_tiny_atlas_end_to_end_and_byte_identical(tiny_atlas):
         a = (Path(c.job_dir) / r["outputs"]["dream"]).read_bytes()
         b = (Path(cells_b[0].job_dir) / rb["outputs"]["dream"]).read_bytes()
         assert a == b, f"{c.unit}: rerun differs"
+
+
+def test_tiny_atlas_contact_sheet(tiny_atlas):
+    (cells, _), _ = tiny_atlas
+    out = jobs.collect(cells[0].job_dir, analyze=False)
+    sheet = Path(cells[0].job_dir) / "grids" / "atlas_conv3.jpg"
+    assert out["paths"]["atlases"]["conv3"] == sheet and sheet.is_file()
+    manifest = json.loads((Path(cells[0].job_dir) / "manifest.json").read_text())
+    assert sorted(c["unit"] for c in manifest["cells"]) == [f"conv3_{i:04d}" for i in range(4)]
+    assert "conv3_0002" in (Path(cells[0].job_dir) / "index.html").read_text()  # in the gallery

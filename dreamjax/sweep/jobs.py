@@ -254,7 +254,7 @@ def build_manifest(sweep_dir: Path, records: list[dict]) -> dict:
                                "size": r.get("painting_size"), "notes": r.get("painting_notes", []),
                                "status": "failed" if err else "ok", "error": err}
         cells.append({
-            "id": r["id"], "job_dir": job_rel, "painting": name, "layers": r["layers"],
+            "id": r["id"], "job_dir": job_rel, "painting": name, "layers": r["layers"], "unit": r.get("unit", ""),
             "label": _label(r), "overrides": r.get("overrides", []), "hyper": r.get("hyper", {}),
             "status": r["status"], "error": r.get("error"), "outputs": outs,
             "final_losses": r.get("final_losses", {}), "final_loss": r.get("final_loss"),
