@@ -116,3 +116,34 @@ def test_tiny_atlas_contact_sheet(tiny_atlas):
     manifest = json.loads((Path(cells[0].job_dir) / "manifest.json").read_text())
     assert sorted(c["unit"] for c in manifest["cells"]) == [f"conv3_{i:04d}" for i in range(4)]
     assert "conv3_0002" in (Path(cells[0].job_dir) / "index.html").read_text()  # in the gallery
+
+
+def test_layer_atlas_picks_the_paintings_strongest_channels(tmp_path, tiny_backbone):
+    import jax.numpy as jnp
+
+    from dreamjax.sweep import objective
+
+    cells = _plan(tmp_path, "objective.layer=0", "objective.layer_atlas={taps:[conv2,conv3],mode:strong,k:3}")
+    assert [c.unit for c in cells] == ["conv2_strong3", "conv3_strong3"]
+    x = np.asarray(tiny_backbone.preprocess(np.random.default_rng(0).uniform(0, 255, (1, 48, 48, 3))))
+    terms = objective.group_terms(cells[1], tiny_backbone, (48, 48))[0]
+    values = objective.cell_values(cells[1:], terms, tiny_backbone, x)
+    energy = np.asarray(jnp.mean(jnp.square(tiny_backbone.features(jnp.asarray(x), ("conv3",))["conv3"]), axis=(1, 2)))
+    assert set(np.nonzero(values["channel:conv3"][0])[0]) == set(np.argsort(-energy[0])[:3])
+    weak = objective.cell_values([cells[1].__class__(**{**cells[1].__dict__, "objective": (
+        objective.Entry("pick", "conv3", ("weak", 2), 1.0),)})], terms, tiny_backbone, x)
+    assert set(np.nonzero(weak["channel:conv3"][0])[0]) == set(np.argsort(energy[0])[:2])
+
+
+def test_original_colors_keeps_luminance_takes_chroma():
+    from dreamjax.outputs import images
+
+    rng = np.random.default_rng(0)
+    dream_px = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    painting = np.zeros((16, 16, 3), np.uint8)
+    painting[..., 0] = 200  # red painting
+    out = images.original_colors(dream_px, painting).astype(np.float32)
+    lum = lambda p: p.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)  # noqa: E731
+    inside = (lum(dream_px) > 60) & (lum(dream_px) < 100)  # away from the clip
+    np.testing.assert_allclose(lum(out)[inside], lum(dream_px)[inside], atol=1.0)
+    assert (out[..., 0] > out[..., 2])[inside].all()  # the painting's red chroma

@@ -649,10 +649,10 @@ def write_sweep_report(sweep_dir: PathLike, manifest: Mapping, originals: Mappin
     sweep_dir = Path(sweep_dir)
     cells = list(manifest.get("cells") or [])
     written: dict[str, Any] = {"grids": {}, "originals": {}}
-    atlas = [c for c in cells if c.get("unit")]
+    atlas = [c for c in cells if str(c.get("unit") or "").rpartition("_")[2].isdigit()]  # channel atlases
     if atlas:  # one contact sheet per atlas tap instead of a 64-column comparison grid
         written["atlases"] = write_atlas_sheets(sweep_dir, atlas, cell_height=min(sheet_cell_height, 128))
-        cells = [c for c in cells if not c.get("unit")]
+        cells = [c for c in cells if c not in atlas]
     paintings = dict(manifest.get("paintings") or {})
     names = _painting_names({**manifest, "cells": cells}) if atlas else _painting_names(manifest)
 

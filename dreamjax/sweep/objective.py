@@ -20,7 +20,7 @@ from dreamjax.engine.transforms import Transforms
 from dreamjax.models.registry import get_spec
 from dreamjax.outputs import images
 from dreamjax.sweep.grid import Cell, ConfigError
-from dreamjax.sweep.units import Entry
+from dreamjax.sweep.units import Entry  # noqa: F401 (re-exported for callers building entries)
 
 
 def tap_channels(spec) -> dict[str, int]:

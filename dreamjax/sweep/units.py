@@ -24,7 +24,7 @@ from dreamjax import files
 KINDS = ("channel", "direction", "class", "guide", "pick", "tv", "l2", "blur")
 STARTS = ("painting", "noise", "grey")
 PICK_MODES = ("strong", "weak", "median")
-KNOWN_KEYS = {"name", "layer", "reduction", "terms", "tv", "l2", "blur", "blur_every", "atlas", "start",
+KNOWN_KEYS = {"name", "layer", "reduction", "terms", "tv", "l2", "blur", "blur_every", "atlas", "layer_atlas", "start",
               "start_noise", "param", "transforms", "lapnorm", "original_colors"}
 
 
@@ -175,6 +175,7 @@ class Objective:
     layer: float
     entries: tuple[Entry, ...]
     atlas: tuple[str, tuple[int, ...], float, str] | None  # (tap, channels, weight, mask)
+    layer_atlas: tuple[tuple[str, ...], str, int, float] | None  # (taps, pick mode, k, weight)
     start: str
     start_noise: float
     original_colors: bool
@@ -182,6 +183,9 @@ class Objective:
 
     def cells(self) -> list[tuple[str, tuple[Entry, ...]]]:
         """(label, entries) per cell of a painting: one, or one per atlas channel."""
+        if self.layer_atlas is not None:  # one cell per tap: its k strongest channels on the painting
+            taps, mode, k, w = self.layer_atlas
+            return [(f"{tap}_{mode}{k}", self.entries + (Entry("pick", tap, (mode, k), w),)) for tap in taps]
         if self.atlas is None:
             return [("", self.entries)]
         tap, channels, w, mask = self.atlas
@@ -211,6 +215,17 @@ def parse_objective(node: Mapping | None) -> Objective:
         channels = _indices(f"[{','.join(str(c) for c in ch)}]" if isinstance(ch, (list, tuple)) else str(ch),
                             f"{tap}:{ch}")
         atlas = (tap, channels, float(a.get("weight", 1.0)), _mask(a.get("mask")))
+    layer_atlas = None
+    if node.get("layer_atlas"):
+        la = dict(node["layer_atlas"])
+        if atlas is not None:
+            raise UnitError("objective: give either atlas (channels of one tap) or layer_atlas (taps), not both")
+        taps = tuple(str(t) for t in la.get("taps") or ())
+        mode, k = str(la.get("mode", "strong")), int(la.get("k", 4))
+        if not taps or mode not in PICK_MODES or k < 1:
+            raise UnitError(f"objective.layer_atlas needs taps (a list), mode ({', '.join(PICK_MODES)}) and k >= 1; "
+                            f"got {la}")
+        layer_atlas = (taps, mode, k, float(la.get("weight", 1.0)))
     start = str(node.get("start", "painting"))
     if start not in STARTS:
         raise UnitError(f"objective.start={start!r}; choose one of: {', '.join(STARTS)}")
@@ -230,7 +245,7 @@ def parse_objective(node: Mapping | None) -> Objective:
     if any(e.kind == "blur" for e in entries) and not dict(static)["blur_every"]:
         static = tuple((k, 10 if k == "blur_every" else v) for k, v in static)  # a blur weight alone: every 10 steps
     return Objective(name=str(node.get("name", "layers")), layer=float(node.get("layer", 1.0)),
-                     entries=tuple(entries), atlas=atlas, start=start, start_noise=noise,
+                     entries=tuple(entries), atlas=atlas, layer_atlas=layer_atlas, start=start, start_noise=noise,
                      original_colors=bool(node.get("original_colors", False)), static=static)
 
 
