@@ -30,7 +30,7 @@ from dreamjax import __version__, files
 from dreamjax.engine import dream
 from dreamjax.models.registry import get_spec
 from dreamjax.outputs import analysis, images, report
-from dreamjax.sweep import grid, objective
+from dreamjax.sweep import augment, grid, objective
 from dreamjax.sweep.executor import (
     CELL_RECORD,
     Executor,
@@ -221,6 +221,8 @@ def task(cfg) -> Any:
                       stats_path=job_dir / "run_stats.json")
     if not multirun:
         collect(job_dir)
+        if _plain(cfg).get("augment"):  # experiment=augment: the dataset and its success rate
+            augment.write_dataset(job_dir, _plain(cfg)["augment"])
     return {r["id"]: r["status"] for r in records}
 
 
