@@ -43,3 +43,68 @@ def test_channel_atlas_from_noise_makes_each_target_the_most_active():
     print(f"most active in {top.sum()}/{n}, >= 3x in {gain.sum()}/{n}, both {(top & gain).sum()}/{n}; "
           f"end/start ratio min {np.min(after[cells, targets] / np.abs(before[cells, targets])):.1f}")
     assert (top & gain).sum() >= 28, f"only {(top & gain).sum()} of {n} cells (top {top.sum()}, gain {gain.sum()})"
+
+
+def _paintings(bb, size=224):
+    from dreamjax.outputs import images
+    from tests.conftest import PAINTINGS
+
+    paths = sorted(PAINTINGS.glob("*.jpg"))
+    px = np.stack([images.resize_uint8(images.load_painting(p).pixels, (size, size)) for p in paths])
+    return [p.stem for p in paths], np.asarray(bb.preprocess(px))
+
+
+def _lite_cfg(bb, taps, terms, **kw):
+    return DreamConfig(taps=taps, norm="mean_abs", border=0, clip=True, value_range=bb.value_range,
+                       straight_through=True, terms=terms, **kw)
+
+
+@pytest.mark.slow
+def test_class_direction_makes_the_target_top1():
+    """The 12 bundled paintings at 224 px, each toward its own class (fixed seed): the target is the
+    Lite0 classifier's top-1 in >= 11 of 12. ~6 min on 2 CPU cores."""
+    import jax.numpy as jnp
+
+    bb = load_backbone("efficientnet_lite0", include_top=True)
+    names, x = _paintings(bb)
+    n = len(names)
+    targets = np.random.default_rng(0).choice(1000, n, replace=False)
+    terms = Terms(class_logits=True)
+    values = terms.zeros(n, {}, 1000)
+    values["class"][np.arange(n), targets] = 1.0
+    params = CellParams.make(np.zeros((n, 1)), 0.015, jitter=16, iterations=20, seed=list(range(n)), terms=values)
+    cfg = _lite_cfg(bb, ("block9",), terms, transforms=Transforms(scale=(0.95, 1.05), rotate=5), micro_batch=1)
+    run = dream.dream(bb, x, params, cfg, OctavePlan.keras(2, 1.4, "dlwp"))
+    top1 = np.asarray(jnp.argmax(bb.logits(jnp.asarray(run.final)), axis=1))
+    hits = int((top1 == targets).sum())
+    print(f"class direction: target top-1 in {hits}/{n}")
+    assert hits >= 11
+
+
+@pytest.mark.slow
+def test_guide_pulls_the_dream_toward_the_guide_features():
+    """Each painting dreamed at block9, guided by the next painting vs unguided (the layer term):
+    at the guide tap the guided dream's mean feature is closer (cosine) to the guide's in >= 10 of 12.
+    ~6 min on 2 CPU cores."""
+    import jax.numpy as jnp
+
+    bb = load_backbone("efficientnet_lite0")
+    names, x = _paintings(bb, 160)
+    n, tap = len(names), "block9"
+    guides = np.roll(x, -1, axis=0)
+    gfeat = np.asarray(bb.features(jnp.asarray(guides), (tap,))[tap])  # [n, 10, 10, 112]
+    terms = Terms(guide_tap=tap, guide_size=gfeat.shape[1] * gfeat.shape[2])
+    values = terms.zeros(2 * n, {tap: gfeat.shape[-1]}, 1000)
+    values["guide"][:n] = 1.0
+    values["guide_features"][:n] = gfeat.reshape(n, -1, gfeat.shape[-1])
+    layer = np.zeros((2 * n, 1), np.float32)
+    layer[n:] = 1.0  # the unguided half: the layer term at the same tap
+    params = CellParams.make(layer, 0.015, jitter=16, iterations=20, seed=list(range(n)) * 2, terms=values)
+    run = dream.dream(bb, np.concatenate([x, x]), params, _lite_cfg(bb, (tap,), terms, micro_batch=1),
+                      OctavePlan.keras(2, 1.4, "dlwp"))
+    f = np.asarray(bb.features(jnp.asarray(run.final), (tap,))[tap]).mean(axis=(1, 2))
+    g = gfeat.mean(axis=(1, 2))
+    cos = lambda a, b: np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))  # noqa: E731
+    closer = int((cos(f[:n], g) > cos(f[n:], g)).sum())
+    print(f"guide: guided closer to the guide in {closer}/{n}")
+    assert closer >= 10
