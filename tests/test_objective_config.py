@@ -147,3 +147,27 @@ def test_original_colors_keeps_luminance_takes_chroma():
     inside = (lum(dream_px) > 60) & (lum(dream_px) < 100)  # away from the clip
     np.testing.assert_allclose(lum(out)[inside], lum(dream_px)[inside], atol=1.0)
     assert (out[..., 0] > out[..., 2])[inside].all()  # the painting's red chroma
+
+
+def test_augment_writes_an_imagefolder_dataset_with_success_rate(tiny_atlas):
+    from dreamjax.outputs.analysis import Classifier
+    from dreamjax.sweep import augment
+
+    (cells, _), _ = tiny_atlas
+    run_dir = Path(cells[0].job_dir)
+    jobs.collect(run_dir, analyze=False)
+    labels = list(units.class_names())
+
+    def predict(imgs):  # the dreams (noise starts) look like "goldfish" to this fake classifier
+        p = np.full((len(imgs), 1000), 1e-4, np.float32)
+        p[:, 1 if predict.calls else 0] = 0.9
+        predict.calls += 1
+        return p, np.zeros((len(imgs), 4), np.float32)
+
+    predict.calls = 0
+    result = augment.write_dataset(run_dir, {"target": "goldfish", "out": "ds"},
+                                   classifier=Classifier(labels=labels, predict=predict, name="fake"))
+    assert result["success_rate_top1"] == 1.0 and result["images"] == 4
+    assert len(list((run_dir / "ds" / "goldfish").glob("van_gogh_starry_night_conv3_*.png"))) == 4
+    m = json.loads((run_dir / "ds" / "manifest.json").read_text())
+    assert m["items"][0]["p_target_before"] < 0.01 < 0.5 < m["items"][0]["p_target_after"]

@@ -42,7 +42,8 @@ def write_dataset(run_dir: str | Path, augment: Mapping, classifier: analysis.Cl
     (out / name).mkdir(parents=True, exist_ok=True)
     rows = []
     for c, a, b in zip(done, p0, p1):
-        dst = out / name / f"{c['painting']}.png"
+        stem = "_".join(p for p in (c["painting"], c.get("unit") or "") if p)
+        dst = out / name / f"{stem}.png"
         shutil.copyfile(run_dir / c["outputs"]["dream"], dst)
         rows.append({"source": manifest["paintings"][c["painting"]]["path"], "image": str(dst.relative_to(out)),
                      "target": name, "target_index": target, "settings": {"hyper": c.get("hyper"),

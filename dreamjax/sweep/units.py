@@ -192,9 +192,18 @@ class Objective:
         return [(f"{tap}_{c:04d}", self.entries + (Entry("channel", tap, (c,), w, mask),)) for c in channels]
 
 
+def _plain(x: Any) -> Any:
+    """Config containers (OmegaConf's included) as plain dicts and lists."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        return x
+    return [_plain(v) for v in x]
+
+
 def parse_objective(node: Mapping | None) -> Objective:
     """The ``objective`` config node (absent = today's layer objective on the painting)."""
-    node = dict(node or {})
+    node = _plain(node or {})
     unknown = sorted(set(node) - KNOWN_KEYS)
     if unknown:
         raise UnitError(f"unknown objective setting(s) {unknown}; allowed: {', '.join(sorted(KNOWN_KEYS))}")
