@@ -26,14 +26,13 @@ def configure_cpu() -> tuple[str, ...]:
 
 def config_dir() -> str:
     """The Hydra config folder: ``conf/`` of a source checkout, else the installed ``dreamjax.conf``."""
-    import importlib.resources
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
     source = here.parent / "conf"
     if (source / "config.yaml").is_file() and (here.parent / "pyproject.toml").is_file():
         return str(source)
-    return str(importlib.resources.files("dreamjax.conf"))
+    return str(here / "conf")  # the wheel maps conf/ to the package folder dreamjax/conf
 
 
 def __getattr__(name: str):

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 
 import dreamjax
-from dreamjax import weights_cli
 from dreamjax.outputs import analysis
 from dreamjax.sweep import jobs
 from dreamjax.sweep import jobs as sweep
@@ -19,16 +19,40 @@ def _dream(cfg):
     return sweep.task(cfg)
 
 
+def help_text() -> str:
+    """``dreamjax --help``: what it is, how to run it, every experiment with its one-line summary
+    (the first comment line of ``conf/experiment/NAME.yaml``) and every config group's options."""
+    conf = Path(dreamjax.config_dir())
+    lines = ["dreamjax: DeepDream experiments at scale in JAX (paintings x objectives x settings, batched,",
+             "compiled and checkpointed; grids, gallery and an analysis of what gets hallucinated).", "",
+             "Usage:  dreamjax [+experiment=NAME] [group=option ...] [key=value ...]    one run",
+             "        dreamjax -m [+experiment=NAME] [key=a,b,c ...]                    a sweep", "",
+             "Experiments (+experiment=NAME):"]
+    for f in sorted((conf / "experiment").glob("*.yaml")):
+        lines.append(f"  {f.stem:<22} {_summary(f)}")
+    lines += ["", "Config groups (group=option):"]
+    for g in sorted(d for d in conf.iterdir() if d.is_dir() and d.name != "experiment"):
+        lines.append(f"  {g.name:<22} {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}")
+    lines += ["", "Settings: `dreamjax --cfg job [overrides]` prints the composed config; README.md explains",
+              "each. Exit codes: README.md. Hydra's own options: `dreamjax --hydra-help`."]
+    return "\n".join(lines)
+
+
+def _summary(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.lstrip("#").strip()
+        if line.startswith("#") and text and not text.startswith("@package"):
+            return text
+    return ""
+
+
 def main():
     """``dreamjax [overrides]`` / ``dreamjax -m [sweeps]``: see ``dreamjax --help``."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
     dreamjax.configure_cpu()
     _dream()
-
-
-def weights_main(argv=None):
-    dreamjax.configure_cpu()
-
-    return weights_cli.main(argv)
 
 
 def collect_main(argv=None):

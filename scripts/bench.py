@@ -4,11 +4,15 @@
   python scripts/bench.py --backbone inception_v3 --sizes 256 512 --batch 1 4 8 --repeats 3 \
       --keras [--tf-python /tmp/tfvenv/bin/python] [--rss] [--tiled 4096] --json results/bench/engine_cpu.json
 
-Logic lives in dreamjax/bench.py. Set XLA_FLAGS in the environment to study XLA options.
+Logic lives in dreamjax/bench/engine.py. Set XLA_FLAGS in the environment to study XLA options.
 """
 import argparse
 import os
 import sys
+
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 

@@ -10,6 +10,10 @@ import os
 import statistics
 import time
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
@@ -55,10 +59,15 @@ def main(argv=None):
     for _ in range(a.repeats):
         for n, f in fns.items():
             if n == "engine_step":
-                st = case.fresh_state(); jax.block_until_ready(st)
-                t0 = time.perf_counter(); case.run(st); times[n].append(time.perf_counter() - t0)
+                st = case.fresh_state()
+                jax.block_until_ready(st)
+                t0 = time.perf_counter()
+                case.run(st)
+                times[n].append(time.perf_counter() - t0)
             else:
-                t0 = time.perf_counter(); jax.block_until_ready(f()); times[n].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                jax.block_until_ready(f())
+                times[n].append(time.perf_counter() - t0)
     peak = bench.matmul_peak()["gflops_best"]
     out = {"size": S, "batch": B, "matmul_peak_gflops": peak, "load": os.getloadavg()[0], "parts": {}}
     print(f"{S}x{S} B={B}, f32 matmul peak {peak:.0f} GFLOP/s, load {out['load']:.1f}")

@@ -24,6 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 REPO = Path(__file__).resolve().parents[1]
 PAINTINGS = REPO / "dreamjax" / "data" / "paintings"
 
@@ -98,7 +102,8 @@ def main(argv=None):
         "resume_first_chunk_s": round(s_res["resume_first_step_unix"] - s_res["_t0"], 3),
         "resume_total_wall_s": round(w_res, 3),
     }
-    rows = [("cells x steps", f"{res['config']['cells']} cells, {steps} cell-steps, {res['config']['batches']} batches"),
+    cfg = res["config"]
+    rows = [("cells x steps", f"{cfg['cells']} cells, {steps} cell-steps, {cfg['batches']} batches"),
             ("run time, checkpoints off", f"{res['run_s_without_checkpoints']:.2f} s"),
             (f"run time, every {a.every} steps", f"{res['run_s_with_checkpoints']:.2f} s "
                                                  f"({res['checkpoint_saves']} saves)"),

@@ -11,6 +11,10 @@ import time
 
 import numpy as np
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser()

@@ -13,6 +13,10 @@ import time
 
 import numpy as np
 
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser()
@@ -33,7 +37,8 @@ def main(argv=None):
 
     bb = load_backbone(a.backbone, weights=a.weights)
     _, weights = bench.default_taps(bb)
-    params = CellParams.make(np.tile(np.asarray(weights, np.float32), (a.batch, 1)), 20.0, max_loss=None, iterations=a.iterations, seed=np.arange(a.batch))
+    params = CellParams.make(np.tile(np.asarray(weights, np.float32), (a.batch, 1)), 20.0, max_loss=None,
+                             iterations=a.iterations, seed=np.arange(a.batch))
     rng = np.random.default_rng(0)
     # smooth random "paintings" (low-frequency noise upsampled), in the network's input range
     small = rng.uniform(-1, 1, (a.batch, a.size // 16, a.size // 16, 3)).astype(np.float32)

@@ -6,10 +6,14 @@
 
 Everything after ``--`` is passed to ``dreamjax -m``. Launchers: dreamjax (batched, default),
 basic (one job after another), joblib (n_jobs=2). Cold = a fresh DREAMJAX_JAX_CACHE directory,
-warm = the same directory again. Logic lives in dreamjax/bench.py.
+warm = the same directory again. Logic lives in dreamjax/bench/engine.py.
 """
 import argparse
 import sys
+
+import dreamjax
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 
 def main(argv=None):

@@ -13,8 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import dreamjax
 from dreamjax.bench import engine as bench
 from dreamjax.engine.xla_cpu import XNNPACK_FLAGS
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 # Each setting's XLA_FLAGS are exactly these (dreamjax's own XLA:CPU flags are switched off in the
 # child with DREAMJAX_XLA_CPU_CONV=default; "xnnpack" is what dreamjax sets by default).

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import dreamjax
 from dreamjax.bench import publish as results
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 
 def main(argv=None):

@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+import dreamjax
 from dreamjax import load_backbone
+
+dreamjax.configure_cpu()  # dreamjax's XLA:CPU flags, as its CLI applies them (before JAX starts)
 
 PAINTINGS = Path(__file__).resolve().parents[1] / "dreamjax" / "data" / "paintings"
 

@@ -17,8 +17,7 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-REPO = Path(__file__).resolve().parents[1]
-PAINTINGS = REPO / "dreamjax" / "data" / "paintings"
+from tests.helpers import PAINTINGS, REPO, cli  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +30,11 @@ def tiny_backbone():
 @pytest.fixture(scope="session")
 def paintings_dir():
     return PAINTINGS
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The uninterrupted tiny sweep that resume, SLURM and multi-device runs are compared with."""
+    d = tmp_path_factory.mktemp("ref") / "sw"
+    cli(d)
+    return d

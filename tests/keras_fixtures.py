@@ -118,3 +118,51 @@ def keras_setup(tmp_path_factory):
                  for layout in LAYOUTS for t in (True, False)}
         _STATE.update(top=top, notop=base, files=files, dir=directory)
     return _STATE
+
+
+# --- ResNet50 and VGG16 --------------------------------------------------------------------------
+
+def randomise_keras_model(model, seed: int = 0):
+    """Random BatchNorm statistics, scales and betas, and random biases (Keras initialises them to
+    constants), so a wrong epsilon, a swapped leaf or a dropped bias shows in the parity tests."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.beta.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(0.1 * rng.standard_normal(n).astype("float32"))
+            layer.moving_mean.assign(0.1 * rng.standard_normal(n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+        elif getattr(layer, "bias", None) is not None:
+            n = layer.bias.shape[0]
+            layer.bias.assign(0.1 * rng.standard_normal(n).astype("float32"))
+    return model
+
+
+def keras_resnet50(seed: int = 0):
+    """``(model with a logits top, model without top)``, sharing layers, any input size (the top,
+    GlobalAveragePooling2D + Dense without softmax, is added by hand as for InceptionV3)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(None, None, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    x = keras.layers.Dense(1000, name="predictions")(x)
+    top = keras.Model(base.input, x, name="resnet50")
+    randomise_keras_model(top, seed)
+    return top, base
+
+
+def keras_vgg16(include_top: bool = False, seed: int = 0):
+    """Keras' own VGG16 (random weights, random biases); with the top it is 224x224 only and its
+    last layer returns logits (classifier_activation=None)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if include_top:
+        model = keras.applications.VGG16(weights=None, include_top=True, classifier_activation=None)
+    else:
+        model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(None, None, 3))
+    return randomise_keras_model(model, seed)

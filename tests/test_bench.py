@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark logic (dreamjax/bench.py) on the tiny backbone. No timing assertions."""
+"""Smoke test of the benchmark logic (dreamjax/bench/engine.py) on the tiny backbone. No timing assertions."""
 import json
 import math
 
@@ -15,7 +15,8 @@ def test_engine_bench_tiny(tmp_path):
                   "achieved_gflops", "peak_ratio", "compilations"):
             assert k in r, k
         assert r["seconds_per_step"]["min"] > 0
-        assert r["cell_steps_per_s"]["min"] <= r["cell_steps_per_s"]["median"] <= r["cell_steps_per_s"]["max"]
+        # throughput is the batch over the step time, repeat by repeat (so the fastest step is the best rate)
+        assert math.isclose(r["cell_steps_per_s"]["max"], r["batch"] / r["seconds_per_step"]["min"], rel_tol=1e-6)
         assert r["flops_per_step"] > 0 and math.isfinite(r["flops_per_step"])
         assert r["compilations"] >= 1
     b1 = next(r for r in res["rows"] if r["mode"] == "batched" and r["batch"] == 1)

@@ -217,11 +217,15 @@ def test_compute_dtype_close_to_float32(tiny_backbone, dtype):
     a = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS, norm="mean_abs"), PLAN).final
     b = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS, norm="mean_abs", compute_dtype=dtype),
                     PLAN).final
-    # The image stays float32; only activations are bf16. The update is 0.01 per step, so the
-    # difference is bounded by the total step length, and most pixels move the same way.
+    # The image stays float32; only activations are bf16. Measured on this setup (tiny backbone,
+    # 2 octaves x 3 steps of 0.01 * g / mean|g|): max |a - b| 0.114, mean 8.2e-4 while the dream
+    # moved pixels by 0.039 on average, correlation of the two updates 0.9990. Bounds at about
+    # twice (max) and five times (mean) the measured values: a real bf16 regression breaks them.
     assert b.dtype == np.float32
-    assert np.abs(a - b).max() <= 3 * 2 * 0.01 * 10
-    assert np.corrcoef((a - images).ravel(), (b - images).ravel())[0, 1] > 0.9
+    d = np.abs(a - b)
+    assert d.max() <= 0.25, d.max()
+    assert d.mean() <= 0.1 * np.abs(a - images).mean(), (d.mean(), np.abs(a - images).mean())
+    assert np.corrcoef((a - images).ravel(), (b - images).ravel())[0, 1] > 0.995
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +269,26 @@ def test_constant_weights_is_the_same_dream(tiny_backbone):
                     PLAN).final
     assert np.abs(a - images).max() > 0.01  # the dream moved
     np.testing.assert_allclose(a, b, atol=1e-5)  # same math; XLA folds it with other rounding
+
+
+@pytest.mark.parametrize("objective", ["mean_square", "keras_io", "mean"])
+def test_objectives_are_what_their_sources_compute(objective):
+    """DLwP: mean of the cropped squares; keras.io: sum of the cropped squares over the uncropped
+    size; TF tutorial: the plain mean of the activations, no crop."""
+    rng = np.random.default_rng(0)
+    acts = {"a": rng.normal(size=(3, 9, 11, 4)).astype(np.float32),
+            "b": rng.normal(size=(3, 6, 5, 2)).astype(np.float32)}
+    cfg = DreamConfig(taps=("a", "b"), objective=objective, border=2)
+    got = np.asarray(dream.tap_losses(acts, ("a", "b"), cfg))
+    want = np.zeros((3, 2))
+    for j, t in enumerate(("a", "b")):
+        a = acts[t].astype(np.float64)
+        inner = a[:, 2:-2, 2:-2, :]
+        for i in range(3):
+            if objective == "mean_square":
+                want[i, j] = np.mean(inner[i] ** 2)
+            elif objective == "keras_io":
+                want[i, j] = np.sum(inner[i] ** 2) / a[i].size
+            else:
+                want[i, j] = np.mean(a[i])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -139,7 +139,7 @@ def test_straight_through_relu6(lite0):
     for dream in (False, True):
         f = lite0.feature_fn(["stem"], dream=dream)
 
-        def saturated_sum(x):
+        def saturated_sum(x, f=f):
             a = f(lite0.variables, x)["stem"]
             return jnp.sum(jnp.where(jax.lax.stop_gradient(a) >= 6, a, 0))
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from dreamjax import available_backbones, load_backbone
 from dreamjax.models.inception_v3 import (
+    ARCH,
     TAP_STRIDES,
     TAPS,
     InceptionV3,
@@ -64,7 +65,7 @@ def test_registered_with_golden_tap_shapes(random_backbone):
     assert random_backbone.weights_id.startswith("random-")
     assert random_backbone.taps == TAPS
     assert random_backbone.tap_shapes(299, 299) == TAP_SHAPES_299
-    for tap, (h, w, _) in TAP_SHAPES_299.items():  # strides agree with the shapes (VALID convs lose a few px)
+    for tap, (h, _w, _) in TAP_SHAPES_299.items():  # strides agree with the shapes (VALID convs lose a few px)
         assert 299 // TAP_STRIDES[tap] - 2 <= h <= 299 // TAP_STRIDES[tap]
 
 
@@ -87,7 +88,7 @@ def test_taps_stop_early(random_backbone):
 @pytest.fixture(scope="module")
 def keras_ref(tmp_path_factory):
     st = keras_setup(tmp_path_factory)
-    return st, load_keras_h5(st["files"][("official", True)], include_top=True)
+    return st, load_keras_h5(st["files"][("official", True)], ARCH, include_top=True)
 
 
 def _creation_rank(layers, prefix):

@@ -5,14 +5,14 @@ import h5py
 import numpy as np
 import pytest
 
-from dreamjax.weights.keras_h5 import (
-    WeightsError,
-    convert,
-    expected_layers,
-    load_keras_h5,
-    read_keras_h5,
-)
+from dreamjax.models.inception_v3 import ARCH
+from dreamjax.weights.keras_h5 import WeightsError, convert, read_keras_h5
+from dreamjax.weights.keras_h5 import load_keras_h5 as _load
 from tests.keras_fixtures import LAYOUTS, keras_setup, other_architecture_file
+
+
+def load_keras_h5(path, include_top=False):
+    return _load(path, ARCH, include_top)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_every_keras_layout_gives_the_same_variables(keras_files, layout, file_t
 
 def test_official_layout_facts(keras_files):
     st, _ = keras_files
-    layout, layers = read_keras_h5(st["files"][("official", True)])
+    layout, layers = read_keras_h5(st["files"][("official", True)], ARCH, True)
     assert layout == "keras-legacy-weights" and len(layers) == 189
     assert [n for n, _ in layers[:3]] == ["conv2d_1", "batch_normalization_1", "conv2d_2"]
     assert layers[-1][0] == "predictions"
@@ -108,24 +108,24 @@ def test_hdf5_without_keras_weights(tmp_path):
 
 
 def _zeros_layers(include_top):
-    return [(unit.replace("/", "_"), [np.zeros(s, np.float32) for _, s in leaves])
-            for unit, _, leaves in expected_layers(include_top)]
+    return [(e.unit.replace("/", "_"), [np.zeros(s, np.float32) for _, s in e.leaves])
+            for e in ARCH.expected(include_top)]
 
 
 def test_convert_lists_missing_and_extra_sorted():
     layers = _zeros_layers(False)
     with pytest.raises(WeightsError, match=r"src: not InceptionV3 weights: 183 weighted layers in the file, 188 in "
                                            r"the model; missing 5: \[mixed10/branch1x1/bn, .*/conv\]; extra 0: \[\]"):
-        convert(layers[:-5], False, source="src")
+        convert(layers[:-5], ARCH, False, source="src")
     extra = [("zz_head", [np.zeros(3)]), ("aa_head", [np.zeros(3)])]
     with pytest.raises(WeightsError, match=r"missing 0: \[\]; extra 2: \[aa_head, zz_head\]"):
-        convert(layers + extra, False, source="src")
+        convert(layers + extra, ARCH, False, source="src")
 
 
 def test_convert_is_pure_and_maps_leaves():
     layers = _zeros_layers(True)
     layers[1] = (layers[1][0], [np.full(32, 1.0), np.full(32, 2.0), np.full(32, 3.0)])  # stem conv1 BN
-    v = convert(layers, True)
+    v = convert(layers, ARCH, True)
     bn = v["params"]["stem"]["conv1"]["bn"], v["batch_stats"]["stem"]["conv1"]["bn"]
     assert (bn[0]["bias"] == 1).all() and (bn[1]["mean"] == 2).all() and (bn[1]["var"] == 3).all()
     assert v["params"]["predictions"]["kernel"].shape == (2048, 1000)

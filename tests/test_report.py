@@ -228,3 +228,19 @@ def test_plot_losses(tmp_path):
                               {"octave": 1, "shape": [12, 12], "per_tap": [[3.0, 4.0]]}]}
     assert report._loss_series(run_format) == {"mixed4": [1.0, 2.0, 3.0], "mixed5": [2.0, 3.0, 4.0],
                                                "total": [5.0, 8.0, 11.0]}
+
+
+def test_published_study_index_opens_from_the_committed_folder():
+    """results/<study>/index.html links only files committed beside it."""
+    import re
+    from urllib.parse import unquote
+
+    from tests.helpers import REPO
+
+    pages = sorted((REPO / "results").glob("*/index.html"))
+    assert {p.parent.name for p in pages} >= {"quickstart", "seed_study_offline"}
+    for page in pages:
+        links = re.findall(r"(?:src|href)='([^']+)'", page.read_text())
+        assert any(link.endswith(".jpg") for link in links), page
+        missing = [link for link in links if not (page.parent / unquote(link)).is_file()]
+        assert not missing, (page, missing)

@@ -21,7 +21,7 @@ import pytest
 from dreamjax.engine import dream
 from dreamjax.engine.dream import CellParams, DreamConfig, OctavePlan
 from dreamjax.sweep import checkpoint
-from tests.conftest import PAINTINGS
+from tests.helpers import OUTPUTS, SWEEP, assert_complete_and_identical, cli, outputs  # noqa: F401
 
 TAPS = ("conv2", "conv3")
 PLAN = OctavePlan.keras(2, 1.4)
@@ -133,50 +133,6 @@ def test_half_written_save_is_ignored(tiny_backbone, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The real CLI (slow)
 # ----------------------------------------------------------------------------------------------
-TWO = [PAINTINGS / f"{n}.jpg" for n in ("kandinsky_composition_vii", "turner_shipwreck")]
-SWEEP = ["-m", "model=tiny", "layers=tiny_set1,tiny_set2", "data.paths=" + ",".join(str(p) for p in TWO),
-         "data.image_size=192", "dream=dlwp", "dream.iterations=6", "dream.num_octaves=2", "dream.frame_every=2",
-         "checkpoint.every_steps=2", "batch_size=2", "outputs.gif_max_side=96", "analyze=false"]
-OUTPUTS = ("dream.png", "octave_0.png", "octave_1.png", "frames.gif", "losses.json")
-
-
-def cli(sweep_dir, *extra, env=None, check=True, args=SWEEP):
-    e = dict(os.environ, **(env or {}))
-    e.pop("DREAMJAX_TEST_KILL_AT", None)
-    e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "dreamjax.cli", *args, f"hydra.sweep.dir={sweep_dir}", *extra],
-                       cwd=Path(sweep_dir).parent, capture_output=True, text=True, env=e, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"dreamjax failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def outputs(sweep_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(sweep_dir)): p.read_bytes() for p in sorted(sweep_dir.rglob("*"))
-            if p.name in OUTPUTS or p.name.startswith("octave_")}
-
-
-def assert_complete_and_identical(ref: Path, sw: Path, n_cells=4):
-    a, b = outputs(ref), outputs(sw)
-    assert len(a) == n_cells * len(OUTPUTS) and sorted(a) == sorted(b)
-    diff = [k for k in a if a[k] != b[k]]
-    assert not diff, f"outputs differ from the uninterrupted run: {diff}"
-    leftovers = [str(p) for p in sw.rglob("*") if p.name.endswith(".tmp") or "orbax-checkpoint-tmp" in p.name
-                 or (p.name.startswith(".") and p.name.endswith("tmp"))]
-    assert not leftovers, leftovers
-    ck = sw / ".checkpoints"
-    assert not ck.exists() or not any(ck.iterdir()), list(ck.rglob("*"))[:5]
-    m = json.loads((sw / "manifest.json").read_text())
-    assert m["counts"]["done"] == n_cells and m["counts"]["failed"] == 0 and len(m["cells"]) == n_cells
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref") / "sw"
-    cli(d)
-    return d
-
-
 @pytest.mark.slow
 def test_sigkill_at_every_point_then_resume_is_byte_identical(reference, tmp_path):
     sw = tmp_path / "sw"

@@ -15,7 +15,7 @@ import submitit
 
 from dreamjax.sweep import slurm
 from dreamjax.sweep.grid import Cell
-from tests.test_resume import assert_complete_and_identical, cli, reference  # noqa: F401
+from tests.helpers import assert_complete_and_identical, cli  # noqa: F401
 
 
 def _cell(job, sig="a"):

@@ -1,6 +1,5 @@
 """Sweeps end to end through the real CLI (tiny backbone, small sizes)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,20 +9,7 @@ import pytest
 from PIL import Image
 
 import dreamjax as dj
-from tests.conftest import PAINTINGS
-
-THREE = [PAINTINGS / f"{n}.jpg" for n in ("kandinsky_composition_vii", "monet_water_lilies_1919", "turner_shipwreck")]
-SMALL = ["model=tiny", "dream=dlwp", "dream.num_octaves=2", "dream.iterations=4", "data.image_size=192",
-         "outputs.gif_max_side=96", "dream.frame_every=2"]
-
-
-def dreamjax(*args, cwd, check=True, env=None):
-    e = dict(os.environ, **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "dreamjax.cli", *args], cwd=cwd, capture_output=True, text=True,
-                       env=e, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"dreamjax {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
+from tests.helpers import PAINTINGS, SMALL, THREE, dreamjax  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +156,44 @@ def test_experiment_runs_at_tiny_size(tmp_path, experiment, extra, cells):
              "dream.num_octaves=2", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
     m = json.loads((tmp_path / "sw" / "manifest.json").read_text())
     assert m["counts"]["done"] == cells and m["counts"]["failed"] == 0
+
+
+def test_layer_sets_in_one_run_dream_what_the_sweep_dreams(batched_sweep, tmp_path):
+    """`layer_sets=[a,b]`: several weight sets as one run (one batch) give the sweep's cells."""
+    dreamjax("layer_sets=[tiny_set1,tiny_set3]", f"data.paths=[{THREE[0]}]", *SMALL, "analyze=false",
+             f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert sorted(c["layers"] for c in manifest["cells"]) == ["tiny_set1", "tiny_set3"]
+    stats = json.loads((tmp_path / "run" / "run_stats.json").read_text())
+    assert stats["batches"] == 1
+    ref = {(c["layers"], c["painting"]): c for c in json.loads((batched_sweep / "manifest.json").read_text())["cells"]}
+    for c in manifest["cells"]:
+        a = np.asarray(Image.open(tmp_path / "run" / c["outputs"]["dream"]), np.int16)
+        b = np.asarray(Image.open(batched_sweep / ref[(c["layers"], c["painting"])]["outputs"]["dream"]), np.int16)
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+
+
+def _collect(sweep_dir):
+    code = "import sys; from dreamjax.cli import collect_main; sys.exit(collect_main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, str(sweep_dir)], capture_output=True, text=True, timeout=300)
+
+
+def test_dreamjax_collect_rebuilds_the_report_from_records(batched_sweep, tmp_path):
+    import shutil
+
+    sw = tmp_path / "copy"
+    shutil.copytree(batched_sweep, sw)
+    before = json.loads((sw / "manifest.json").read_text())
+    for f in ("manifest.json", "summary.csv", "index.html"):
+        (sw / f).unlink()
+    p = _collect(sw)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "12 done, 0 failed" in p.stdout
+    after = json.loads((sw / "manifest.json").read_text())
+    key = lambda m: sorted((c["id"], c["status"], c["fingerprint"]) for c in m["cells"])  # noqa: E731
+    assert key(after) == key(before)
+    assert (sw / "index.html").is_file() and (sw / "summary.csv").read_text().count("\n") == 13
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = _collect(empty)
+    assert p.returncode == 2 and "no cell records" in p.stderr

@@ -36,10 +36,26 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from dreamjax import load_backbone
+from dreamjax.engine.dream import (
+    CellParams,
+    DreamConfig,
+    Dreamer,
+    OctavePlan,
+    pass_size,
+)
+from dreamjax.files import write_json as atomic_json
+from dreamjax.sweep.executor import CompileLog, auto_micro_batch
 
 DLWP_TAPS = ("mixed4", "mixed5", "mixed6", "mixed7")
 DLWP_WEIGHTS = (1.0, 1.5, 2.0, 2.5)
+STUDY_TAPS = {"resnet50": ("conv3_block4_out", "conv4_block2_out", "conv4_block4_out", "conv4_block6_out"),
+              "vgg16": ("block3_conv3", "block4_conv1", "block4_conv3", "block5_conv1"),
+              "efficientnet_lite2": ("block10", "block12", "block14_dwpre", "block16")}
 TINY_TAPS = ("conv2", "conv3", "conv4")
 # extra batched modes for studies (EngineCase keyword arguments)
 VARIANTS = {
@@ -62,8 +78,6 @@ def summary(xs: Sequence[float]) -> dict:
 
 
 def machine_info() -> dict:
-    import jax
-
     return {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
@@ -79,9 +93,6 @@ def machine_info() -> dict:
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
     """Best-of-``reps`` float32 GFLOP/s of one jitted ``jnp.dot`` n x n (the peak we compare with)."""
-    import jax
-    import jax.numpy as jnp
-
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     f = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
@@ -97,8 +108,6 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
 
 def CompileCounter():
     """Counts XLA backend compilations (jax.monitoring) inside a ``with`` block."""
-    from dreamjax.sweep.executor import CompileLog
-
     return CompileLog(active=False)
 
 
@@ -112,14 +121,13 @@ def default_taps(backbone) -> tuple[tuple[str, ...], tuple[float, ...]]:
         return DLWP_TAPS, DLWP_WEIGHTS
     if backbone.name == "efficientnet_lite0":
         return ("block7", "block9", "block10_dwpre", "block12"), DLWP_WEIGHTS
+    if backbone.name in STUDY_TAPS:  # the model config's study taps (conf/model/*.yaml)
+        return STUDY_TAPS[backbone.name], DLWP_WEIGHTS
     return TINY_TAPS, (1.0, 1.5, 2.0)
 
 
 def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None):
     """The DLwP preset's static settings; ``micro_batch`` None = what ``run.py`` picks (per platform)."""
-    from dreamjax.engine.dream import DreamConfig
-    from dreamjax.sweep.executor import auto_micro_batch
-
     taps, _ = default_taps(backbone)
     mb = auto_micro_batch() if micro_batch is None else micro_batch
     return DreamConfig(taps=taps, norm="l2", objective="mean_square", border=2, frame_every=0,
@@ -136,11 +144,6 @@ class EngineCase:
 
     def __init__(self, backbone, size: int, batch: int, steps: int, compute_dtype="float32",
                  tile_size=0, height=None, device_loop=None, micro_batch=None):
-        import jax
-        import jax.numpy as jnp
-
-        from dreamjax.engine.dream import CellParams, Dreamer, OctavePlan, pass_size
-
         self.size, self.batch, self.steps = size, batch, steps
         h, w = (height or size), size
         cfg = dlwp_config(backbone, compute_dtype, tile_size, micro_batch)
@@ -215,8 +218,6 @@ class KerasCase:
 
     def __init__(self, size: int, steps: int):
         os.environ.setdefault("KERAS_BACKEND", "jax")
-        import jax
-        import jax.numpy as jnp
         import keras
 
         if keras.backend.backend() != "jax":
@@ -255,8 +256,6 @@ class KerasCase:
         self.compilations = cc.count
 
     def time_cells(self, cells: int) -> float:
-        import jax.numpy as jnp
-
         x0 = jnp.asarray(self.image)
         t0 = time.perf_counter()
         for _ in range(cells):
@@ -272,68 +271,12 @@ class KerasCase:
 # ----------------------------------------------------------------------------------------------
 # TensorFlow reference (separate interpreter): the DLwP notebook step
 # ----------------------------------------------------------------------------------------------
-TF_WORKER = r'''
-import json, os, sys, time
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import numpy as np
-import tensorflow as tf
-from tensorflow import keras
-base = keras.applications.InceptionV3(weights=None, include_top=False)
-layer_settings = {"mixed4": 1.0, "mixed5": 1.5, "mixed6": 2.0, "mixed7": 2.5}
-outs = {n: base.get_layer(n).output for n in layer_settings}
-fe = keras.Model(inputs=base.inputs, outputs=outs)
-
-def compute_loss(x):
-    features = fe(x)
-    loss = tf.zeros(shape=())
-    for name in features.keys():
-        c = layer_settings[name]
-        a = features[name]
-        loss += c * tf.reduce_mean(tf.square(a[:, 2:-2, 2:-2, :]))
-    return loss
-
-@tf.function
-def gradient_ascent_step(image, learning_rate):
-    with tf.GradientTape() as tape:
-        tape.watch(image)
-        loss = compute_loss(image)
-    grads = tape.gradient(loss, image)
-    grads = tf.math.l2_normalize(grads)
-    image += learning_rate * grads
-    return loss, image
-
-print(json.dumps({"ready": True, "tf": tf.__version__}), flush=True)
-warm = set()
-for line in sys.stdin:
-    req = json.loads(line)
-    size, steps, cells = req["size"], req["steps"], req["cells"]
-    img = tf.constant(np.random.default_rng(0).uniform(-1, 1, (1, size, size, 3)).astype("float32"))
-    out = {}
-    if size not in warm:
-        t0 = time.perf_counter()
-        l, x = gradient_ascent_step(img, 20.0); float(l)
-        out["compile_seconds"] = time.perf_counter() - t0
-        warm.add(size)
-    t0 = time.perf_counter()
-    for _ in range(cells):
-        x = img
-        for _ in range(steps):
-            loss, x = gradient_ascent_step(x, 20.0)
-            if float(loss) > 1e30:
-                break
-        x.numpy()
-    out["seconds"] = time.perf_counter() - t0
-    import resource
-    out["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(out), flush=True)
-'''
+TF_WORKER = Path(__file__).with_name("tf_worker.py")  # runs in the TensorFlow interpreter
 
 
 class TFWorker:
     def __init__(self, python: str):
-        self.dir = tempfile.mkdtemp(prefix="dreamjax_tfbench_")
-        path = Path(self.dir) / "tf_worker.py"
-        path.write_text(TF_WORKER)
+        path = TF_WORKER
         env = dict(os.environ, KERAS_BACKEND="tensorflow")  # ours is jax; the notebook's Keras runs on TF
         self.proc = subprocess.Popen([python, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1, env=env)
@@ -357,7 +300,7 @@ class TFWorker:
             self.proc.wait(timeout=30)
         except Exception:  # noqa: BLE001
             self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,15 +309,14 @@ class TFWorker:
 def rss_worker(backbone: str, weights: str, size: int, batch: int, steps: int, compute_dtype="float32",
                tile_size=0, height=None, device_loop=None) -> dict:
     """Runs in a fresh interpreter: load, compile and run one case; report ru_maxrss and timings."""
-    from dreamjax import load_backbone
-
     bb = load_backbone(backbone, weights=weights)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     case = EngineCase(bb, size, batch, steps, compute_dtype, tile_size, height, device_loop)
     t = case.time_batched()
     return {"backbone": backbone, "size": size, "height": height or size, "batch": batch, "steps": steps,
             "tile_size": tile_size, "compute_dtype": compute_dtype,
-            "compile_seconds": case.compile_seconds, "first_call_seconds": case.first_call_seconds, "seconds": t, "seconds_per_step": t / steps,
+            "compile_seconds": case.compile_seconds, "first_call_seconds": case.first_call_seconds, "seconds": t,
+            "seconds_per_step": t / steps,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_load_mib": base_rss, "xla_memory": case.memory}
 
@@ -384,7 +326,7 @@ def measure_rss(backbone: str, weights: str, size: int, batch: int, steps: int =
     args = json.dumps(dict(backbone=backbone, weights=weights, size=size, batch=batch, steps=steps,
                            compute_dtype=compute_dtype, tile_size=tile_size, height=height,
                            device_loop=device_loop))
-    code = ("import json,sys; from dreamjax.bench.engine import rss_worker; "
+    code = ("import json,sys,dreamjax; dreamjax.configure_cpu(); from dreamjax.bench.engine import rss_worker; "
             "print('@@' + json.dumps(rss_worker(**json.loads(sys.argv[1]))))")
     p = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout)
     for line in p.stdout.splitlines():
@@ -404,10 +346,6 @@ def run_engine_bench(backbone_name="inception_v3", weights="random", sizes=(256,
     variants: extra batched modes from :data:`VARIANTS` (e.g. "devloop", "bf16"), timed in the
     same round robin and reported as ``batched_<variant>`` with its ratio to ``batched``.
     """
-    import jax
-
-    from dreamjax import load_backbone
-
     bb = load_backbone(backbone_name, weights=weights)
     info = machine_info()
     peak = matmul_peak(peak_n)
@@ -614,7 +552,8 @@ def run_sweep_bench(overrides: Sequence[str], launchers=("dreamjax", "basic", "j
             rs = [x for x in results if x["launcher"] == launcher and x["start"] == start]
             if not rs:
                 continue
-            table.append({"launcher": launcher, "start": start, "wall_seconds": summary([x["wall_seconds"] for x in rs]),
+            table.append({"launcher": launcher, "start": start,
+                          "wall_seconds": summary([x["wall_seconds"] for x in rs]),
                           "compilations": summary([x["compilations"] for x in rs]),
                           "compile_seconds": summary([x["compile_seconds"] for x in rs]),
                           "records": rs[0]["records"], "ok": all(x["rc"] == 0 for x in rs)})
@@ -639,8 +578,6 @@ def format_sweep_table(res: dict) -> str:
 
 def write_json(path, obj):
     """A benchmark's JSON, written atomically (:func:`dreamjax.outputs.files.write_json`), and say so."""
-    from dreamjax.files import write_json as atomic_json
-
     atomic_json(path, obj)
     print(f"wrote {path}")
 

@@ -9,6 +9,8 @@ and ``run.json`` (command, machine, time taken, versions).
 from __future__ import annotations
 
 import datetime as _dt
+import html
+import io
 import json
 import os
 import platform
@@ -16,29 +18,46 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
+import jax
 from PIL import Image
 
-from dreamjax import files
+from dreamjax import __version__, files
 
 STUDIES = {
     "quickstart": {"args": ["+experiment=quickstart"], "multirun": False,
                    "title": "Quickstart: EfficientNet-Lite0 (offline), 3 bundled paintings, 192 px"},
     "seed_study_offline": {"args": ["-m", "+experiment=seed_study_offline"], "multirun": True,
                            "title": "Seed study on the offline backbone: 12 paintings x 4 weight sets"},
+    "seed_study_offline_lite2": {"args": ["-m", "+experiment=seed_study_offline", "model=efficientnet_lite2"],
+                                 "multirun": True,
+                                 "title": "Seed study on the second offline backbone, EfficientNet-Lite2: "
+                                          "12 paintings x 4 weight sets"},
     "seed_study": {"args": ["-m", "+experiment=seed_study"], "multirun": True,
                    "title": "Seed study: InceptionV3, 12 paintings x the article's 4 weight sets (DLwP loop)"},
 }
 GIFS_PER_STUDY = 4
 
 
-def _machine() -> dict:
-    import jax
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
+
+def machine() -> dict:
+    """Where a committed result was made: what decides whether another run can be byte-identical."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
-            "jax": jax.__version__}
+            "cpu_model": cpu_model(), "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
+            "python": platform.python_version(), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def run_and_publish(name: str, *, work: str | Path, out: str | Path, inception_weights: str | None = None) -> dict:
@@ -52,11 +71,10 @@ def run_and_publish(name: str, *, work: str | Path, out: str | Path, inception_w
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - t
-    from dreamjax import __version__
 
     info = {"study": name, "title": study["title"], "command": "dreamjax " + " ".join(study["args"]),
             "seconds": round(seconds, 1), "date": _dt.date.today().isoformat(), "dreamjax_version": __version__,
-            "machine": _machine()}
+            "machine": machine()}
     publish(work, Path(out) / name, info)
     return info
 
@@ -65,7 +83,6 @@ def _jpeg(src: Path, dst: Path, max_side: int = 1600, quality: int = 85):
     im = Image.open(src).convert("RGB")
     im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    import io
 
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality, optimize=True)
@@ -101,6 +118,34 @@ def publish(sweep: Path, dest: Path, info: dict):
         shutil.copytree(sweep / "analysis", dest / "analysis")
     info = dict(info, counts=manifest["counts"], backbone=manifest["backbone"], weights_id=manifest["weights_id"])
     files.write_json(dest / "run.json", info)
+    write_index(dest, info)
+
+
+def write_index(dest: Path, info: dict) -> Path:
+    """``index.html`` of a published study: its grids, GIFs and analysis plots, all from the
+    committed folder, so the gallery opens from a clone (the full sweep's own gallery links
+    every cell's files, which are not committed)."""
+    def rel(p: Path) -> str:
+        return urllib.parse.quote(p.relative_to(dest).as_posix())
+
+    esc = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(info['title'])}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1700px}img{max-width:100%}"
+             "figure{margin:1em 0}figcaption{color:#555}</style>",
+             f"<h1>{esc(info['title'])}</h1>",
+             f"<p><code>{esc(info['command'])}</code> — {info['counts']['done']} cells done, "
+             f"{info['counts']['failed']} failed; backbone {esc(str(info['backbone']))}; {esc(info['date'])}</p>"]
+    if (dest / "analysis.md").exists():
+        parts.append(f"<p><a href='{rel(dest / 'analysis.md')}'>Analysis</a> · "
+                     f"<a href='{rel(dest / 'summary.csv')}'>summary.csv</a></p>")
+    for title, paths in (("Grids", sorted((dest / "grids").glob("*.jpg"))),
+                         ("Iteration GIFs", sorted((dest / "gifs").glob("*.gif"))),
+                         ("Analysis plots", sorted((dest / "analysis").glob("*.png")))):
+        if paths:
+            parts.append(f"<h2>{title}</h2>")
+            parts += [f"<figure><img src='{rel(p)}' alt='{esc(p.stem)}' loading='lazy'>"
+                      f"<figcaption>{esc(p.stem)}</figcaption></figure>" for p in paths]
+    return files.atomic_write_text(dest / "index.html", "\n".join(parts) + "\n")
 
 
 def write_readme(out: str | Path):

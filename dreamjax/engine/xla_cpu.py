@@ -42,7 +42,7 @@ def _jaxlib_version() -> tuple[int, ...]:
 
 
 def _backends_started() -> bool:
-    try:  # a private JAX API, imported here so that a move in a new jax version is caught below
+    try:  # lazy: a private JAX API, imported here so that a move in a new jax version is caught below
         from jax._src import xla_bridge
 
         return bool(xla_bridge.backends_are_initialized())

