@@ -110,8 +110,8 @@ def main(argv=None):
     print(f"\n{'cache':<6} {'batched s (median)':>19} {'per-channel s (median)':>23} {'speedup min/median/max':>24}")
     for t in ("cold", "warm"):
         s = stats[t]
-        print(f"{t:<6} {statistics.median(runs[f'batched_{t}']):>19.1f} {statistics.median(runs[f'per_channel_{t}']):>23.1f} "
-              f"{s['min']:>8.2f} / {s['median']:.2f} / {s['max']:.2f}")
+        b, pc = statistics.median(runs[f"batched_{t}"]), statistics.median(runs[f"per_channel_{t}"])
+        print(f"{t:<6} {b:>19.1f} {pc:>23.1f} {s['min']:>8.2f} / {s['median']:.2f} / {s['max']:.2f}")
     print(f"load average during: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs; wrote {a.out}")
 
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreamjax.engine import dream, objectives, params as parameterisations, transforms
+from dreamjax.engine import dream, objectives, transforms
+from dreamjax.engine import params as parameterisations
 from dreamjax.engine.dream import CellParams, DreamConfig, DreamSettingsError, OctavePlan
 from dreamjax.engine.objectives import Terms
 from dreamjax.engine.transforms import Transforms

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamjax.engine import objectives, params as parameterisations, transforms
+from dreamjax.engine import objectives, transforms
+from dreamjax.engine import params as parameterisations
 from dreamjax.engine.objectives import ObjectiveError, Terms
 from dreamjax.engine.transforms import Transforms
 

@@ -17,8 +17,8 @@ backbone's input range in image space instead, so the inverse exists and octaves
 """
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 PARAMS = ("pixels", "fourier", "decorrelated", "fourier_decorrelated")
 

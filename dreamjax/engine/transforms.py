@@ -10,7 +10,6 @@ jitter, scale and rotation together (bilinear; an integer shift at scale 1 and a
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

@@ -63,7 +63,8 @@ def class_index(name: Any, num_classes: int = 1000) -> int:
     if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
         i = int(name)
         if not 0 <= i < num_classes:
-            raise UnitError(f"class index {i} is out of range: the classifier has {num_classes} classes (0-{num_classes - 1})")
+            raise UnitError(f"class index {i} is out of range: the classifier has {num_classes} classes "
+                            f"(0-{num_classes - 1})")
         return i
     names = class_names()
     key = str(name).strip().lower().replace(" ", "_")
@@ -118,7 +119,8 @@ def _mask(m: Any) -> str:
         return "center"
     if isinstance(m, (list, tuple)):
         if len(m) != 4 or not all(0 <= float(v) <= 1 for v in m) or m[0] >= m[1] or m[2] >= m[3]:
-            raise UnitError(f"objective mask {list(m)}: a region is [y0, y1, x0, x1] as fractions 0..1 with y0<y1, x0<x1")
+            raise UnitError(f"objective mask {list(m)}: a region is [y0, y1, x0, x1] as fractions 0..1 "
+                            "with y0<y1, x0<x1")
         return ",".join(str(float(v)) for v in m)
     return str(m)  # a file: checked (readable, resizable) before compute
 
