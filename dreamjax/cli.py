@@ -1,22 +1,53 @@
-"""Entry points (thin): parse, call the library."""
+"""Entry points (thin): parse, call the library, turn the outcome into an exit status.
+
+Exit status of ``dreamjax`` (also in README.md, "Exit codes"):
+
+* 0 -- every planned cell is done (dreamed now or already complete);
+* 2 -- nothing was computed: a config, weights or painting-path mistake (one line on stderr;
+  ``HYDRA_FULL_ERROR=1`` prints the traceback too);
+* 3 -- the run finished but some or all cells failed (their reasons are in the log and in each
+  cell.json; the others are done);
+* 4 -- the output folder is in use by another dreamjax process (named on stderr); nothing was done;
+* 130 -- stopped by Ctrl-C (143 by SIGTERM), after checkpointing: the same command resumes.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 import dreamjax
+from dreamjax import files
+from dreamjax.config import ConfigError
 from dreamjax.outputs import analysis
+from dreamjax.outputs.images import ImageError
 from dreamjax.sweep import jobs
 from dreamjax.sweep import jobs as sweep
+from dreamjax.weights.keras_h5 import WeightsError
+
+EXIT_OK, EXIT_USAGE, EXIT_CELLS_FAILED, EXIT_BUSY, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+
+
+USER_ERRORS = (ConfigError, WeightsError, ImageError, files.FolderLocked)
+_CAUGHT: list[BaseException] = []  # a job's mistake, reported by run() (not through Hydra's wrapper)
 
 
 @hydra.main(version_base="1.3", config_path=dreamjax.config_dir(), config_name="config")
 def _dream(cfg):
-    return sweep.task(cfg)
+    try:
+        return sweep.task(cfg)
+    except USER_ERRORS as e:
+        if os.environ.get("DREAMJAX_FULL_ERROR") == "1":
+            traceback.print_exc()
+        _CAUGHT.append(e)
+        return None
 
 
 def help_text() -> str:
@@ -52,7 +83,38 @@ def main():
         print(help_text())
         return
     dreamjax.configure_cpu()
-    _dream()
+    sys.exit(run(_dream))
+
+
+def run(app) -> int:
+    """Run the Hydra app; a mistake found before compute is one line on stderr, not a traceback."""
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the message is printed here, once
+    os.environ["DREAMJAX_FULL_ERROR"] = "1" if full else "0"
+    _CAUGHT.clear()
+    try:
+        app()
+        if _CAUGHT:
+            raise _CAUGHT[0]
+    except (*USER_ERRORS, HydraException, OmegaConfBaseException) as e:
+        if full and not _CAUGHT:
+            traceback.print_exc()
+        kind = "" if isinstance(e, (ConfigError, HydraException, OmegaConfBaseException)) else f"{type(e).__name__}: "
+        text = str(e) if isinstance(e, (HydraException, OmegaConfBaseException)) else " ".join(str(e).split())
+        print(f"dreamjax: error: {kind}{text}", file=sys.stderr)
+        return EXIT_BUSY if isinstance(e, files.FolderLocked) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dreamjax: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if not full:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    o = jobs.OUTCOME
+    if o["failed"]:  # pending alone (e.g. SLURM tasks submitted with wait=false) is not a failure
+        print(f"dreamjax: {o['failed']} cell(s) failed, {o['pending']} not run, {o['done']} done "
+              f"(exit status {EXIT_CELLS_FAILED}; reasons in the log and in each cell.json)", file=sys.stderr)
+        return EXIT_CELLS_FAILED
+    return EXIT_OK
 
 
 def collect_main(argv=None):
@@ -67,8 +129,9 @@ def collect_main(argv=None):
         print(f"dreamjax-collect: {e}", file=sys.stderr)
         return 2
     c = out["manifest"]["counts"]
-    print(f"{a.sweep_dir}: {c['done']} done, {c['failed']} failed -> index.html, manifest.json, summary.csv")
-    return 0
+    print(f"{a.sweep_dir}: {c['done']} done, {c['failed']} failed, {c['pending']} pending -> index.html, "
+          f"manifest.json, summary.csv")
+    return EXIT_CELLS_FAILED if c["failed"] else EXIT_OK
 
 
 def analyze_main(argv=None):

@@ -62,7 +62,7 @@ def _convert(args):
 
 def _info(args):
     spec = get_spec(args.model)
-    module = spec.build(include_top=args.top, dtype=jnp.float32, dream=False)
+    module = spec.build(include_top=args.top, dtype=jnp.float32, straight_through=False)
     size = DEFAULT_SIZE.get(spec.name, max(224, spec.min_size))
     h, w = args.size or (size, size)
     if min(h, w) < spec.min_size:

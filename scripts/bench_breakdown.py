@@ -35,7 +35,7 @@ def main(argv=None):
 
     bb = load_backbone("inception_v3", weights="random")
     cfg = bench.dlwp_config(bb)
-    ff = bb.feature_fn(cfg.taps, dream=True)
+    ff = bb.feature_fn(cfg.taps, straight_through=True)
     B, S = a.batch, a.size
     w = jnp.tile(jnp.asarray(bench.DLWP_WEIGHTS), (B, 1))
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, S, S, 3)).astype(np.float32))

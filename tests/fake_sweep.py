@@ -105,7 +105,7 @@ def build_sweep(root: Path, clf: FakeClassifier | None = None, backbone: str = "
                     "taps": TAPS[layers], "layer_weights": WEIGHTS[layers], "backbone": backbone,
                     "overrides": [f"layers={layers}", "model=tiny"], "hyper": {"iterations": 4}}
             if (layers, name) not in DREAM_TOP:
-                rec = base | {"status": "failed", "error": "DreamSettingsError: too small", "outputs": {}}
+                rec = base | {"status": "failed", "error": "ConfigError: too small", "outputs": {}}
                 files.write_json(out / "cell.json", rec)
                 records.append(rec)
                 continue

@@ -214,7 +214,8 @@ def test_collect_runs_the_analysis_on_the_real_tiny_top(tmp_path, monkeypatch):
                for c in res["cells"].values())
     assert "new in top-5" in (sweep_dir / "index.html").read_text()
     # analyze=false in the sweep's overrides: collect skips it; a broken sweep never raises
-    assert analysis.analyze_after_collect(sweep_dir, {"cells": [{"overrides": ["analyze=false"]}]}) is None
+    assert analysis.analyze_after_collect(sweep_dir, {"analyze": False, "cells": []}) is None
+    assert analysis.analyze_after_collect(sweep_dir, {"cells": [{"config": {"analyze": False}}]}) is None
     assert analysis.analyze_after_collect(tmp_path / "nowhere") is None
 
 

@@ -137,7 +137,7 @@ def test_straight_through_relu6(lite0):
     x = 40.0 * jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3))
     grads = {}
     for dream in (False, True):
-        f = lite0.feature_fn(["stem"], dream=dream)
+        f = lite0.feature_fn(["stem"], straight_through=dream)
 
         def saturated_sum(x, f=f):
             a = f(lite0.variables, x)["stem"]

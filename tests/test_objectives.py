@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dreamjax.config import ConfigError
 from dreamjax.engine import dream, objectives, transforms
 from dreamjax.engine import params as parameterisations
-from dreamjax.engine.dream import CellParams, DreamConfig, DreamSettingsError, OctavePlan
+from dreamjax.engine.dream import CellParams, DreamConfig, OctavePlan
 from dreamjax.engine.objectives import Terms
 from dreamjax.engine.transforms import Transforms
 
@@ -193,14 +194,14 @@ def test_bad_term_values_fail_before_compute(tiny_backbone):
     values = terms.zeros(1, CHANNELS, 10)
     values["channel:conv3"] = np.zeros((1, 20), np.float32)
     params = CellParams.make(np.zeros((1, 2)), 1.0, iterations=1, terms=values)
-    with pytest.raises(DreamSettingsError, match=r"expected \(16,\) \(16 channels of conv3\)"):
+    with pytest.raises(ConfigError, match=r"expected \(16,\) \(16 channels of conv3\)"):
         dream.DreamRun(dream.Dreamer(tiny_backbone, cfg, PLAN, 1), _images(tiny_backbone, 1), params)
-    with pytest.raises(DreamSettingsError, match="not among the dream's taps"):
+    with pytest.raises(ConfigError, match="not among the dream's taps"):
         DreamConfig(taps=TAPS, terms=Terms(channel_taps=("conv4",)))
     from dreamjax import load_backbone
 
     headless = load_backbone("tiny")
-    with pytest.raises(DreamSettingsError, match="needs the classifier top"):
+    with pytest.raises(ConfigError, match="needs the classifier top"):
         dream.Dreamer(headless, DreamConfig(taps=TAPS, terms=Terms(class_logits=True)), PLAN, 1)
 
 

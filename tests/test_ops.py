@@ -85,7 +85,7 @@ def test_backbone_dream_variables_give_the_same_gradient(name, size, taps):
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(bb.variables["params"])]
     n_convs = sum(p.endswith("['kernel']") and "conv" in p for p in paths)
     assert len(jax.tree_util.tree_leaves(dv["dream"])) == n_convs > 0, "one backward kernel per convolution"
-    f = bb.feature_fn(taps, dream=True)
+    f = bb.feature_fn(taps, straight_through=True)
     x = jnp.asarray(RNG.uniform(-1, 1, (2, size, size + 8, 3)).astype(np.float32))
     grad = jax.jit(jax.grad(lambda v, x: sum(jnp.mean(a ** 2) for a in f(v, x).values()), argnums=1))
     g0, g1 = grad(bb.variables, x), grad(dv, x)

@@ -107,3 +107,85 @@ def test_killed_task_resubmitted_by_the_same_command_resumes(reference, tmp_path
     assert "1 with work left" in out, out[-3000:]
     assert "resumed batch" in _task_logs(sw)
     assert_complete_and_identical(reference, sw)
+
+
+def _fake_bin(tmp_path, monkeypatch, name, script):
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / name).write_text("#!/bin/sh\n" + script)
+    (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
+
+
+def test_squeue_watcher_without_accounting(tmp_path, monkeypatch, caplog):
+    """No accounting: states come from squeue, a job it no longer lists is over, sacct is never run."""
+    _fake_bin(tmp_path, monkeypatch, "sacct", f"touch {tmp_path}/sacct_called\nexit 1\n")
+    _fake_bin(tmp_path, monkeypatch, "squeue", "echo '7_0|RUNNING|n1'\necho '7_1|REQUEUED|'\necho '7_2|COMPLETED|n1'\n")
+    w = slurm.SqueueWatcher()
+    for j in ("7_0", "7_1", "7_2", "7_3"):
+        w.register_job(j)
+    w.update()
+    assert [w.is_done(j, mode="cache") for j in ("7_0", "7_1", "7_2", "7_3")] == [False, False, True, True]
+    assert w.get_state("7_3", mode="cache") == "ENDED"  # purged from slurmctld: over
+    _fake_bin(tmp_path, monkeypatch, "squeue", "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+              "exit 1\n")
+    with caplog.at_level("WARNING", logger="dreamjax"):
+        w.update()
+        w.update()
+    assert sum("squeue failed" in r.getMessage() for r in caplog.records) == 1  # once, not per poll
+    assert not w.is_done("7_0", mode="cache")  # unknown stays as last seen
+    assert not (tmp_path / "sacct_called").exists()
+
+
+def test_accounting_detected_from_scontrol(tmp_path, monkeypatch):
+    _fake_bin(tmp_path, monkeypatch, "scontrol", "echo 'AccountingStorageType   = accounting_storage/none'\n")
+    assert not slurm.accounting_enabled()
+    _fake_bin(tmp_path, monkeypatch, "scontrol", "echo 'AccountingStorageType   = accounting_storage/slurmdbd'\n")
+    assert slurm.accounting_enabled()
+
+
+def test_report_written_once_when_the_launcher_collects(tmp_path, monkeypatch):
+    """The submitit launcher collects itself (also when tasks failed); the callback then must not."""
+    from omegaconf import OmegaConf
+
+    from dreamjax.sweep import launcher
+
+    calls = []
+    monkeypatch.setattr(launcher.sweep, "collect", lambda d, **kw: calls.append(str(d)))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "a")}}})
+    launcher.SweepReportCallback().on_multirun_end(cfg)
+    assert len(calls) == 1  # the batched launcher leaves the report to the callback
+    launcher.report_handled(tmp_path / "a")
+    launcher.SweepReportCallback().on_multirun_end(cfg)
+    assert len(calls) == 1
+
+
+def test_an_error_raised_while_stopping_is_an_interruption_not_failed_cells(tmp_path, monkeypatch):
+    """SLURM's time limit sends USR2 and SIGTERM together: submitit's handler then fails (its
+    ``scontrol requeue`` child is killed too). That error must not mark the batch's cells failed."""
+    import subprocess
+
+    from hydra import compose, initialize_config_dir
+
+    import dreamjax
+    from dreamjax.sweep import executor, grid
+    from tests.helpers import PAINTINGS
+
+    with initialize_config_dir(dreamjax.config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "layers=tiny_set1", "dream=dlwp", "dream.iterations=4",
+                                           "dream.num_octaves=1", "dream.border=0", "data.image_size=64",
+                                           "checkpoint.every_steps=2", "outputs.gif=false"])
+    cells = grid.cells_from_config(cfg, [PAINTINGS / "turner_shipwreck.jpg"], job_dir=tmp_path / "run")
+    stop = {"now": False}
+
+    def signalled(name):
+        if name == "step":
+            stop["now"] = True  # SIGTERM arrived ...
+            raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "5_1"])  # ... and killed the child
+
+    monkeypatch.setattr(executor, "fault_point", signalled)
+    monkeypatch.setattr(executor.checkpoint, "fault_point", signalled)
+    ex = executor.Executor(executor.RunOptions.from_config(cfg), stop_requested=lambda: stop["now"])
+    with pytest.raises(executor.Interrupted, match="CalledProcessError"):
+        ex.run(cells, checkpoint_root=tmp_path / ".checkpoints")
+    assert not list(tmp_path.rglob("cell.json"))  # nothing recorded as failed

@@ -131,7 +131,8 @@ def dlwp_config(backbone, compute_dtype="float32", tile_size=0, micro_batch=None
     taps, _ = default_taps(backbone)
     mb = auto_micro_batch() if micro_batch is None else micro_batch
     return DreamConfig(taps=taps, norm="l2", objective="mean_square", border=2, frame_every=0,
-                       clip=False, tile_size=tile_size, compute_dtype=compute_dtype, micro_batch=mb)
+                       clip=False, tile_size=tile_size, compute_dtype=compute_dtype, micro_batch=mb,
+                       straight_through=backbone.name == "efficientnet_lite0")  # as conf/model/*.yaml
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,21 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dreamjax.config import COMPUTE_DTYPES, DETAIL_MODES, NORMS, OBJECTIVES, OPTIMIZERS, TILINGS, ConfigError
 from dreamjax.engine import objectives, transforms
 from dreamjax.engine import params as parameterisations
 from dreamjax.engine.objectives import ObjectiveError, Terms
 from dreamjax.engine.transforms import Transforms
 
-NORMS = ("l2", "mean_abs", "std")
-OBJECTIVES = ("mean_square", "keras_io", "mean")
-DETAIL_MODES = ("dlwp", "google", "none")
-OPTIMIZERS = ("sgd", "adam", "rmsprop", "momentum")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
-class DreamSettingsError(ValueError):
-    """A bad setting, found before any compute. The message names the key and what is allowed."""
-
+__all__ = ["NORMS", "OBJECTIVES", "DETAIL_MODES", "OPTIMIZERS", "COMPUTE_DTYPES", "ConfigError", "DreamConfig",
+           "OctavePlan", "CellParams", "Dreamer", "DreamRun", "dream"]
 
 # ----------------------------------------------------------------------------------------------
 # Static configuration
@@ -61,12 +54,19 @@ class DreamConfig:
       "std" (TensorFlow tutorial).
     objective: "mean_square" = mean(act[b, c:-c, c:-c]**2) (DLwP);
       "keras_io" = sum(cropped**2) / size(uncropped) (keras.io example);
-      "mean" = mean(act) with no crop (TensorFlow tutorial).
+      "mean" = mean(act) with no crop (TensorFlow tutorial);
+      "l2" = sum(act**2) / 2, whose gradient is the activation itself (Google's notebook,
+      ``objective_L2``: ``dst.diff[:] = dst.data``).
     border: border crop in activation pixels (DLwP: 2).
     frame_every: keep the image every k steps for iteration GIFs (0 = none).
     clip: project the image onto the backbone's input range after each step.
     tile_size: 0 = whole image; otherwise gradients are computed tile by tile (TF tutorial),
       bounding memory by the tile.
+    tiles: "cover" = tiles cover the whole image (the last row/column shifted inwards), the
+      random roll is in [-jitter, jitter]; "tf" = the TF tutorial's ``TiledGradients``: tiles
+      start at multiples of tile_size and the last start is skipped unless it is the only one
+      (what it leaves out gets no gradient that step; the roll moves it), the roll is
+      ``tf.random.uniform(minval=-jitter, maxval=jitter)``, i.e. in [-jitter, jitter).
     optimizer: "sgd" (plain normalised-gradient ascent, as all four references) or an optax
       optimizer applied after the per-cell normalisation.
     grad_clip: if > 0, clip each update element to [-grad_clip, grad_clip] (optax.clip).
@@ -88,11 +88,12 @@ class DreamConfig:
     clip: bool = False
     value_range: tuple[float, float] = (-1.0, 1.0)
     tile_size: int = 0
+    tiles: str = "cover"
     micro_batch: int = 0
     optimizer: str = "sgd"
     grad_clip: float = 0.0
     compute_dtype: str = "float32"
-    straight_through: bool = True  # dream-path module variant (e.g. straight-through ReLU6)
+    straight_through: bool = False  # model.straight_through: the dream-path module variant (ReLU6 backward)
     # Bake the weights into the compiled program as constants: XLA then folds the BatchNorm
     # arithmetic at compile time (measured 6 % faster gradient on CPU, InceptionV3 256 px), at the
     # price of slower compiles and cached programs that embed the weights.
@@ -119,30 +120,31 @@ class DreamConfig:
     def __post_init__(self):
         _one_of("dream.norm", self.norm, NORMS)
         _one_of("dream.objective", self.objective, OBJECTIVES)
+        _one_of("dream.tiles", self.tiles, TILINGS)
         _one_of("dream.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("dream.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if not self.taps:
-            raise DreamSettingsError("layers.taps is empty; name at least one tap")
+            raise ConfigError("layers.taps is empty; name at least one tap")
         if self.border < 0:
-            raise DreamSettingsError(f"dream.border must be >= 0, got {self.border}")
+            raise ConfigError(f"dream.border must be >= 0, got {self.border}")
         if self.frame_every < 0:
-            raise DreamSettingsError(f"dream.frame_every must be >= 0 (0 = no frames), got {self.frame_every}")
+            raise ConfigError(f"dream.frame_every must be >= 0 (0 = no frames), got {self.frame_every}")
         if self.compute_dtype == "float64" and not jax.config.jax_enable_x64:
-            raise DreamSettingsError("dream.compute_dtype=float64 needs JAX_ENABLE_X64=1")
+            raise ConfigError("dream.compute_dtype=float64 needs JAX_ENABLE_X64=1")
         if self.tile_size < 0:
-            raise DreamSettingsError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
+            raise ConfigError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
         if self.micro_batch < 0:
-            raise DreamSettingsError(f"dream.micro_batch must be >= 0 (0 = the whole batch), got {self.micro_batch}")
+            raise ConfigError(f"dream.micro_batch must be >= 0 (0 = the whole batch), got {self.micro_batch}")
         _one_of("objective.param", self.param, parameterisations.PARAMS)
         missing = [t for t in self.terms.taps if t not in self.taps]
         if missing:
-            raise DreamSettingsError(f"objective term tap(s) {missing} are not among the dream's taps "
-                                     f"{list(self.taps)}; add them (with layer weight 0)")
+            raise ConfigError(f"objective term tap(s) {missing} are not among the dream's taps "
+                              f"{list(self.taps)}; add them (with layer weight 0)")
         if self.lapnorm < 0:
-            raise DreamSettingsError(f"objective.lapnorm must be >= 0 levels (0 = off), got {self.lapnorm}")
+            raise ConfigError(f"objective.lapnorm must be >= 0 levels (0 = off), got {self.lapnorm}")
         if self.lapnorm and self.param != "pixels":
-            raise DreamSettingsError(f"objective.lapnorm normalises a pixel gradient; it cannot be combined with "
-                                     f"objective.param={self.param!r} (its own 1/f scaling does that job)")
+            raise ConfigError(f"objective.lapnorm normalises a pixel gradient; it cannot be combined with "
+                              f"objective.param={self.param!r} (its own 1/f scaling does that job)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +156,12 @@ class OctavePlan:
     detail: "dlwp" re-injects the detail lost by shrinking after every octave (DLwP);
       "google" carries the dream's difference from each octave base upward (Google's
       notebook, whose bases are successive shrinks of one another); "none" only resizes.
+
+    Each mode sizes and resizes its octaves as its source does (:meth:`shapes`): "dlwp"
+    ``int(dim / scale**i)`` and ``tf.image.resize`` (bilinear, half-pixel); "google"
+    ``round(dim * (1 / scale))`` from each base to the next and ``scipy.ndimage.zoom(order=1)``
+    (linear, corners aligned) for bases and detail; "none" (TF tutorial)
+    ``int(float32(dim) * float32(scale**e))`` and ``tf.image.resize``.
     """
 
     exponents: tuple[int, ...] = (-2, -1, 0)
@@ -163,17 +171,17 @@ class OctavePlan:
     def __post_init__(self):
         _one_of("dream.octave_detail", self.detail, DETAIL_MODES)
         if not self.exponents:
-            raise DreamSettingsError("dream.octaves is empty; give at least one octave")
+            raise ConfigError("dream.octaves is empty; give at least one octave")
         if not self.scale > 1.0:
-            raise DreamSettingsError(f"dream.octave_scale must be > 1, got {self.scale}")
+            raise ConfigError(f"dream.octave_scale must be > 1, got {self.scale}")
         if list(self.exponents) != sorted(self.exponents):
-            raise DreamSettingsError(f"dream.octaves must increase (small to large), got {list(self.exponents)}")
+            raise ConfigError(f"dream.octaves must increase (small to large), got {list(self.exponents)}")
 
     @classmethod
     def keras(cls, num_octaves: int, scale: float, detail: str = "dlwp") -> "OctavePlan":
         """DLwP / keras.io: ``num_octaves`` octaves ending at the painting's own size."""
         if num_octaves < 1:
-            raise DreamSettingsError(f"dream.num_octaves must be >= 1, got {num_octaves}")
+            raise ConfigError(f"dream.num_octaves must be >= 1, got {num_octaves}")
         return cls(tuple(range(-(num_octaves - 1), 1)), scale, detail)
 
     @classmethod
@@ -186,28 +194,31 @@ class OctavePlan:
     def check(self, height: int, width: int, *, backbone: str, min_size: int, deepest_stride: int,
               border: int, objective: str):
         """Every octave must be at least the backbone's minimum input, and its deepest tap larger
-        than the border crop; raises DreamSettingsError naming the octave, its size and the fix."""
+        than the border crop; raises ConfigError naming the octave, its size and the fix."""
         for i, (h, w) in enumerate(self.shapes(height, width)):
             if min(h, w) < min_size:
-                raise DreamSettingsError(
+                raise ConfigError(
                     f"octave {i} of the plan (exponent {self.exponents[i]}, scale {self.scale}) is {h}x{w} for a "
                     f"{height}x{width} image, below {backbone}'s minimum input size {min_size}; use fewer "
                     f"octaves (dream.num_octaves), a smaller dream.octave_scale or a larger data.image_size")
             if objective != "mean" and min(h, w) // deepest_stride <= 2 * border:
-                raise DreamSettingsError(
+                raise ConfigError(
                     f"octave {i} is {h}x{w} for a {height}x{width} image: its deepest tap (stride "
                     f"{deepest_stride}) is no larger than the border crop (dream.border={border}); use fewer "
                     f"octaves (dream.num_octaves), a smaller dream.border or a larger data.image_size")
 
     def shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         if self.detail == "google":
-            # Google's notebook: each base is the previous one zoomed by 1/scale (nd.zoom rounds).
+            # Google's notebook: each base is the previous one nd.zoom'ed by 1.0/scale; scipy's
+            # output size is int(round(dim * zoom)).
             shapes = [(height, width)]
             for _ in range(-min(self.exponents)):
                 h, w = shapes[-1]
-                shapes.append((int(round(h / self.scale)), int(round(w / self.scale))))
+                shapes.append((int(round(h * (1.0 / self.scale))), int(round(w * (1.0 / self.scale)))))
             by_exp = {-i: s for i, s in enumerate(shapes)}
             return [by_exp[e] if e <= 0 else _scaled(height, width, self.scale, e) for e in self.exponents]
+        if self.detail == "none":
+            return [_scaled_tf(height, width, self.scale, e) for e in self.exponents]
         return [_scaled(height, width, self.scale, e) for e in self.exponents]
 
 
@@ -219,9 +230,16 @@ def _scaled(h, w, scale, e):
     return int(h * scale ** e), int(w * scale ** e)
 
 
+def _scaled_tf(h, w, scale, e):
+    # TF tutorial: tf.cast(tf.cast(base_shape, tf.float32) * (scale ** e), tf.int32): the Python
+    # float scale**e becomes float32, the product is float32, the cast truncates.
+    f = np.float32(scale ** e)
+    return int(np.float32(h) * f), int(np.float32(w) * f)
+
+
 def _one_of(key, value, allowed):
     if value not in allowed:
-        raise DreamSettingsError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,11 +259,15 @@ class CellParams(NamedTuple):
     terms: Any = None
 
     @classmethod
-    def make(cls, layer_weights, step_size, max_loss=None, jitter=0, iterations=30, seed=0, terms=None):
-        """Broadcast python/numpy values to a batch (B = len(layer_weights))."""
-        w = np.asarray(layer_weights, np.float32)
+    def make(cls, layer_weights, step_size, max_loss=None, jitter=0, iterations=30, seed=0, dtype=np.float32,
+             terms=None):
+        """Broadcast python/numpy values to a batch (B = len(layer_weights)). ``dtype`` is that of
+        the weights, steps and loss limits: float32, or float64 for a float64 dream (a float32
+        step of 0.01 is 0.01 * (1 - 2e-8), which 60 normalised steps turn into a 1e-6 change).
+        ``terms``: the per-cell objective term values (``Terms.zeros`` names and shapes them)."""
+        w = np.asarray(layer_weights, dtype)
         if w.ndim != 2:
-            raise DreamSettingsError(f"layer_weights must be [cells, taps], got shape {w.shape}")
+            raise ConfigError(f"layer_weights must be [cells, taps], got shape {w.shape}")
         b = w.shape[0]
 
         def col(v, dtype):
@@ -255,7 +277,7 @@ class CellParams(NamedTuple):
         seeds = col(seed, np.uint32)
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
         terms = None if terms is None else {k: np.asarray(v, np.float32) for k, v in terms.items()}
-        return cls(w, col(step_size, np.float32), col(mx, np.float32), col(jitter, np.int32),
+        return cls(w, col(step_size, dtype), col(mx, dtype), col(jitter, np.int32),
                    col(iterations, np.int32), keys.astype(np.uint32), terms)
 
     def take(self, idx) -> "CellParams":
@@ -264,16 +286,16 @@ class CellParams(NamedTuple):
     def validate(self, num_taps: int):
         w = np.asarray(self.layer_weights)
         if w.shape[1] != num_taps:
-            raise DreamSettingsError(f"layers.weights has {w.shape[1]} values per cell but layers.taps has "
+            raise ConfigError(f"layers.weights has {w.shape[1]} values per cell but layers.taps has "
                                      f"{num_taps}; give one weight per tap")
         if not np.all(np.isfinite(w)):
-            raise DreamSettingsError("layers.weights must be finite numbers")
+            raise ConfigError("layers.weights must be finite numbers")
         if np.any(np.asarray(self.step_size) <= 0):
-            raise DreamSettingsError(f"dream.step_size must be > 0, got {np.asarray(self.step_size).min()}")
+            raise ConfigError(f"dream.step_size must be > 0, got {np.asarray(self.step_size).min()}")
         if np.any(np.asarray(self.iterations) < 0):
-            raise DreamSettingsError("dream.iterations must be >= 0")
+            raise ConfigError("dream.iterations must be >= 0")
         if np.any(np.asarray(self.jitter) < 0):
-            raise DreamSettingsError("dream.jitter must be >= 0 (pixels)")
+            raise ConfigError("dream.jitter must be >= 0 (pixels)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +363,9 @@ def tap_losses(acts: dict, taps: Sequence[str], cfg: DreamConfig) -> jax.Array:
             continue
         inner = a[:, c:a.shape[1] - c, c:a.shape[2] - c, :] if c else a
         sq = jnp.sum(jnp.square(inner), axis=(1, 2, 3))
+        if cfg.objective == "l2":
+            cols.append(0.5 * sq)
+            continue
         denom = math.prod(inner.shape[1:]) if cfg.objective == "mean_square" else math.prod(a.shape[1:])
         cols.append(sq / denom)
     return jnp.stack(cols, axis=1)
@@ -401,17 +426,18 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
             if h <= t and w <= t:
                 return loss_and_grad(variables, images, cell)
             th, tw = min(t, h), min(t, w)
-            ys = _tile_starts(h, th)
-            xs = _tile_starts(w, tw)
+            starts_of = _tf_tile_starts if cfg.tiles == "tf" else _tile_starts
+            ys = starts_of(h, th)
+            xs = starts_of(w, tw)
             starts = jnp.asarray([(y, x) for y in ys for x in xs], jnp.int32)
 
             def body(i, carry):
                 losses, grads = carry
-                y, x = starts[i, 0], starts[i, 1]
-                tile = jax.lax.dynamic_slice(images, (0, y, x, 0), (images.shape[0], th, tw, images.shape[3]))
+                y, x, z = starts[i, 0], starts[i, 1], jnp.int32(0)  # one index dtype, also under x64
+                tile = jax.lax.dynamic_slice(images, (z, y, x, z), (images.shape[0], th, tw, images.shape[3]))
                 cols, g = loss_and_grad(variables, tile, cell)
-                cur = jax.lax.dynamic_slice(grads, (0, y, x, 0), g.shape)
-                grads = jax.lax.dynamic_update_slice(grads, cur + g, (0, y, x, 0))
+                cur = jax.lax.dynamic_slice(grads, (z, y, x, z), g.shape)
+                grads = jax.lax.dynamic_update_slice(grads, cur + g, (z, y, x, z))
                 return losses + cols, grads
 
             zeros = (jnp.zeros((images.shape[0], ncols), cfg.image_dtype), jnp.zeros_like(images))
@@ -443,7 +469,9 @@ def make_dream_grad(feature_fn: Callable, cfg: DreamConfig):
     def grad(variables, p, params: "CellParams", keys, image_shape):
         image, back_param = jax.vjp(lambda q: parameterisations.to_image(cfg.param, q, image_shape), p)
         amp = params.jitter[:, None]
-        shifts = jax.vmap(lambda kk, a: jax.random.randint(kk, (2,), -a[0], a[0] + 1))(keys, amp)
+        top = amp if cfg.tiles == "tf" else amp + 1  # tf: maxval excluded, as tf.random.uniform
+        shifts = jax.vmap(lambda kk, a, b: jax.random.randint(kk, (2,), -a[0], jnp.maximum(b[0], 1 - a[0])))(
+            keys, amp, top)
         tkeys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(keys)
 
         def seen(img):
@@ -502,6 +530,11 @@ def _micro_batched(grad_fn, micro_batch: int):
     return passes
 
 
+def _tf_tile_starts(n, t):
+    """TF tutorial: ``tf.range(0, n, t)[:-1]``, or ``[0]`` when that is empty."""
+    return list(range(0, n, t))[:-1] or [0]
+
+
 def _tile_starts(n, t):
     starts = list(range(0, n - t + 1, t))
     if starts[-1] + t < n:
@@ -547,10 +580,10 @@ class Dreamer:
         self.capacity = int(steps_capacity)
         self.taps = backbone.check_taps(cfg.taps)
         if cfg.terms.class_logits and not backbone.include_top:
-            raise DreamSettingsError(f"a class term needs the classifier top, but backbone {backbone.name!r} was "
+            raise ConfigError(f"a class term needs the classifier top, but backbone {backbone.name!r} was "
                                      "loaded without it (load_backbone(..., include_top=True))")
         self.variables = backbone.dream_variables if variables is None else variables
-        feature_fn = backbone.feature_fn(self.taps, dream=cfg.straight_through, dtype=cfg.compute_dtype,
+        feature_fn = backbone.feature_fn(self.taps, straight_through=cfg.straight_through, dtype=cfg.compute_dtype,
                                          logits=cfg.terms.class_logits)
         self._grad = make_dream_grad(feature_fn, cfg)
         run_steps, one_step = self._run_steps, self._one_step
@@ -571,6 +604,7 @@ class Dreamer:
         self.device_loop = True
         self._init = jax.jit(self._init_state)
         self._resize = jax.jit(_resize, static_argnums=(1,))
+        self._zoom = jax.jit(_zoom_linear, static_argnums=(1,))
 
     # --- checks before any compute -----------------------------------------------------------
     def validate(self, height: int, width: int, params: CellParams):
@@ -581,9 +615,9 @@ class Dreamer:
                 self.cfg.terms.check_values(params.terms or {}, len(params.step_size),
                                             {t: s[-1] for t, s in shapes.items()}, self.backbone.spec.num_classes)
             except ObjectiveError as e:
-                raise DreamSettingsError(str(e)) from None
+                raise ConfigError(str(e)) from None
         if np.any(np.asarray(params.iterations) > self.capacity):
-            raise DreamSettingsError(f"dream.iterations {int(np.max(params.iterations))} exceeds the group's "
+            raise ConfigError(f"dream.iterations {int(np.max(params.iterations))} exceeds the group's "
                                      f"steps capacity {self.capacity}")
         self.plan.check(height, width, backbone=self.backbone.name, min_size=self.backbone.min_size,
                         deepest_stride=max(self.backbone.tap_strides[t] for t in self.taps),
@@ -724,7 +758,9 @@ class Dreamer:
         return (self._run if self.device_loop else self._step)._cache_size()
 
     def resize(self, images, shape):
-        return self._resize(images, tuple(int(s) for s in shape))
+        """The plan's resize: ``tf.image.resize`` bilinear, or in google mode ``nd.zoom(order=1)``."""
+        fn = self._zoom if self.plan.detail == "google" else self._resize
+        return fn(images, tuple(int(s) for s in shape))
 
     def lower(self, height: int, width: int, batch: int):
         """The lowered octave program for a shape (for cost analysis and compile counting)."""
@@ -741,6 +777,24 @@ def _resize(images, shape):
     # (DLwP's and the TF tutorial's resize), so octave parity with Keras/TF holds.
     b, _, _, c = images.shape
     return jax.image.resize(images, (b, shape[0], shape[1], c), "bilinear", antialias=False)
+
+
+def _zoom_linear(images, shape):
+    # scipy.ndimage.zoom(x, (1, h/h0, w/w0, 1), order=1) as Google's notebook calls it: linear
+    # interpolation with the corner pixels aligned, output pixel o samples input o*(n-1)/(m-1).
+    x = images
+    for axis, m in ((1, shape[0]), (2, shape[1])):
+        n = x.shape[axis]
+        if n == m:
+            continue
+        step = (n - 1) / (m - 1) if m > 1 else 0.0
+        pos = np.arange(m, dtype=np.float64) * step
+        lo = np.minimum(np.floor(pos).astype(np.int32), n - 1)
+        hi = np.minimum(lo + 1, n - 1)
+        frac = jnp.asarray(pos - lo, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
+        a, b = jnp.take(x, lo, axis=axis), jnp.take(x, hi, axis=axis)
+        x = a + (b - a) * frac
+    return x
 
 
 # ----------------------------------------------------------------------------------------------

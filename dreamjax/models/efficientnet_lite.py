@@ -362,8 +362,8 @@ def _spec(variant: str) -> BackboneSpec:
     v = VARIANTS[variant]
     return BackboneSpec(
         name=variant,
-        build=lambda include_top=False, dtype=jnp.float32, dream=False: EfficientNetLite(
-            include_top=include_top, dtype=dtype, straight_through=dream, variant=variant),
+        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: EfficientNetLite(
+            include_top=include_top, dtype=dtype, straight_through=straight_through, variant=variant),
         taps=v.taps,
         tap_strides=v.tap_strides,
         min_size=MIN_SIZE,

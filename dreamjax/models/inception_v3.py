@@ -306,7 +306,7 @@ def _load(weights, include_top):
 def _spec() -> BackboneSpec:
     return BackboneSpec(
         name="inception_v3",
-        build=lambda include_top=False, dtype=jnp.float32, dream=False: InceptionV3(include_top=include_top,
+        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: InceptionV3(include_top=include_top,
                                                                                       dtype=dtype),
         taps=TAPS,
         tap_strides=TAP_STRIDES,

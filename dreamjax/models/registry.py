@@ -35,8 +35,9 @@ class BackboneSpec:
     """Static description of a registered backbone (no arrays)."""
 
     name: str
-    # build(include_top, dtype, dream) -> flax module. ``dream=True`` selects the
-    # dream-path variant (e.g. straight-through ReLU6); parameters are identical.
+    # build(include_top, dtype, straight_through) -> flax module. ``straight_through=True`` (the
+    # model.straight_through setting) selects the dream-path variant (a ReLU6 with a plain-ReLU
+    # backward); parameters are identical.
     build: Callable[..., Any]
     taps: tuple[str, ...]  # ordered from shallow to deep
     tap_strides: Mapping[str, int]
@@ -110,7 +111,7 @@ class Backbone:
         self.weights_id = weights_id
         self.include_top = include_top
         self.dtype = jnp.dtype(dtype)
-        self.module = spec.build(include_top=include_top, dtype=self.dtype, dream=False)
+        self.module = spec.build(include_top=include_top, dtype=self.dtype, straight_through=False)
         self._jitted: dict = {}
         self._dream_variables = None
 
@@ -142,7 +143,7 @@ class Backbone:
         """``variables`` plus what the dream path precomputes once per backbone (the backward
         kernels of :mod:`dreamjax.models.ops`); made on first use, ~1 s for InceptionV3."""
         if self._dream_variables is None:
-            module = self.spec.build(include_top=False, dtype=jnp.float32, dream=True)
+            module = self.spec.build(include_top=False, dtype=jnp.float32, straight_through=True)
             size = self.spec.min_size
             self._dream_variables = prepare_dream_variables(module, self.variables, (1, size, size, 3))
         return self._dream_variables
@@ -157,8 +158,8 @@ class Backbone:
         return {t: tuple(out[t].shape[1:]) for t in taps}
 
     # --- pure functions for the dream engine ---------------------------------------------------
-    def feature_fn(self, taps: Sequence[str], *, dream: bool = True, dtype=None, logits: bool = False):
-        """Pure ``f(variables, x) -> {tap: act}``; ``dream=True`` picks the dream-path module.
+    def feature_fn(self, taps: Sequence[str], *, straight_through: bool = False, dtype=None, logits: bool = False):
+        """Pure ``f(variables, x) -> {tap: act}``; ``straight_through=True`` picks the dream-path module.
 
         ``logits=True`` runs the whole network with its classifier top and adds the logits under
         the key ``"logits"`` (needs a backbone loaded with ``include_top=True``)."""
@@ -166,7 +167,8 @@ class Backbone:
         if logits and not self.include_top:
             raise ValueError(f"backbone {self.name!r} was loaded without its classifier top; "
                              "use load_backbone(..., include_top=True) for logits")
-        module = self.spec.build(include_top=logits, dtype=jnp.dtype(dtype or self.dtype), dream=dream)
+        module = self.spec.build(include_top=logits, dtype=jnp.dtype(dtype or self.dtype),
+                                 straight_through=straight_through)
 
         def f(variables, x):
             out = module.apply(variables, x, taps=taps)[1]
@@ -183,7 +185,7 @@ class Backbone:
         taps = self.check_taps(taps)
         key = ("features", taps)
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(self.feature_fn(taps, dream=False))
+            self._jitted[key] = jax.jit(self.feature_fn(taps, straight_through=False))
         return self._jitted[key](self.variables, x)
 
     def logits(self, x):
@@ -237,7 +239,7 @@ def register_backbone(name: str, *, build: Callable[..., Any], taps: Sequence[st
                       description: str = "", num_classes: int = 1000) -> None:
     """Register your own Flax backbone under ``name``, from your own code (no dreamjax edits).
 
-    build: ``build(include_top=False, dtype=float32, dream=False) -> flax module`` (declare only the
+    build: ``build(include_top=False, dtype=float32, straight_through=False) -> flax module`` (declare only the
       arguments you use). The module's ``__call__(x, taps=None, train=False)`` takes NHWC network
       inputs and returns ``(logits | None, {tap: activation})``; ``taps`` is a hint (stop early
       if you can: the dict may hold more taps than asked).
@@ -262,8 +264,8 @@ def register_backbone(name: str, *, build: Callable[..., Any], taps: Sequence[st
     pre = preprocess or keras_preprocess
     post = deprocess or (keras_deprocess if preprocess is None else _affine_inverse(pre, name))
 
-    def build_module(include_top=False, dtype=jnp.float32, dream=False):
-        return _call_with_accepted(build, include_top=include_top, dtype=dtype, dream=dream)
+    def build_module(include_top=False, dtype=jnp.float32, straight_through=False):
+        return _call_with_accepted(build, include_top=include_top, dtype=dtype, straight_through=straight_through)
 
     def load_variables(weights, include_top):
         got = load(weights, include_top)

@@ -209,7 +209,8 @@ def _load(weights, include_top):
 def _spec() -> BackboneSpec:
     return BackboneSpec(
         name="resnet50",
-        build=lambda include_top=False, dtype=jnp.float32, dream=False: ResNet50(include_top=include_top, dtype=dtype),
+        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: ResNet50(include_top=include_top,
+                                                                                          dtype=dtype),
         taps=TAPS,
         tap_strides=TAP_STRIDES,
         min_size=MIN_SIZE,

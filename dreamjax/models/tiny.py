@@ -72,7 +72,8 @@ def _load(weights, include_top):
 def _spec() -> BackboneSpec:
     return BackboneSpec(
         name="tiny",
-        build=lambda include_top=False, dtype=jnp.float32, dream=False: TinyCNN(include_top=include_top, dtype=dtype),
+        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: TinyCNN(include_top=include_top,
+                                                                                             dtype=dtype),
         taps=TAPS,
         tap_strides={t: 2 ** (i + 1) for i, t in enumerate(TAPS)},
         min_size=16,

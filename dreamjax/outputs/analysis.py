@@ -78,7 +78,6 @@ from dreamjax.outputs import images
 import jax
 import jax.numpy as jnp
 from dreamjax.models.registry import load_backbone
-from omegaconf import OmegaConf
 from PIL import Image
 from dreamjax.outputs import report
 
@@ -302,20 +301,9 @@ def _load_manifest(sweep_dir: Path, manifest: Mapping | None) -> Mapping:
     return json.loads(p.read_text())
 
 
-def _weights_spec(sweep_dir: Path, cell: Mapping) -> str:
-    """The ``model.weights`` a cell ran with: its overrides, else its job's Hydra config, else auto."""
-    for o in cell.get("overrides") or []:
-        if o.startswith(("model.weights=", "+model.weights=")):
-            return o.split("=", 1)[1]
-    rel = (cell.get("outputs") or {}).get("hydra_config")
-    if rel and (sweep_dir / rel).is_file():
-        try:
-            w = OmegaConf.select(OmegaConf.load(sweep_dir / rel), "model.weights")
-            if w is not None:
-                return str(w)
-        except Exception as e:  # noqa: BLE001 - any unreadable config: fall back to auto
-            log.debug("cannot read %s: %s", rel, e)
-    return "auto"
+def _weights_spec(cell: Mapping) -> str:
+    """The ``model.weights`` setting a cell ran with, from its record (auto when an old record lacks it)."""
+    return str(cell.get("weights") or "auto")
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -391,7 +379,7 @@ def analyze(sweep_dir: str | os.PathLike, manifest: Mapping | None = None, *, cl
     by_backbone: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for it in items:
         by_backbone[(str(it["cell"].get("backbone") or manifest.get("backbone")),
-                     _weights_spec(sweep_dir, it["cell"]))].append(it)
+                     _weights_spec(it["cell"]))].append(it)
     classifiers: dict[str, dict] = {}
     for (bname, wspec), its in by_backbone.items():
         clf = _get_classifier(classifier, bname, wspec)
@@ -795,7 +783,7 @@ def analyze_after_collect(sweep_dir: str | os.PathLike, manifest: Mapping | None
     try:
         sweep_dir = Path(sweep_dir)
         manifest = _load_manifest(sweep_dir, manifest)
-        if not _config_wants_analysis(sweep_dir, manifest):
+        if not _config_wants_analysis(manifest):
             log.info("analysis skipped (analyze=false); run `dreamjax-analyze %s` to make it", sweep_dir)
             return None
         result = analyze(sweep_dir, manifest)
@@ -807,19 +795,12 @@ def analyze_after_collect(sweep_dir: str | os.PathLike, manifest: Mapping | None
         return None
 
 
-def _config_wants_analysis(sweep_dir: Path, manifest: Mapping) -> bool:
-    for c in manifest.get("cells") or []:
-        for o in c.get("overrides") or []:
-            if o.startswith("analyze="):
-                return o.split("=", 1)[1].strip().lower() not in ("false", "0", "no")
-        rel = (c.get("outputs") or {}).get("hydra_config")
-        if rel and (sweep_dir / rel).is_file():
-            try:
-                v = OmegaConf.select(OmegaConf.load(sweep_dir / rel), "analyze")
-                return True if v is None else bool(v)
-            except Exception:  # noqa: BLE001
-                return True
-    return True
+def _config_wants_analysis(manifest: Mapping) -> bool:
+    """The sweep's ``analyze`` setting, as its cells recorded it (collect puts it in the manifest)."""
+    if "analyze" in manifest:
+        return bool(manifest["analyze"])
+    wants = [(c.get("config") or {}).get("analyze") for c in manifest.get("cells") or []]
+    return all(w for w in wants if w is not None)
 
 
 def main(argv: Sequence[str] | None = None, collect: Callable[[Path], Any] | None = None) -> int:

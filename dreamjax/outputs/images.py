@@ -42,7 +42,7 @@ from PIL import ImageCms
 __all__ = [
     "ImageError", "Painting", "load_painting", "find_paintings", "PAINTING_EXTENSIONS",
     "DEFAULT_RATIOS", "bucket_shape", "resize_uint8", "resize_float", "restore_aspect",
-    "restored_size", "to_uint8", "save_png", "save_jpeg", "save_gif",
+    "restored_size", "squeeze_note", "to_uint8", "save_png", "save_jpeg", "save_gif",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -81,6 +81,25 @@ class Painting:
 # Loading
 
 _TRUNCATED_LOCK = threading.Lock()
+_PILLOW_LIMIT_LOCK = threading.Lock()
+# Pillow refuses, on its own, any image above 2 * Image.MAX_IMAGE_PIXELS (~179 M pixels) whatever
+# max_pixels says. dreamjax's check (the header's size, before any pixel is decoded) is the one
+# that governs: Pillow's limit is lifted to max_pixels while a painting is opened and decoded,
+# so raising data.max_pixels really admits a larger painting.
+_BOMB_FIX = ("downscale the image, or raise data.max_pixels above its pixel count (dreamjax lifts Pillow's own "
+             "limit to match)")
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int):
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        if saved is not None and max_pixels > saved:
+            Image.MAX_IMAGE_PIXELS = int(max_pixels)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 _FIX_REEXPORT = "re-download it or re-export it as PNG/JPEG"
 
 
@@ -118,14 +137,13 @@ def load_painting(
     notes: list[str] = []
 
     try:
-        with warnings.catch_warnings():
-            # Our own max_pixels check below replaces Pillow's warning; Pillow's hard
-            # limit (DecompressionBombError, 2x its warning size) still applies.
+        with warnings.catch_warnings(), _pillow_limit(max_pixels):
+            # Our own max_pixels check below replaces Pillow's warning; Pillow's hard limit
+            # (DecompressionBombError, 2x its warning size) only applies above 2 * max_pixels.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageError(path, f"refused as a decompression bomb ({e})",
-                         "shrink the image or raise max_pixels") from None
+        raise ImageError(path, f"refused as a decompression bomb ({e})", _BOMB_FIX) from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image Pillow can read (unknown format or not an image at all)",
                          "check the file type and re-export it as PNG/JPEG") from None
@@ -137,7 +155,7 @@ def load_painting(
         raise ImageError(path, f"image has an empty size {w}x{h}", _FIX_REEXPORT)
     if w * h > max_pixels:
         raise ImageError(path, f"{w}x{h} = {w * h:,} pixels exceeds max_pixels={max_pixels:,} "
-                         "(possible decompression bomb)", "downscale the image or raise max_pixels")
+                         "(possible decompression bomb)", _BOMB_FIX)
 
     try:  # counting frames scans the file; a broken tail must not escape as a bare OSError
         n_frames = int(getattr(im, "n_frames", 1) or 1)
@@ -150,7 +168,8 @@ def load_painting(
         kind = "animated" if fmt in ("GIF", "PNG", "WEBP") else "multi-frame"
         notes.append(f"{kind} {fmt}: used frame 1 of {n_frames}")
 
-    _load_fully(im, path)
+    with _pillow_limit(max_pixels):
+        _load_fully(im, path)
 
     orientation = _exif_orientation(im)
     if orientation in range(2, 9):
@@ -190,8 +209,7 @@ def _load_fully(im: Image.Image, path: Path) -> None:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im.load()
         except Image.DecompressionBombError as e:
-            raise ImageError(path, f"refused as a decompression bomb ({e})",
-                             "shrink the image or raise max_pixels") from None
+            raise ImageError(path, f"refused as a decompression bomb ({e})", _BOMB_FIX) from None
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             what = "file is truncated" if "truncated" in reason.lower() else "corrupt or truncated image data"
@@ -309,12 +327,12 @@ def find_paintings(spec: PathLike | Sequence[PathLike]) -> list[Path]:
         text = os.path.expanduser(os.fspath(item))
         p = Path(text)
         if p.is_dir():
-            matches = [c for c in p.iterdir() if c.is_file() and _is_painting_name(c.name)]
+            matches = [c for c in p.iterdir() if c.is_file() and is_painting_name(c.name)]
         elif p.is_file():
             matches = [p]
         else:
             matches = [Path(m) for m in _glob.glob(text, recursive=True)
-                       if os.path.isfile(m) and _is_painting_name(os.path.basename(m))]
+                       if os.path.isfile(m) and is_painting_name(os.path.basename(m))]
         if not matches:
             what = "folder has no images" if p.is_dir() else "no image files match"
             raise ValueError(f"{what}: {os.fspath(item)!r} (extensions: {' '.join(PAINTING_EXTENSIONS)})")
@@ -323,7 +341,7 @@ def find_paintings(spec: PathLike | Sequence[PathLike]) -> list[Path]:
     return sorted(found.values(), key=lambda q: str(q))
 
 
-def _is_painting_name(name: str) -> bool:
+def is_painting_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in PAINTING_EXTENSIONS
 
 
@@ -434,6 +452,24 @@ def restored_size(original_size: Sequence[int], long_side: int) -> tuple[int, in
     if w >= h:
         return long_side, max(1, int(round(long_side * h / w)))
     return max(1, int(round(long_side * w / h))), long_side
+
+
+def squeeze_note(original_size: Sequence[int], bucket: Sequence[int], long_side: int,
+                 tolerance: float = 1.1) -> str | None:
+    """A note when the bucket distorts the painting by more than ``tolerance`` (the buckets of
+    :data:`DEFAULT_RATIOS` stretch at most 8.9 %, so only paintings longer than the widest
+    ratio, 2:1, get one): the dream is made on the squeezed bucket and stretched back, which
+    a 16:1 scroll at image_size 96 turns into a 96x6 px dream. Says what to do instead."""
+    w, h = int(original_size[0]), int(original_size[1])
+    bh, bw = int(bucket[0]), int(bucket[1])
+    aspect = max(w, h) / min(w, h)
+    stretch = aspect / (max(bh, bw) / min(bh, bw))
+    if stretch <= tolerance:
+        return None
+    rw, rh = restored_size((w, h), long_side)
+    return (f"aspect {aspect:.2f}:1 is longer than the widest bucket ({max(bh, bw) / min(bh, bw):.2f}:1): "
+            f"dreamed squeezed {stretch:.1f}x into {bw}x{bh} px and stretched back to {rw}x{rh} px; "
+            f"crop or split the painting into parts of at most 2:1 for an undistorted dream")
 
 
 def restore_aspect(dream_pixels: np.ndarray, original_size: Sequence[int], long_side: int) -> np.ndarray:

@@ -339,9 +339,9 @@ _SELF_CHECK_JS = (
 
 
 def safe_name(name: str) -> str:
-    """A file-name-safe version of a painting name (used for grids/ and originals/)."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
-    return s or "painting"
+    """A file-name-safe version of a painting name (used for grids/ and originals/): the same slug the
+    cells' folders use (Unicode letters kept), so three Japanese titles give three grids."""
+    return files.slug(str(name))
 
 
 def _href(rel: str) -> str:

@@ -20,7 +20,11 @@ kill left half-written when the manager is next opened. ``max_to_keep`` prunes o
 Test-only fault injection: ``DREAMJAX_TEST_KILL_AT=<point>:<n>[:<SIG>]`` makes the process send
 itself SIGKILL (or SIG<SIG>, e.g. USR2 = a SLURM preemption for submitit) the n-th time
 (1-based) it reaches ``fault_point(<point>)``; with ``DREAMJAX_TEST_KILL_ONCE=<file>`` only the
-first process to get there does (the marker file is created). Points: ``step`` (after a
+first process to get there does (the marker file is created). ``<SIG>`` = ``PAUSE`` instead
+sleeps there (signal handlers still run: SLURM's USR2 and SIGTERM reach submitit and the sweep),
+once per SLURM task (or process), with ``DREAMJAX_TEST_PAUSE_DIR=<dir>``: it writes
+``<dir>/<task>.paused`` (the task's SLURM id, ``<array job>_<index>``, else ``pid<pid>``; the
+file holds the pid) and goes on when ``<dir>/<task>.go`` appears (at most 10 minutes). Points: ``step`` (after a
 chunk of steps, before its checkpoint), ``checkpoint`` (an orbax save issued, not finished),
 ``octave`` (an octave just ended, before its checkpoint), ``output`` (a cell's PNGs written,
 its GIF, losses and record not yet).
@@ -40,6 +44,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dreamjax import files
+
 log = logging.getLogger("dreamjax")
 FORMAT = 2
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step being written
@@ -58,6 +64,9 @@ def fault_point(name: str) -> None:
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
     if _FAULT_COUNTS[name] != int(n or 1):
         return
+    if sig == "PAUSE":
+        _pause()
+        return
     once = os.environ.get("DREAMJAX_TEST_KILL_ONCE")  # a marker file: fire in one process only
     if once:
         try:
@@ -69,6 +78,24 @@ def fault_point(name: str) -> None:
     for h in logging.getLogger().handlers + log.handlers:
         h.flush()
     os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+
+
+def _pause() -> None:
+    folder = Path(os.environ["DREAMJAX_TEST_PAUSE_DIR"])
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    key = f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
+    try:
+        with open(folder / f"{key}.paused", "x") as f:  # once per task: not again after a requeue
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        return
+    log.warning("DREAMJAX_TEST_KILL_AT=%s: task %s paused until %s exists", os.environ["DREAMJAX_TEST_KILL_AT"],
+                key, folder / f"{key}.go")
+    for h in logging.getLogger().handlers + log.handlers:
+        h.flush()
+    deadline = time.monotonic() + 600
+    while not (folder / f"{key}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,10 +189,23 @@ def _unflatten_into(run, flat: dict[str, np.ndarray]):
                                    frames=frames_)
 
 
+class _QuietDiskFull(logging.Filter):
+    """orbax logs each failed background write of a full disk with its traceback (dozens per
+    save, from several threads); dreamjax says it once itself (:class:`dreamjax.files.DiskFull`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (files.is_disk_full(exc) or any(t in record.getMessage() for t in files._FULL_TEXT))
+
+
+_QUIET = _QuietDiskFull()
+
+
 class BatchCheckpointer:
     """Save/restore one batch's :class:`DreamRun` with an orbax ``CheckpointManager``."""
 
     def __init__(self, directory: str | Path, meta: dict, *, max_to_keep: int = 2, async_save: bool = True):
+        logging.getLogger("absl").addFilter(_QUIET)  # idempotent: the same filter object
         self.ocp = ocp
         self.directory = Path(directory).absolute()  # orbax wants absolute paths
         self.meta = dict(meta) | {"format": FORMAT, "code": code_version()}
@@ -271,6 +311,18 @@ class BatchCheckpointer:
             finally:
                 self._mngr = None
                 self.seconds += time.perf_counter() - t
+
+    def abandon(self):
+        """After a failed write (a full disk): release the manager and remove the half-written
+        steps; the committed ones stay, so the rerun resumes from them."""
+        try:
+            self.close()
+        except Exception:  # the failed async save surfaces here again
+            self._mngr = None
+        if self.directory.is_dir():
+            for p in self.directory.iterdir():
+                if TMP_MARK in p.name:
+                    shutil.rmtree(p, ignore_errors=True)
 
     def finish(self):
         """The batch's outputs are written: its checkpoints are no longer needed."""

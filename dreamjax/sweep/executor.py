@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from dreamjax import __version__, files
+from dreamjax import __version__, config, files
 from dreamjax.engine import dream
 from dreamjax.models.registry import get_spec, load_backbone
 from dreamjax.outputs import images
@@ -47,22 +47,63 @@ CELL_RECORD = "cell.json"
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
+def _expand(spec: str) -> str:
+    if spec == "bundled":
+        return str(BUNDLED)
+    if spec.startswith("bundled/"):
+        return str(BUNDLED / spec[len("bundled/"):])
+    return spec
+
+
 def resolve_paintings(paths: Any) -> list[Path]:
-    """``data.paths`` -> painting files. "bundled" (or "bundled/<file>") names the shipped ones."""
+    """``data.paths`` -> painting files (absolute). "bundled" (or "bundled/<file>") names the shipped
+    ones. Raises ConfigError when no entry names a painting; see :func:`plan_inputs` for the entries
+    that fail one by one."""
+    return [Path(p.path) for p in plan_inputs(paths) if not p.error]
+
+
+def plan_inputs(paths: Any) -> list[grid.PaintingInput]:
+    """Each painting of ``data.paths`` with the sha256 of its bytes, read once at plan time. An entry
+    that names nothing, a broken symlink or an unreadable file becomes a failed input (its cells
+    fail, the others run); ConfigError only when no entry yields any painting."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    specs = []
+    found: dict[str, grid.PaintingInput] = {}
+    problems: list[str] = []
     for p in paths:
-        s = str(p)
-        if s == "bundled":
-            s = str(BUNDLED)
-        elif s.startswith("bundled/"):
-            s = str(BUNDLED / s[len("bundled/"):])
-        specs.append(s)
-    try:
-        return images.find_paintings(specs)
-    except ValueError as e:
-        raise grid.ConfigError(f"data.paths: {e}") from None
+        spec = os.path.abspath(os.path.expanduser(_expand(str(p))))
+        if os.path.isdir(spec):  # broken links in a folder are inputs too: listed, not skipped
+            for entry in sorted(os.scandir(spec), key=lambda e: e.name):
+                if entry.is_symlink() and not os.path.exists(entry.path) and images.is_painting_name(entry.name):
+                    found.setdefault(entry.path, grid.PaintingInput(
+                        entry.path, error=f"ImageError: {files.display_path(entry.path)}: broken symbolic link "
+                                          f"(points to {files.display_path(os.readlink(entry.path))})"))
+        try:
+            matches = images.find_paintings([spec])
+        except ValueError as e:
+            problems.append(str(e))
+            found.setdefault(spec, grid.PaintingInput(spec, error=f"ImageError: data.paths entry {str(p)!r}: {e}"))
+            continue
+        for m in matches:
+            key = str(m)
+            if key in found:
+                continue
+            try:
+                found[key] = grid.PaintingInput(key, sha256=files.file_sha256(m))
+            except OSError as e:  # unreadable (permissions), vanished: this input fails alone
+                found[key] = grid.PaintingInput(key, error=f"ImageError: {files.display_path(m)}: cannot read "
+                                                           f"({e.strerror or type(e).__name__}); check its permissions")
+    if not any(not p.error for p in found.values()):
+        raise config.ConfigError("data.paths", "names no readable painting (" + "; ".join(problems or [
+            p.error for p in found.values()])[:400] + ")", value=list(map(str, paths)))
+    return sorted(found.values(), key=lambda q: q.path)
+
+
+@functools.lru_cache(maxsize=None)
+def loaded_backbone(name: str, weights: str, include_top: bool = False):
+    """The backbone with its weights, loaded once per process (plan time checks them; the run reuses them);
+    with its classifier top when a class term needs the logits."""
+    return load_backbone(name, weights=weights, include_top=include_top)
 
 
 def setup_jax_cache(path: str | None = None):
@@ -137,9 +178,15 @@ def is_complete(cell: Cell) -> bool:
 
 
 def _record_base(cell: Cell) -> dict:
+    """What made the cell: every setting, the backbone and its weights id, the painting's hash, the
+    code version and the full resolved config (analysis and reports read this, never Hydra's files)."""
     return {
         "id": cell.id, "job": cell.job, "job_dir": cell.job_dir, "painting": cell.painting,
-        "painting_path": cell.painting_path, "layers": cell.layers, "label": cell.label,
+        "painting_path": cell.painting_path, "painting_sha256": cell.painting_sha256 or None,
+        "layers": cell.layers, "label": grid.cell_label(cell),
+        "weights": cell.weights, "weights_id": cell.weights_id or None, "straight_through": cell.straight_through,
+        "config": json.loads(cell.config_json) if cell.config_json else None,
+        "dreamjax_version": __version__, "code_version": checkpoint.code_version(),
         "taps": list(cell.taps), "layer_weights": list(cell.layer_weights), "preset": cell.preset,
         "hyper": {"step_size": cell.step_size, "max_loss": None if math.isinf(cell.max_loss) else cell.max_loss,
                   "jitter": cell.jitter, "iterations": cell.iterations, "seed": cell.seed,
@@ -176,14 +223,11 @@ class RunOptions:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "RunOptions":
-        o, c, d = cfg.get("outputs", {}) or {}, cfg.get("checkpoint", {}) or {}, cfg.get("data", {}) or {}
-        return cls(
-            batch_size=int(cfg.get("batch_size", 8)),
-            octave_images=bool(o.get("octave_images", True)), gif=bool(o.get("gif", True)),
-            gif_max_side=int(o.get("gif_max_side", 256)), gif_frame_ms=int(o.get("gif_frame_ms", 120)),
-            checkpoint=bool(c.get("enabled", True)), every_steps=int(c.get("every_steps", 10)),
-            max_to_keep=int(c.get("max_to_keep", 2)), max_pixels=int(d.get("max_pixels", 64_000_000)),
-            upscale_small=bool(d.get("upscale_small", True)))
+        c = config.validate(cfg)
+        o, k, d = c.outputs, c.checkpoint, c.data
+        return cls(batch_size=c.batch_size, octave_images=o.octave_images, gif=o.gif, gif_max_side=o.gif_max_side,
+                   gif_frame_ms=o.gif_frame_ms, checkpoint=k.enabled, every_steps=k.every_steps,
+                   max_to_keep=k.max_to_keep, max_pixels=d.max_pixels, upscale_small=d.upscale_small)
 
 
 class Executor:
@@ -204,7 +248,7 @@ class Executor:
         key = (name, weights, include_top)
         if key not in self._backbones:
             t = time.perf_counter()
-            self._backbones[key] = load_backbone(name, weights=weights, include_top=include_top)
+            self._backbones[key] = loaded_backbone(name, weights, include_top)
             log.info("loaded backbone %s (%s) in %.1f s", name, self._backbones[key].weights_id[:12],
                      time.perf_counter() - t)
         return self._backbones[key]
@@ -220,7 +264,16 @@ class Executor:
 
     # --- the whole job ---------------------------------------------------------------------------
     def run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
-        """Dream every cell; returns their records (done, failed or skipped-as-complete)."""
+        """Dream every cell; returns their records (done, failed or skipped-as-complete). A full
+        disk stops the run with :class:`~dreamjax.files.DiskFull` (no cell is marked failed)."""
+        try:
+            return self._run(cells, checkpoint_root)
+        except Exception as e:
+            if files.is_disk_full(e) and not isinstance(e, files.DiskFull):
+                raise files.DiskFull(_out_root(cells, checkpoint_root)) from None
+            raise
+
+    def _run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
         t0 = time.perf_counter()
         records: dict[str, dict] = {}
         complete: set[str] = set()
@@ -237,6 +290,11 @@ class Executor:
         loaded: dict[str, Any] = {}
         buckets = []
         for c in todo:
+            if c.input_error:  # found at plan time: unreadable, broken link, an entry matching nothing
+                if c.id not in complete:
+                    records[c.id] = write_failed(c, c.input_error)
+                    self.stats["cells_failed"] += 1
+                continue
             if c.painting_path not in loaded:
                 loaded[c.painting_path] = self._load(c)
             p = loaded[c.painting_path]
@@ -246,7 +304,12 @@ class Executor:
                     self.stats["cells_failed"] += 1
                 continue
             h, w = p.pixels.shape[:2]
-            buckets.append((c, images.bucket_shape(h, w, c.image_size)))
+            bucket = images.bucket_shape(h, w, c.image_size)
+            note = images.squeeze_note(p.original_size, bucket, c.image_size)
+            if note and note not in p.notes:  # never a silent squeeze: in the record, the manifest, the log
+                log.warning("painting %s: %s", c.painting, note)
+                p = loaded[c.painting_path] = dataclasses.replace(p, notes=p.notes + (note,))
+            buckets.append((c, bucket))
 
         groups = grid.group_cells(buckets)
         self.stats["groups"] += len(groups)
@@ -261,7 +324,7 @@ class Executor:
             length = pad_to(min(self.opt.batch_size, len(group_cells)), _device_count())
             try:
                 dreamer = self.dreamer(group_cells[0], capacity, shape, length)
-            except (ValueError, dream.DreamSettingsError) as e:
+            except ValueError as e:  # ConfigError included: e.g. an elongated bucket too small
                 for c in group_cells:
                     records[c.id] = write_failed(c, f"{type(e).__name__}: {e}")
                     self.stats["cells_failed"] += 1
@@ -287,6 +350,10 @@ class Executor:
         except images.ImageError as e:
             log.warning("painting refused: %s", e)
             return f"ImageError: {e}"
+        except OSError as e:  # unreadable since plan time (permissions changed, file removed)
+            msg = f"{files.display_path(cell.painting_path)}: cannot read ({e.strerror or type(e).__name__})"
+            log.warning("painting refused: %s", msg)
+            return f"ImageError: {msg}"
 
     # --- one batch ---------------------------------------------------------------------------------
     def _run_batch(self, dreamer, batch: list[Cell], loaded, shape, bar, checkpoint_root, length,
@@ -304,15 +371,16 @@ class Executor:
             return [write_failed(c, f"ConfigError: {e}") for c in batch]
         params = dream.CellParams.make(
             [c.layer_weights for c in padded], [c.step_size for c in padded], [c.max_loss for c in padded],
-            [c.jitter for c in padded], iterations, seed=[c.key_seed() for c in padded], terms=values)
+            [c.jitter for c in padded], iterations, seed=[c.key_seed() for c in padded],
+            dtype=np.dtype(dreamer.cfg.image_dtype), terms=values)
         params = shard_batch(params)
         originals = shard_batch(originals)
         t_start = time.perf_counter()
         compiles_before = self.compiles.seconds
         try:
             run = dream.DreamRun(dreamer, originals, params)
-        except dream.DreamSettingsError as e:
-            return [write_failed(c, f"DreamSettingsError: {e}") for c in batch]
+        except config.ConfigError as e:
+            return [write_failed(c, f"ConfigError: {e}") for c in batch]
 
         ckpt = None
         if self.opt.checkpoint:
@@ -342,6 +410,15 @@ class Executor:
         except Interrupted:
             raise
         except Exception as e:  # one bad batch must not stop the sweep
+            if files.is_disk_full(e):  # ... but a full disk stops it, and is not the cells' fault
+                if ckpt is not None:
+                    ckpt.abandon()
+                raise files.DiskFull(_out_root(batch, checkpoint_root)) from None
+            if self.stop_requested():  # raised while stopping (a signal handler, a killed child): not the cells' fault
+                if ckpt is not None:
+                    ckpt.close()
+                raise Interrupted(f"stopped during batch {grid.batch_id(batch)} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
             log.exception("batch of %d cells failed", n_real)
             if ckpt is not None:
                 ckpt.close()
@@ -353,8 +430,13 @@ class Executor:
                 ckpt.close()  # the in-flight async save is committed before the process goes
             raise
         seconds = {"run": time.perf_counter() - t_start, "compile": self.compiles.seconds - compiles_before}
-        recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
-                if c.id not in complete]
+        try:
+            recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
+                    if c.id not in complete]
+        except Exception as e:
+            if ckpt is not None and files.is_disk_full(e):
+                ckpt.abandon()  # the batch's last checkpoint stays: the rerun writes its cells from it
+            raise
         if ckpt is not None:
             ckpt.finish()
             self.stats["checkpoint_seconds"] = self.stats.get("checkpoint_seconds", 0.0) + ckpt.seconds
@@ -411,9 +493,6 @@ class Executor:
         outputs["losses"] = rel(out / "losses.json")
         files.write_json(out / "cell_config.json", _record_base(cell))
         outputs["config"] = rel(out / "cell_config.json")
-        hydra_cfg = Path(cell.job_dir) / ".hydra" / "config.yaml"
-        if hydra_cfg.exists():
-            outputs["hydra_config"] = rel(hydra_cfg)
         hashed = [outputs["dream"], outputs["losses"], outputs["config"]] + outputs.get("octaves", []) + \
             ([outputs["gif"]] if "gif" in outputs else [])
         rec = _record_base(cell) | {
@@ -428,6 +507,11 @@ class Executor:
         }
         files.write_json(out / CELL_RECORD, rec)  # last: marks the cell complete
         return rec
+
+
+def _out_root(cells: Sequence[Cell], checkpoint_root) -> Path:
+    """The folder a run writes into (the sweep's, or the single run's), for messages."""
+    return Path(checkpoint_root).parent if checkpoint_root else Path(cells[0].job_dir).parent
 
 
 class Interrupted(RuntimeError):
@@ -452,7 +536,8 @@ def dream_settings(cell: Cell, bb, shape, batch: int = 1):
     cfg = dream.DreamConfig(
         taps=bb.check_taps(cell.taps), norm=s["norm"], objective=s["objective"], border=int(s["border"]),
         frame_every=int(s["frame_every"] or 0), clip=bool(s["clip"]), value_range=tuple(bb.value_range),
-        tile_size=int(tile), optimizer=s["optimizer"], grad_clip=float(s["grad_clip"] or 0),
+        tile_size=int(tile), tiles=s.get("tiles") or "cover", optimizer=s["optimizer"],
+        grad_clip=float(s["grad_clip"] or 0),
         compute_dtype=s["compute_dtype"], straight_through=cell.straight_through,
         constant_weights=bool(s.get("constant_weights") or False), micro_batch=micro_batch)
     if cell.objective or cell.objective_static:
@@ -467,6 +552,72 @@ def auto_micro_batch() -> int:
     the whole batch elsewhere, and wherever the batch is split over several devices
     (``results/bench/README.md`` has the measurements)."""
     return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
+
+
+# A generous bound on a gradient's temporary memory per input pixel (the backbones here measure
+# 1-40 KiB): below it the exact figure (a probe compilation) is not needed to know a run fits.
+_GRAD_BYTES_PER_PIXEL_BOUND = 64 * 1024
+
+
+def memory_limit() -> int:
+    """Bytes the run may use: the accelerator's memory, or this machine's physical memory on CPU."""
+    dev = jax.local_devices()[0]
+    if dev.platform != "cpu":
+        try:
+            limit = (dev.memory_stats() or {}).get("bytes_limit")
+            if limit:
+                return int(limit)
+        except Exception:  # noqa: BLE001 - a backend without memory_stats
+            pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def memory_estimate(bb, cell: Cell, batch: int) -> dict:
+    """Peak memory of one batch of ``cell``'s group, from the image size, the batch, the backbone and
+    the tile: the images the engine keeps (image, original, detail, optimizer state, frames and
+    octave images) plus one gradient pass. The gradient's bytes per pixel are XLA's own figure
+    (:func:`gradient_bytes_per_pixel`), asked for only when a generous bound does not already fit."""
+    s = cell.static_dict()
+    shapes = dream.OctavePlan.from_settings(s).shapes(cell.image_size, cell.image_size)
+    area = max(h * w for h, w in shapes)
+    itemsize = 8 if s["compute_dtype"] == "float64" else 4
+    frames = (cell.iterations // s["frame_every"] + 1) if s["frame_every"] else 0
+    state = batch * 3 * itemsize * (area * (8 + frames) + sum(h * w for h, w in shapes))
+    micro = auto_micro_batch() if s["micro_batch"] == "auto" else s["micro_batch"]
+    n_pass = dream.pass_size(batch, micro)
+    tile = s["tile_size"]
+    limit = memory_limit()
+    per_pixel = float(_GRAD_BYTES_PER_PIXEL_BOUND)
+    exact = False
+    if tile == "auto" or state + n_pass * area * per_pixel > limit:
+        if state <= limit:  # the images alone do not fit: no need to ask XLA about the gradient
+            per_pixel, exact = gradient_bytes_per_pixel(bb, tuple(cell.taps), s["compute_dtype"]), True
+    if tile == "auto":
+        tile = auto_tile_size(bb, cell.taps, (cell.image_size, cell.image_size),
+                              budget_gb=float(s.get("memory_budget_gb") or 4.0), batch=n_pass,
+                              compute_dtype=s["compute_dtype"])
+    pixels = min(area, tile * tile) if tile else area
+    return {"bytes": state + n_pass * pixels * per_pixel, "images_bytes": state, "limit": limit, "tile": tile,
+            "pass": n_pass, "exact": exact}
+
+
+def check_memory(bb, cell: Cell, batch: int) -> dict:
+    """Refuse, before any compute, a run whose estimated peak memory exceeds the machine's."""
+    est = memory_estimate(bb, cell, batch)
+    if est["bytes"] > est["limit"]:
+        how = f"tiles of {est['tile']} px" if est["tile"] else "untiled"
+        fix = "lower data.image_size or batch_size"
+        if not est["tile"] and est["images_bytes"] <= est["limit"]:
+            fix += ", or set dream.tile_size=auto (tiles sized to dream.memory_budget_gb)"
+        raise config.ConfigError(
+            "data.image_size", f"needs an estimated {_gb(est['bytes'])} of memory (batch {batch}, {cell.backbone}, "
+            f"{how}, {est['pass']} cell(s) per gradient pass) but this machine has {_gb(est['limit'])}; {fix}",
+            value=cell.image_size)
+    return est
 
 
 def auto_tile_size(bb, taps, shape, budget_gb: float, batch: int = 1, compute_dtype: str = "float32") -> int:

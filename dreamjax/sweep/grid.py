@@ -11,9 +11,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from dreamjax import config, files
+from dreamjax.config import ConfigError
 from dreamjax.sweep import units
 
 # Dream settings that ride on the batch axis (never recompile) ...
@@ -21,12 +24,19 @@ PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
 # ... and those that define the compiled program.
 STATIC_KEYS = ("norm", "objective", "border", "frame_every", "clip", "tile_size", "optimizer",
                "grad_clip", "compute_dtype", "octaves", "num_octaves", "octave_scale", "octave_detail",
-               "memory_budget_gb", "constant_weights", "micro_batch")
-KNOWN_DREAM_KEYS = set(PER_CELL_KEYS) | set(STATIC_KEYS) | {"name"}
+               "memory_budget_gb", "constant_weights", "micro_batch", "tiles")
+# In a cell's fingerprint the painting and the weights count by content, not by where they are.
+_NOT_IN_FINGERPRINT = ("job_dir", "overrides", "painting_path", "weights", "input_error", "config_json")
 
 
-class ConfigError(ValueError):
-    """A config mistake, found before any compute; names the key and the allowed values."""
+@dataclasses.dataclass(frozen=True)
+class PaintingInput:
+    """One entry of ``data.paths`` as planned: its file, the sha256 of its bytes, or why it cannot be
+    used (unreadable, broken link, an entry matching nothing): that input's cells fail, not the run."""
+
+    path: str
+    sha256: str = ""
+    error: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +45,10 @@ class Cell:
 
     job: int  # Hydra job number (0 for a single run)
     job_dir: str  # absolute; outputs go to job_dir/<painting>/
-    painting: str  # painting name (file stem, unique within the job)
+    painting: str  # painting slug (unique within the job; files.slug of the file stem)
     painting_path: str
     backbone: str
-    weights: str
+    weights: str  # the model.weights setting (auto | random | path); weights_id says what it was
     straight_through: bool
     layers: str  # layer-set name
     taps: tuple[str, ...]
@@ -53,6 +63,10 @@ class Cell:
     overrides: tuple[str, ...] = ()
     preset: str = ""
     set_dir: str = ""  # "" = one layer set per job; else the set's folder inside the job
+    painting_sha256: str = ""  # of the painting's bytes, read at plan time
+    weights_id: str = ""  # the loaded weights' id (sha256 of the file, or the random init's id)
+    input_error: str = ""  # the painting cannot be read: the cell fails without compute
+    config_json: str = ""  # the job's full resolved config (JSON), recorded in cell.json
     # --- objective (issue 13): per-cell term entries, static rendering settings, start image ---
     objective: tuple = ()  # units.Entry per term beyond the layer taps (weights are per cell)
     objective_static: tuple = ()  # sorted (key, value): reduction, param, transforms, lapnorm, blur_every
@@ -69,17 +83,13 @@ class Cell:
     def out_dir(self) -> Path:
         return Path(self.job_dir) / self.set_dir / self.painting
 
-    @property
-    def label(self) -> str:
-        return f"{self.layers} {self.unit}" if self.unit else self.layers
-
     def static_dict(self) -> dict:
         return dict(self.static)
 
     def signature(self) -> tuple:
         """What the compiled program depends on (the bucket shape is added by the runner)."""
-        return (self.backbone, self.weights, self.straight_through, self.taps, self.static, self.image_size,
-                self.objective_static, units.structure(self.objective))
+        return (self.backbone, self.weights, self.weights_id, self.straight_through, self.taps, self.static,
+                self.image_size, self.objective_static, units.structure(self.objective))
 
     def key_seed(self) -> int:
         """Per-cell PRNG seed: from the run seed and the cell's identity, not its batch position."""
@@ -88,125 +98,80 @@ class Cell:
         return int.from_bytes(h[:4], "little")
 
     def fingerprint(self) -> str:
-        """Hash of everything that determines this cell's result (for resume and the manifest)."""
+        """Hash of everything that determines this cell's result (for resume and the manifest): the
+        settings, the painting's bytes (``painting_sha256``) and the weights (``weights_id``)."""
         d = dataclasses.asdict(self)
-        for k in ("job_dir", "overrides"):
+        for k in _NOT_IN_FINGERPRINT:
             d.pop(k)
-        for f in dataclasses.fields(self):  # settings at their defaults leave old fingerprints unchanged
+        for f in dataclasses.fields(self):  # objective settings at their defaults leave fingerprints as before
             if f.name in _OBJECTIVE_FIELDS and getattr(self, f.name) == f.default:
                 d.pop(f.name)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _get(cfg: Mapping, dotted: str, default: Any = KeyError):
-    cur: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(cur, Mapping) and not hasattr(cur, "keys"):
-            cur = None
-        if cur is None or part not in cur:
-            if default is KeyError:
-                raise ConfigError(f"missing config key {dotted!r}")
-            return default
-        cur = cur[part]
-    return cur
-
-
-def _num(key: str, value: Any, cast=float, *, minimum=None, strict=False, allow_none=False):
-    if value is None and allow_none:
-        return None
-    try:
-        v = cast(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a number") from None
-    if minimum is not None and (v <= minimum if strict else v < minimum):
-        raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} {minimum}")
-    return v
-
-
-def dream_static(dream: Mapping) -> tuple[tuple[str, Any], ...]:
-    unknown = sorted(set(dream) - KNOWN_DREAM_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown dream setting(s) {unknown}; allowed: {', '.join(sorted(KNOWN_DREAM_KEYS))}")
-    out = {}
-    for k in STATIC_KEYS:
-        v = dream.get(k)
-        if k == "octaves" and v is not None:
-            v = tuple(int(e) for e in v)
-        out[k] = v
-    scale = _num("dream.octave_scale", out["octave_scale"], strict=True, minimum=1.0)
-    out["octave_scale"] = scale
-    if out["octaves"] is None:
-        out["num_octaves"] = int(_num("dream.num_octaves", out["num_octaves"], int, minimum=1))
-    out["tile_size"] = out["tile_size"] if out["tile_size"] == "auto" else int(out["tile_size"] or 0)
-    mb = out["micro_batch"]
-    if mb in (None, "auto"):
-        out["micro_batch"] = "auto"
-    elif isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
-        raise ConfigError(f"dream.micro_batch={mb!r} must be 'auto' or an integer >= 0 "
-                          "(cells per gradient pass; 0 = the whole batch in one pass)")
+def dream_static(dream: config.Dream) -> tuple[tuple[str, Any], ...]:
+    out = {k: getattr(dream, k) for k in STATIC_KEYS}
+    if out["octaves"] is not None:
+        out["octaves"] = tuple(out["octaves"])
+    if out.get("tiles") in (None, "cover"):  # the default: left out, so existing cells keep their identity
+        out.pop("tiles", None)
     return tuple(sorted(out.items()))
 
 
-def _layer_set(layers: Mapping, backbone: str, key: str = "layers") -> tuple[str, tuple[str, ...], tuple[float, ...]]:
-    """(name, taps, effective weights = weights * scale) of one layer-weight set, validated."""
-    name = str(layers.get("name", "custom"))
-    lb = layers.get("backbone")
-    if lb and lb not in (backbone, backbone.rpartition(":")[2]):
-        raise ConfigError(f"{key}={name!r} is a set for backbone {lb!r} but model={backbone!r}; "
+def _layer_set(layers: config.LayerSet, backbone: str, key: str = "layers"):
+    """(name, taps, effective weights = weights * scale) of one validated layer-weight set."""
+    if layers.backbone and layers.backbone not in (backbone, backbone.rpartition(":")[2]):
+        raise ConfigError(f"{key}={layers.name!r} is a set for backbone {layers.backbone!r} but model={backbone!r}; "
                           f"choose a layer set made for {backbone} (e.g. layers=set1 for inception_v3, "
                           f"layers=lite_balanced for efficientnet_lite0)")
-    taps = tuple(str(t) for t in _get(layers, "taps"))
-    weights = [_num(f"{key}.weights[{i}]", w) for i, w in enumerate(_get(layers, "weights"))]
-    if len(weights) != len(taps):
-        raise ConfigError(f"{key}.weights has {len(weights)} values but {key}.taps has {len(taps)} "
-                          f"({', '.join(taps)}); give one weight per tap")
-    scale = layers.get("scale")
-    if scale is None:
-        scale = [1.0] * len(taps)
-    if len(scale) != len(taps):
-        raise ConfigError(f"{key}.scale has {len(scale)} values but {key}.taps has {len(taps)}")
-    return name, taps, tuple(float(w) * _num(f"{key}.scale", s) for w, s in zip(weights, scale))
+    return layers.name, tuple(layers.taps), layers.effective_weights()
 
 
-def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int = 0,
+def painting_slugs(paintings: Sequence[PaintingInput]) -> list[str]:
+    """Unique readable names: the slug of each file stem; a slug already taken gets ``-<8 hex>`` of the
+    painting's path, so names stay stable whatever else is in ``data.paths``."""
+    slugs = [files.slug(Path(p.path).stem) for p in paintings]
+    counts: dict[str, int] = {}
+    for s in slugs:
+        counts[s] = counts.get(s, 0) + 1
+    out, taken = [], set()
+    for s, p in zip(slugs, paintings):
+        name = s if counts[s] == 1 else f"{s}-{files.short_hash(os.path.abspath(p.path))}"
+        while name in taken:  # the same path twice (already de-duplicated upstream): keep them apart
+            name = f"{name}-{files.short_hash(name)}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def cells_from_config(cfg: Mapping | config.Config, paintings: Sequence[str | Path | PaintingInput], *, job: int = 0,
                       job_dir: str | Path = ".", overrides: Sequence[str] = (),
-                      layer_sets: Sequence[Mapping] | None = None) -> list[Cell]:
+                      layer_sets: Sequence[config.LayerSet] | None = None, weights_id: str = "") -> list[Cell]:
     """The cells of one job: one per painting and layer set, under this job's dream settings.
 
-    ``layer_sets`` (several weight sets in one run, the ``layer_sets=[...]`` option) replaces the
-    job's single ``layers``; their cells go to ``<job_dir>/<set>/<painting>/``.
+    ``layer_sets`` (several weight sets in one run, the ``layer_sets=[...]`` option, already read
+    and validated) replaces the job's single ``layers``; their cells go to ``<job_dir>/<set>/<painting>/``.
     """
-    model = _get(cfg, "model")
-    dream = _get(cfg, "dream")
-    backbone = str(_get(model, "name"))
-    if model.get("module") and ":" not in backbone:
+    c = config.validate(cfg)
+    backbone = c.model.name
+    if c.model.module and ":" not in backbone:
         # Your own backbone: "module:name" makes every process (launchers, SLURM tasks) import the
         # module that registers it before looking the name up (dreamjax.models.registry.get_spec).
-        backbone = f"{model.get('module')}:{backbone}"
+        backbone = f"{c.model.module}:{backbone}"
     if layer_sets:
         sets = [_layer_set(ls, backbone, f"layer_sets[{i}]") for i, ls in enumerate(layer_sets)]
         if len({n for n, _, _ in sets}) != len(sets):
-            raise ConfigError(f"layer_sets names a set twice: {[n for n, _, _ in sets]}")
+            raise ConfigError("layer_sets", "names a set twice", value=[n for n, _, _ in sets])
     else:
-        sets = [_layer_set(_get(cfg, "layers"), backbone)]
-    step = _num("dream.step_size", dream.get("step_size"), minimum=0.0, strict=True)
-    max_loss = _num("dream.max_loss", dream.get("max_loss"), allow_none=True)
-    jitter = int(_num("dream.jitter", dream.get("jitter", 0) or 0, int, minimum=0))
-    iterations = int(_num("dream.iterations", dream.get("iterations"), int, minimum=1))
-    image_size = int(_num("data.image_size", _get(cfg, "data.image_size"), int, minimum=1))
-    static = dream_static(dream)
-    seed = int(_get(cfg, "seed", 0))
+        sets = [_layer_set(c.layers, backbone)]
+    static = dream_static(c.dream)
     try:
-        objective = units.parse_objective(cfg.get("objective"))
+        objective = units.parse_objective(c.objective)
     except units.UnitError as e:
         raise ConfigError(str(e)) from None
-    names: dict[str, int] = {}
-    unique = []
-    for p in paintings:
-        stem = Path(p).stem
-        n = names.get(stem, 0)
-        names[stem] = n + 1
-        unique.append((stem if n == 0 else f"{stem}_{n}", str(p)))
+    inputs = [p if isinstance(p, PaintingInput) else PaintingInput(str(p)) for p in paintings]
+    unique = list(zip(painting_slugs(inputs), inputs))
+    config_json = json.dumps(c.to_dict(), sort_keys=True)
     cells = []
     for name, set_taps, set_eff in sets:
         for unit, entries in objective.cells():
@@ -215,15 +180,16 @@ def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int
             taps = set_taps + extra
             eff = tuple(w * objective.layer for w in set_eff) + (0.0,) * len(extra)
             set_dir = "/".join(p for p in (name if layer_sets else "", unit) if p)
-            for painting, path in unique:
+            for painting, inp in unique:
                 cells.append(Cell(
-                    job=job, job_dir=str(Path(job_dir).resolve()), painting=painting, painting_path=path,
-                    backbone=backbone, weights=str(model.get("weights", "auto")),
-                    straight_through=bool(model.get("straight_through", False)), layers=name,
-                    taps=taps, layer_weights=eff, step_size=step,
-                    max_loss=math.inf if max_loss is None else max_loss, jitter=jitter, iterations=iterations,
-                    seed=seed, static=static, image_size=image_size, overrides=tuple(overrides),
-                    preset=str(dream.get("name", "")), set_dir=set_dir, objective=entries,
+                    job=job, job_dir=str(Path(job_dir).resolve()), painting=painting, painting_path=inp.path,
+                    backbone=backbone, weights=c.model.weights, straight_through=c.model.straight_through,
+                    layers=name, taps=taps, layer_weights=eff, step_size=c.dream.step_size,
+                    max_loss=math.inf if c.dream.max_loss is None else c.dream.max_loss, jitter=c.dream.jitter,
+                    iterations=c.dream.iterations, seed=c.seed, static=static, image_size=c.data.image_size,
+                    overrides=tuple(overrides), preset=c.dream.name, set_dir=set_dir,
+                    painting_sha256=inp.sha256, weights_id=weights_id, input_error=inp.error,
+                    config_json=config_json, objective=entries,
                     objective_static=objective.static if entries or objective.static != _DEFAULT_STATIC else (),
                     start=objective.start, start_noise=objective.start_noise,
                     original_colors=objective.original_colors, unit=unit))
@@ -232,6 +198,14 @@ def cells_from_config(cfg: Mapping, paintings: Sequence[str | Path], *, job: int
 
 _DEFAULT_STATIC = units.parse_objective(None).static
 _OBJECTIVE_FIELDS = ("objective", "objective_static", "start", "start_noise", "original_colors", "unit")
+
+
+def cell_label(cell: Cell) -> str:
+    """The cell's caption, one meaning everywhere (cell.json, manifest.json, the gallery): its layer
+    set, then each dream setting the job's overrides changed (``tiny_set1 · step_size 0.5``)."""
+    extra = [o.split("=", 1) for o in cell.overrides if "=" in o]
+    extra = [f"{k.split('.')[-1]} {v}" for k, v in extra if k.lstrip("+~").startswith("dream.")]
+    return " · ".join([cell.layers] + ([cell.unit] if cell.unit else []) + extra)
 
 
 def group_cells(cells: Iterable[tuple[Cell, tuple[int, int]]]) -> dict[tuple, list[Cell]]:
@@ -244,7 +218,7 @@ def group_cells(cells: Iterable[tuple[Cell, tuple[int, int]]]) -> dict[tuple, li
 
 def batches(cells: Sequence[Cell], batch_size: int) -> list[list[Cell]]:
     if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError("batch_size", "must be >= 1", value=batch_size)
     return [list(cells[i:i + batch_size]) for i in range(0, len(cells), batch_size)]
 
 

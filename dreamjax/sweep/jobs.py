@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -26,9 +27,10 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 import dreamjax
-from dreamjax import __version__, files
+from dreamjax import __version__, config, files
+from dreamjax.config import ConfigError
 from dreamjax.engine import dream
-from dreamjax.models.registry import get_spec
+from dreamjax.models.registry import available_backbones, get_spec
 from dreamjax.outputs import analysis, images, report
 from dreamjax.sweep import augment, grid, objective
 from dreamjax.sweep.executor import (
@@ -36,12 +38,22 @@ from dreamjax.sweep.executor import (
     Executor,
     Interrupted,
     RunOptions,
-    resolve_paintings,
+    _expand,
+    check_memory,
+    loaded_backbone,
+    plan_inputs,
     setup_jax_cache,
 )
+from dreamjax.weights.keras_h5 import WeightsError
 
 log = logging.getLogger("dreamjax")
-SWEEP_LOCK = "dreamjax_sweep.json"
+SWEEP_RECORD = "dreamjax_sweep.json"  # which sweep owns the folder (written under the lock)
+PLAN = "plan.json"  # the planned cells: the manifest is built from these
+
+# What this process ran, for the exit status (cli.py): set by collect (and execute, as a fallback).
+OUTCOME: dict[str, int] = {"done": 0, "failed": 0, "pending": 0, "collected": 0}
+_HELD: dict[str, files.FolderLock] = {}  # folder -> its lock, held until the process ends
+EXIT_DISK_FULL = 74  # sysexits EX_IOERR: stopped on a full disk, nothing failed, the same command resumes
 
 
 def _plain(cfg) -> dict:
@@ -49,59 +61,108 @@ def _plain(cfg) -> dict:
     cannot resolve ``hydra.sweep.subdir`` outside a job)."""
     if isinstance(cfg, dict):
         return cfg
+    if isinstance(cfg, config.Config):
+        return cfg.to_dict()
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
             for k in cfg if k != "hydra"}
 
 
-def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -> list[grid.Cell]:
-    """Cells of one job, validated before any compute (unknown taps, shapes, presets...)."""
-    c = _plain(cfg)
-    paintings = resolve_paintings(c["data"]["paths"])
-    cells = grid.cells_from_config(c, paintings, job=job, job_dir=job_dir, overrides=overrides,
-                                   layer_sets=load_layer_sets(c.get("layer_sets")))
-    spec = get_spec(cells[0].backbone) if cells else None
-    if spec is not None and any(cell.objective for cell in cells):  # before the taps: names the term
-        include_top = c.get("model", {}).get("include_top")
-        objective.check(cells, spec, include_top=None if include_top is None else bool(include_top))
-    for cell in {c.layers: c for c in cells}.values() if spec is not None else ():
-        unknown = [t for t in cell.taps if t not in spec.taps]
+def check_config(cfg) -> tuple[config.Config, list[config.LayerSet] | None]:
+    """The validation pass of one job, before any painting is read or backbone loaded: the schema
+    (config.validate), the backbone's name, layer sets, taps, octave plan and static dream settings."""
+    c = config.validate(_plain(cfg))
+    try:
+        spec = get_spec(c.model.name)
+    except ValueError:
+        raise ConfigError("model.name", "is not a backbone", value=c.model.name,
+                          allowed=available_backbones()) from None
+    sets = load_layer_sets(c.layer_sets, model=dataclasses.asdict(c.model))
+    for i, ls in enumerate(sets or [c.layers]):
+        k = f"layer_sets[{i}]" if sets else "layers"
+        grid._layer_set(ls, spec.name, k)
+        unknown = [t for t in ls.taps if t not in spec.taps]
         if unknown:
-            raise grid.ConfigError(f"layers.taps: unknown tap(s) {unknown} for backbone {spec.name!r}; "
-                                   f"allowed: {', '.join(spec.taps)}")
-        _check_plan(cell, spec)
+            raise ConfigError(f"{k}.taps: unknown tap(s) {unknown} for backbone {spec.name!r}; "
+                              f"allowed: {', '.join(spec.taps)}")
+        _check_plan(c, tuple(ls.taps), spec)
+    return c, sets
+
+
+def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -> list[grid.Cell]:
+    """Cells of one job, everything checked before any compute: the config (check_config), the
+    weights (opened and loaded once, here), each painting's bytes (hashed: cells are content-addressed;
+    an unreadable one fails alone) and the peak-memory estimate."""
+    c, sets = check_config(cfg)
+    bb = load_weights(c.model)
+    inputs = plan_inputs(c.data.paths)
+    cells = grid.cells_from_config(c, inputs, job=job, job_dir=job_dir, overrides=overrides, layer_sets=sets,
+                                   weights_id=bb.weights_id)
+    if any(cell.objective for cell in cells):  # units, channel counts, classes, guides, masks
+        objective.check(cells, get_spec(cells[0].backbone), include_top=c.model.include_top)
+    groups: dict[tuple, list[grid.Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.taps, cell.static), []).append(cell)
+    for group in groups.values():
+        check_memory(bb, group[0], min(c.batch_size, len(group)))
     return cells
 
 
-def load_layer_sets(names) -> list[dict] | None:
-    """``layer_sets=[set1,set2,...]``: several layer-weight sets dreamed in one run (one batch)."""
+def plan_jobs(jobs: Sequence[tuple[Any, int, str | Path, Sequence[str]]]) -> list[list[grid.Cell]]:
+    """Every job of a sweep: all configs checked first (a typo in the last job stops the sweep before
+    any weights or painting are read), then each job planned."""
+    for cfg, *_ in jobs:
+        check_config(cfg)
+    return [plan(cfg, job=job, job_dir=job_dir, overrides=overrides) for cfg, job, job_dir, overrides in jobs]
+
+
+def load_weights(model: config.Model):
+    """The backbone with ``model.weights`` loaded (once per process; the run reuses it). Every problem
+    (missing, empty, truncated, not a weights file, an unsafe pickle, offline ``auto`` with nothing
+    cached) is one WeightsError naming the setting."""
+    try:
+        return loaded_backbone(model.name, model.weights)
+    except Exception as e:  # noqa: BLE001 - whatever the loader met, it is the weights' problem
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, WeightsError):
+            msg = f"{type(e).__name__}: {msg}"
+        raise WeightsError(f"model.weights={model.weights!r} ({model.name}): {msg}"[:1000]) from None
+
+
+def load_layer_sets(names, model: dict | None = None) -> list[config.LayerSet] | None:
+    """``layer_sets=[set1,set2,...]``: several layer-weight sets dreamed in one run (one batch). A set
+    file may refer to the model's keys (``${model.study.taps}``): they resolve against ``model``."""
     if not names:
         return None
 
     folder = Path(dreamjax.config_dir()) / "layers"
     out = []
-    for n in names:
-        if isinstance(n, dict):
+    for i, n in enumerate(names):
+        if isinstance(n, config.LayerSet):
             out.append(n)
+            continue
+        if isinstance(n, dict):
+            out.append(config.validate_layer_set(n, f"layer_sets[{i}]"))
             continue
         f = folder / f"{n}.yaml"
         if not f.is_file():
             allowed = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-            raise grid.ConfigError(f"layer_sets: unknown layer set {n!r}; allowed: {allowed}")
-        out.append(OmegaConf.to_container(OmegaConf.load(f), resolve=True))
+            raise ConfigError(f"layer_sets[{i}]", "is not a layer set", value=n, allowed=allowed)
+        node = OmegaConf.create({"model": model or {}, "set": OmegaConf.load(f)})
+        out.append(config.validate_layer_set(OmegaConf.to_container(node, resolve=True)["set"], f"layer_sets[{i}]"))
     return out
 
 
-def _check_plan(cell: grid.Cell, spec):
-    """The octave plan must fit the backbone, checked before any compute on the square bucket;
-    a painting whose elongated bucket is too small fails alone at run time (the rest go on)."""
-    s = cell.static_dict()
-    try:
-        dream.OctavePlan.from_settings(s).check(
-            cell.image_size, cell.image_size, backbone=spec.name, min_size=spec.min_size,
-            deepest_stride=max(spec.tap_strides[t] for t in cell.taps), border=int(s["border"]),
-            objective=s["objective"])
-    except dream.DreamSettingsError as e:
-        raise grid.ConfigError(str(e)) from None
+def _check_plan(c: config.Config, taps: tuple[str, ...], spec):
+    """The octave plan and the static settings must fit the backbone, checked before any compute
+    on the square bucket; a painting whose elongated bucket is too small fails alone at run time."""
+    s = dict(grid.dream_static(c.dream))
+    dream.OctavePlan.from_settings(s).check(
+        c.data.image_size, c.data.image_size, backbone=spec.name, min_size=spec.min_size,
+        deepest_stride=max(spec.tap_strides[t] for t in taps), border=int(s["border"]), objective=s["objective"])
+    dream.DreamConfig(taps=taps, norm=s["norm"], objective=s["objective"], border=s["border"],
+                      frame_every=s["frame_every"], clip=s["clip"], optimizer=s["optimizer"],
+                      grad_clip=s["grad_clip"], compute_dtype=s["compute_dtype"],
+                      straight_through=c.model.straight_through)
 
 
 def options(cfg) -> RunOptions:
@@ -114,6 +175,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum = 0
         self._old = {}
 
     def __call__(self) -> bool:
@@ -123,6 +185,7 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             os._exit(130)
         self.requested = True
+        self.signum = signum
         log.warning("%s received: checkpointing the in-flight batch, then exiting (Ctrl-C again to exit now)",
                     signal.Signals(signum).name)
 
@@ -152,12 +215,27 @@ def execute(cells: list[grid.Cell], cfg, *, checkpoint_root: str | Path, resume_
             records = ex.run(cells, checkpoint_root=checkpoint_root)
         except Interrupted as e:
             log.warning("%s. Resume with the same command: %s", e, resume_cmd)
-            raise SystemExit(143) from None
+            raise SystemExit(128 + (stop.signum or signal.SIGTERM)) from None  # 130: Ctrl-C, 143: SIGTERM
+        except files.DiskFull as e:
+            disk_full(e)
     ex.compiles.close()
-    _final_table(ex, records, Path(stats_path).parent if stats_path else Path(checkpoint_root).parent)
+    _final_table(ex, records, Path(checkpoint_root).parent)  # the sweep (or run) folder
     stats = dict(ex.stats, compilations=ex.compiles.count, compile_seconds=round(ex.compiles.seconds, 3))
-    files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
+    try:
+        files.write_json(stats_path or Path(checkpoint_root).parent / "run_stats.json", stats)
+    except OSError as e:
+        if not files.is_disk_full(e):
+            raise
+        disk_full(files.DiskFull(Path(checkpoint_root).parent))
+    for r in records:
+        OUTCOME[r.get("status", "failed") if r.get("status") in ("done", "failed") else "pending"] += 1
     return records
+
+
+def disk_full(e: files.DiskFull):
+    """Stop once, with one line, on a full disk (exit 74)."""
+    log.error("%s", e)
+    raise SystemExit(EXIT_DISK_FULL)
 
 
 def _final_table(ex: Executor, records: list[dict], out_dir: Path | None = None):
@@ -187,24 +265,118 @@ def _command() -> str:
     return " ".join(shlex.quote(a) for a in ["dreamjax"] + sys.argv[1:])
 
 
-def claim_dir(directory: Path, overrides: Sequence[str], cfg) -> None:
-    """Refuse to mix two different sweeps in one folder; the same command resumes."""
-    mode = str(_plain(cfg).get("resume", "auto"))
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / SWEEP_LOCK
-    mine = {"overrides": sorted(overrides), "name": _plain(cfg).get("name")}
-    if lock.exists():
-        theirs = json.loads(lock.read_text())
-        if {k: theirs.get(k) for k in mine} != mine:
-            raise grid.ConfigError(
-                f"{directory} already holds the results of another sweep (overrides {theirs.get('overrides')}); "
-                f"it is never overwritten: choose another name=... (or hydra.sweep.dir / hydra.run.dir)")
-        if mode in ("false", "False", "no"):
-            raise grid.ConfigError(f"{directory} already holds results and resume=false; choose another name=...")
+def _inputs_of(c: config.Config) -> list[str]:
+    """``data.paths`` as absolute entries: the same relative paths from two working folders are two
+    different sweeps."""
+    paths = [c.data.paths] if isinstance(c.data.paths, str) else c.data.paths
+    return [os.path.abspath(os.path.expanduser(_expand(str(p)))) for p in paths]
+
+
+def claim(directory: str | Path, overrides: Sequence[str], cfgs: Sequence, cells: Sequence[grid.Cell], *,
+          record: bool = True) -> files.FolderLock:
+    """Take the folder for this run, after its config was checked: an exclusive lock held until the
+    process ends (a second process on the folder is told who holds it and exits), then, under the
+    lock, the sweep record (another sweep's folder is never overwritten; the same command resumes)
+    and the plan (the cells the manifest lists)."""
+    directory = Path(directory).absolute()
+    key = str(directory)
+    lock = _HELD.get(key)
+    if lock is None:
+        lock = files.FolderLock(directory, {"name": config.validate(_plain(cfgs[0])).name})
+        lock.acquire()
+        if lock.previous.get("pid"):
+            log.info("took over the lock left by pid %s on %s (no longer running)", lock.previous.get("pid"),
+                     lock.previous.get("host"))
+        _HELD[key] = lock
+    try:
+        if record:
+            _check_sweep_record(directory, overrides, [config.validate(_plain(c)) for c in cfgs])
+        _write_plan(directory, cells)
+    except BaseException:
+        _HELD.pop(key, None)
+        lock.release()
+        raise
+    return lock
+
+
+def release(directory: str | Path) -> None:
+    lock = _HELD.pop(str(Path(directory).absolute()), None)
+    if lock is not None:
+        lock.release()
+
+
+def _without_paths(overrides: Sequence[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith("data.paths="))
+
+
+def _check_sweep_record(directory: Path, overrides: Sequence[str], cfgs: Sequence[config.Config]) -> None:
+    """The same sweep = the same name and overrides, with inputs (``data.paths`` resolved to absolute
+    entries) that are the old ones, fewer (a removed painting: its cells are stale) or more (the sweep
+    extended). Other settings, or other inputs altogether (the same relative paths from another
+    working folder), are another sweep, and its folder is never overwritten."""
+    mode = cfgs[0].resume
+    rec = directory / SWEEP_RECORD
+    inputs = sorted({p for c in cfgs for p in _inputs_of(c)})
+    mine = {"overrides": sorted(overrides), "name": cfgs[0].name, "inputs": inputs}
+    if rec.exists():
+        try:
+            theirs = json.loads(rec.read_text())
+        except (OSError, ValueError):
+            theirs = {}
+        same = bool(theirs) and theirs.get("name") == mine["name"] and \
+            _without_paths(theirs.get("overrides") or []) == _without_paths(mine["overrides"])
+        old = set(theirs.get("inputs") or inputs)  # records of older versions have no "inputs"
+        if same and not (old <= set(inputs) or set(inputs) <= old):
+            same = False
+            what = f"inputs {sorted(old)}"
+        else:
+            what = f"overrides {theirs.get('overrides')}"
+        if not same:
+            raise ConfigError(
+                f"{directory} already holds the results of another sweep ({what}); it is never overwritten: "
+                f"choose another name=... (or hydra.sweep.dir / hydra.run.dir)")
+        if mode == "false":
+            raise ConfigError("resume", f"is false and {directory} already holds results; choose another name=...",
+                              value=False)
         log.info("resuming in %s (complete cells are skipped)", directory)
+        if theirs.get("inputs") != inputs or theirs.get("overrides") != mine["overrides"]:
+            files.write_json(rec, theirs | mine)
         return
-    files.write_json(lock, mine | {"created": _dt.datetime.now().isoformat(timespec="seconds"),
-                                    "command": _command()})
+    files.write_json(rec, mine | {"created": _dt.datetime.now().isoformat(timespec="seconds"),
+                                  "command": _command()})
+
+
+def _plan_entry(root: Path, c: grid.Cell) -> dict:
+    return {"id": c.id, "job": c.job, "dir": os.path.relpath(c.out_dir, root),
+            "job_dir": os.path.relpath(c.job_dir, root), "painting": c.painting,
+            "painting_path": c.painting_path, "painting_sha256": c.painting_sha256 or None, "layers": c.layers,
+            "label": grid.cell_label(c), "fingerprint": c.fingerprint(), "backbone": c.backbone,
+            "weights": c.weights, "weights_id": c.weights_id, "input_error": c.input_error or None,
+            "overrides": list(c.overrides)}
+
+
+def _write_plan(directory: Path, cells: Sequence[grid.Cell]) -> None:
+    """``plan.json``: the cells of this run, per job. A job's entries replace that job's old ones (the
+    basic launcher plans one job at a time); a painting no longer planned is left out, so its old
+    files are reported as stale, not as part of the run."""
+    path = directory / PLAN
+    try:
+        old = json.loads(path.read_text()).get("jobs", {})
+    except (OSError, ValueError):
+        old = {}
+    jobs = {str(j): [] for j in sorted({c.job for c in cells})}
+    for c in cells:
+        jobs[str(c.job)].append(_plan_entry(directory, c))
+    merged = (old | jobs) if HydraConfig.initialized() and _basic_multirun() else jobs
+    files.write_json(path, {"dreamjax_version": __version__, "jobs": merged})
+
+
+def _basic_multirun() -> bool:
+    try:
+        hc = HydraConfig.get()
+        return hc.mode == RunMode.MULTIRUN and "dreamjax" not in str(hc.launcher.get("_target_", ""))
+    except Exception:  # noqa: BLE001 - no Hydra context: a library call
+        return False
 
 
 def task(cfg) -> Any:
@@ -213,16 +385,17 @@ def task(cfg) -> Any:
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = int(hc.job.num) if multirun and hc.job.get("num") is not None else 0
-    if not multirun:
-        claim_dir(job_dir, list(hc.overrides.task), cfg)
-    cells = plan(cfg, job=job, job_dir=job_dir, overrides=list(hc.overrides.task))
-    root = (Path(hc.sweep.dir) if multirun else job_dir) / ".checkpoints"
+    cells = plan(cfg, job=job, job_dir=job_dir, overrides=list(hc.overrides.task))  # before any claim
+    sweep_dir = Path(hc.sweep.dir) if multirun else job_dir
+    claim(sweep_dir, list(hc.overrides.task), [cfg], cells, record=not multirun)
+    root = sweep_dir / ".checkpoints"
     records = execute(cells, cfg, checkpoint_root=root, resume_cmd=_command(),
                       stats_path=job_dir / "run_stats.json")
     if not multirun:
         collect(job_dir)
         if _plain(cfg).get("augment"):  # experiment=augment: the dataset and its success rate
             augment.write_dataset(job_dir, _plain(cfg)["augment"])
+        release(job_dir)
     return {r["id"]: r["status"] for r in records}
 
 
@@ -230,22 +403,51 @@ def task(cfg) -> Any:
 # Collect: manifest, summary, grids, gallery
 # ----------------------------------------------------------------------------------------------
 def find_records(sweep_dir: Path) -> list[dict]:
+    """Every cell record under a folder (a scan: for sweeps without a plan, and to find stale cells)."""
     recs = []
-    for p in sorted(sweep_dir.rglob(CELL_RECORD)):
+    for p in sorted(Path(sweep_dir).rglob(CELL_RECORD)):
         if ".checkpoints" in p.parts:
             continue
         try:
-            recs.append(json.loads(p.read_text()))
+            recs.append(json.loads(p.read_text()) | {"_path": str(p)})
         except (OSError, ValueError) as e:
             log.warning("unreadable cell record %s: %s", p, e)
     recs.sort(key=lambda r: (int(r.get("job", 0)), r.get("painting", ""), r.get("layers", "")))
     return recs
 
 
-def build_manifest(sweep_dir: Path, records: list[dict]) -> dict:
+def planned_records(sweep_dir: Path) -> tuple[list[dict], list[dict]] | None:
+    """(records of the planned cells, stale records) from ``plan.json``; None for a folder without one.
+    A planned cell without a current record (none yet, or one of other settings or other painting
+    bytes) is pending; a record no planned cell claims is stale (its files stay, listed as such)."""
+    try:
+        plan_ = json.loads((Path(sweep_dir) / PLAN).read_text())
+    except (OSError, ValueError):
+        return None
+    records, claimed = [], set()
+    for _job, entries in sorted(plan_.get("jobs", {}).items(), key=lambda kv: int(kv[0])):
+        for e in entries:
+            path = Path(sweep_dir) / e["dir"] / CELL_RECORD
+            claimed.add(os.path.normpath(str(path)))
+            try:
+                rec = json.loads(path.read_text())
+            except (OSError, ValueError):
+                rec = None
+            if rec is None or rec.get("fingerprint") != e["fingerprint"]:
+                rec = {k: v for k, v in e.items() if k != "dir"} | {
+                    "job_dir": os.path.normpath(os.path.join(sweep_dir, e["job_dir"])),
+                    "status": "pending", "error": None, "outputs": {}}
+            records.append(rec)
+    stale = [r | {"_dir": os.path.relpath(os.path.dirname(r["_path"]), sweep_dir)} for r in find_records(sweep_dir)
+             if os.path.normpath(r["_path"]) not in claimed]
+    return records, stale
+
+
+def build_manifest(sweep_dir: Path, records: list[dict], stale: Sequence[dict] = ()) -> dict:
     sweep_dir = Path(sweep_dir).resolve()
     cells, paintings = [], {}
     for r in records:
+        r.pop("_path", None)
         job_rel = os.path.relpath(r["job_dir"], sweep_dir)
         rel = lambda p, job_rel=job_rel: os.path.normpath(os.path.join(job_rel, p))  # noqa: E731
         outs = {k: ([rel(x) for x in v] if isinstance(v, list) else rel(v)) for k, v in r.get("outputs", {}).items()}
@@ -257,38 +459,53 @@ def build_manifest(sweep_dir: Path, records: list[dict]) -> dict:
                                "status": "failed" if err else "ok", "error": err}
         cells.append({
             "id": r["id"], "job_dir": job_rel, "painting": name, "layers": r["layers"], "unit": r.get("unit", ""),
-            "label": _label(r), "overrides": r.get("overrides", []), "hyper": r.get("hyper", {}),
+            "label": r.get("label") or r["layers"], "overrides": r.get("overrides", []), "hyper": r.get("hyper", {}),
             "status": r["status"], "error": r.get("error"), "outputs": outs,
             "final_losses": r.get("final_losses", {}), "final_loss": r.get("final_loss"),
             "seconds": r.get("seconds", {}), "fingerprint": r.get("fingerprint"), "backbone": r.get("backbone"),
-            "weights_id": r.get("weights_id"), "taps": r.get("taps"), "layer_weights": r.get("layer_weights"),
+            "weights": r.get("weights"), "weights_id": r.get("weights_id"), "taps": r.get("taps"),
+            "layer_weights": r.get("layer_weights"), "painting_sha256": r.get("painting_sha256"),
             "hashes": {rel(k): v for k, v in r.get("hashes", {}).items()},
         })
     backbones = sorted({c["backbone"] for c in cells if c.get("backbone")})
     weights = sorted({c["weights_id"] for c in cells if c.get("weights_id")})
+    wants = [w for w in ((r.get("config") or {}).get("analyze") for r in records) if w is not None]
     return {
         "dreamjax_version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "sweep_dir": str(sweep_dir), "backbone": ", ".join(backbones), "weights_id": ", ".join(weights),
+        "analyze": all(wants) if wants else True,
         "counts": {s: sum(c["status"] == s for c in cells) for s in ("done", "failed", "pending")},
         "paintings": paintings, "cells": cells,
+        "stale": [{"id": r.get("id"), "painting": r.get("painting"), "painting_path": r.get("painting_path"),
+                   "dir": r.get("_dir"), "status": r.get("status")} for r in stale],
     }
 
 
-def _label(r: dict) -> str:
-    """Caption: the layer set, plus whatever hyperparameter the job's overrides changed."""
-    extra = [o.split("=", 1) for o in r.get("overrides", []) if "=" in o]
-    extra = [f"{k.split('.')[-1]} {v}" for k, v in extra if k.startswith("dream.")]
-    return " · ".join([r["layers"]] + extra)
-
-
 def collect(sweep_dir: str | Path, *, analyze: bool = True) -> dict:
-    """Write manifest.json, summary.csv, grids/ and index.html for a sweep (or a single run);
-    then, unless ``analyze=False`` or the sweep's config says ``analyze: false``, the analysis."""
+    """Write manifest.json, summary.csv, grids/ and index.html for a sweep (or a single run) from its
+    planned cells' records; then, unless ``analyze=False`` or the cells' config says ``analyze: false``,
+    the analysis."""
     sweep_dir = Path(sweep_dir).resolve()
-    records = find_records(sweep_dir)
+    planned = planned_records(sweep_dir)
+    if planned is None:  # a folder of an older dreamjax (no plan.json): every record found
+        records, stale = find_records(sweep_dir), []
+    else:
+        records, stale = planned
     if not records:
         raise FileNotFoundError(f"no cell records ({CELL_RECORD}) under {sweep_dir}: nothing to collect")
-    manifest = build_manifest(sweep_dir, records)
+    try:
+        return _collect(sweep_dir, records, stale, analyze)
+    except OSError as e:
+        if files.is_disk_full(e):
+            raise files.DiskFull(sweep_dir) from None
+        raise
+
+
+def _collect(sweep_dir: Path, records: list[dict], stale: list[dict], analyze: bool) -> dict:
+    manifest = build_manifest(sweep_dir, records, stale)
+    for k in ("done", "failed", "pending"):
+        OUTCOME[k] = manifest["counts"][k]
+    OUTCOME["collected"] += 1
     originals = {}
     for name, p in manifest["paintings"].items():
         if p["status"] == "ok":
@@ -299,6 +516,9 @@ def collect(sweep_dir: str | Path, *, analyze: bool = True) -> dict:
     files.write_json(sweep_dir / "manifest.json", manifest)
     paths = report.write_sweep_report(sweep_dir, manifest, originals)
     log.info("sweep report: %s", sweep_dir / "index.html")
+    if stale:
+        log.info("%d stale cells (paintings no longer planned) kept on disk, listed under 'stale' in "
+                 "manifest.json", len(stale))
     if analyze:  # config `analyze` (default true): classes, layer energy, change; never breaks the sweep
         analysis.analyze_after_collect(sweep_dir, manifest)
     return {"manifest": manifest, "paths": paths}

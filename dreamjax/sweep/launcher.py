@@ -14,21 +14,23 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
+from dreamjax import files
 from dreamjax.sweep import jobs as sweep
 
 log = logging.getLogger("dreamjax")
+# Sweep folders whose launcher has written (or, with ``wait=false``, deferred) the report itself:
+# the callback then leaves them alone, so collect and the analysis run once per sweep.
+_REPORTED: set[str] = set()
 
 
-def _plan_task(cfg: DictConfig):
-    """Runs inside Hydra's run_job: the job's directory and .hydra/ files exist; return its cells."""
-    hc = HydraConfig.get()
-    return sweep.plan(cfg, job=int(hc.job.num), job_dir=hc.runtime.output_dir, overrides=list(hc.overrides.task))
+def report_handled(sweep_dir: str | Path) -> None:
+    """Called by a launcher that collects ``sweep_dir`` itself (or leaves it to dreamjax-collect)."""
+    _REPORTED.add(str(Path(sweep_dir).resolve()))
 
 
 class DreamjaxLauncher(Launcher):
@@ -41,17 +43,28 @@ class DreamjaxLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def compose_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        """Compose and plan every job (as the basic launcher composes them); returns JobReturns."""
-        rets = []
+        """Compose every job (as the basic launcher composes them), check and plan them all before
+        anything is written (a mistake in any job stops the sweep before compute), claim the sweep
+        folder (lock + sweep record + plan), then let Hydra write each job's folder and ``.hydra/``
+        files. Returns the JobReturns, each holding its job's cells."""
+        jobs = []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(cfg):
                 cfg.hydra.job.id = idx
                 cfg.hydra.job.num = idx
-            rets.append(run_job(hydra_context=self.hydra_context, task_function=_plan_task, config=cfg,
-                                job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
-        for ret in rets:  # config mistakes stop the sweep before any compute
+            job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+            jobs.append((cfg, idx, job_dir, list(cfg.hydra.overrides.task)))
+        planned = sweep.plan_jobs(jobs)
+        assert self.config is not None
+        sweep.claim(Path(str(self.config.hydra.sweep.dir)), list(self.config.hydra.overrides.task),
+                    [cfg for cfg, *_ in jobs], [c for cells in planned for c in cells])
+        rets = []
+        for (cfg, *_), cells in zip(jobs, planned):
+            rets.append(run_job(hydra_context=self.hydra_context, task_function=lambda _cfg, cells=cells: cells,
+                                config=cfg, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+        for ret in rets:
             if ret.status == JobStatus.FAILED:
                 raise ret._return_value
         return rets
@@ -61,7 +74,6 @@ class DreamjaxLauncher(Launcher):
         assert self.config is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep.claim_dir(sweep_dir, list(self.config.hydra.overrides.task), self.config)
         log.info("dreamjax launcher: planning %d jobs in %s", len(job_overrides), sweep_dir)
         rets = self.compose_jobs(job_overrides, initial_job_idx)
         cells = [c for r in rets for c in r.return_value]
@@ -80,7 +92,11 @@ class SweepReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if str(sweep_dir.resolve()) in _REPORTED:
+            return
         try:
             sweep.collect(sweep_dir)
         except FileNotFoundError as e:
             log.warning("%s", e)
+        except files.DiskFull as e:
+            sweep.disk_full(e)

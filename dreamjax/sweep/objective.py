@@ -31,7 +31,7 @@ def tap_channels(spec) -> dict[str, int]:
 @functools.lru_cache(maxsize=None)
 def _tap_channels(name: str) -> tuple:
     spec = get_spec(name)
-    module = spec.build(include_top=False, dtype=jnp.float32, dream=False)
+    module = spec.build(include_top=False, dtype=jnp.float32, straight_through=False)
     size = max(spec.min_size, 64)
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: module.init_with_output(jax.random.PRNGKey(0), x)[0][1], x)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,10 +41,11 @@ import submitit
 from hydra.core.utils import configure_log, setup_globals
 from omegaconf import OmegaConf
 
+from dreamjax import files
 from dreamjax.sweep import executor as run
 from dreamjax.sweep import grid
 from dreamjax.sweep import jobs as sweep
-from dreamjax.sweep.launcher import DreamjaxLauncher
+from dreamjax.sweep.launcher import DreamjaxLauncher, report_handled
 
 log = logging.getLogger("dreamjax")
 
@@ -106,6 +109,89 @@ def _task_logging():
     logging.getLogger("dreamjax").setLevel(logging.INFO)
 
 
+# squeue states of a job that is not over yet (anything else, or no longer listed, is over).
+_LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
+         "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+         "PREEMPTED", "READY", "UNKNOWN"}
+
+
+class SqueueWatcher(submitit.slurm.slurm.SlurmInfoWatcher):
+    """Job states from ``squeue`` instead of ``sacct``, for clusters without accounting.
+
+    There, sacct fails on every poll (submitit logs a warning each time, "Bypassing sacct error")
+    and never reports a job as over, so a task that ended without a result file (killed,
+    cancelled, out of memory) would be waited for forever. squeue lists every job slurmctld
+    knows (ended ones for ``MinJobAge``); a job it no longer lists has ended, and its result file,
+    or the lack of one, says how. A failed poll is logged once, not on every retry."""
+
+    def __init__(self, delay_s: int = 30) -> None:
+        super().__init__(delay_s=delay_s)
+        self._warned = False
+
+    def _make_command(self):
+        ids = sorted({x.split("_")[0] for x in self._registered - self._finished})
+        if not ids:
+            return None
+        return ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%N", f"--jobs={','.join(ids)}"]
+
+    def read_info(self, string) -> dict[str, dict[str, str]]:
+        if not isinstance(string, str):
+            string = string.decode()
+        info = {}
+        for line in string.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[0]:
+                info[parts[0]] = {"JobID": parts[0], "State": parts[1], "NodeList": parts[2]}
+        for jid in self._registered - self._finished:  # no longer known to slurmctld: over
+            info.setdefault(jid, {"JobID": jid, "State": "ENDED", "NodeList": ""})
+        return info
+
+    def is_done(self, job_id: str, mode: str = "standard") -> bool:
+        return self.get_state(job_id, mode=mode).split()[0].upper() not in _LIVE
+
+    def update(self) -> None:
+        command = self._make_command()
+        if command is None:
+            return
+        self._num_calls += 1
+        try:
+            p = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            p = subprocess.CompletedProcess(command, 1, "", str(e))
+        if p.returncode == 0 or "invalid job id" in p.stderr.lower():  # every job purged: all over
+            self._info_dict.update(self.read_info(p.stdout if p.returncode == 0 else ""))
+        elif not self._warned:
+            self._warned = True
+            log.warning("squeue failed (%s); job states may lag, retrying every %d s at most",
+                        (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1], self._delay_s)
+        self._last_status_check = time.time()
+        for job_id in self._registered - self._finished:
+            if self.is_done(job_id, mode="cache"):
+                self._finished.add(job_id)
+
+
+def watch_with_squeue(jobs: Sequence[submitit.Job]) -> None:
+    """Poll these jobs' states with squeue (submitit's array jobs are plain ``SlurmJob``s, whose
+    shared watcher calls sacct): an instance watcher shadows the class one."""
+    watcher = SqueueWatcher()
+    for job in jobs:
+        job.watcher = watcher
+        watcher.register_job(job.job_id)
+
+
+def accounting_enabled() -> bool:
+    """Whether this cluster keeps job accounting (sacct works); False when SLURM says
+    ``AccountingStorageType = accounting_storage/none`` (or cannot be asked)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    for line in out.splitlines():
+        if line.split("=")[0].strip() == "AccountingStorageType":
+            return line.split("=", 1)[1].strip() not in ("", "accounting_storage/none", "(null)")
+    return False
+
+
 def make_executor(params: dict, folder: str | Path):
     """A submitit executor from the launcher's config: generic keys as they are, the rest
     passed to the chosen cluster (``slurm_<key>``), ``additional_parameters`` included."""
@@ -144,7 +230,6 @@ class DreamjaxSlurmLauncher(DreamjaxLauncher):
         params = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                   for k, v in self.params.items()}
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
-        sweep.claim_dir(sweep_dir, list(self.config.hydra.overrides.task), self.config)
         log.info("dreamjax submitit launcher (%s): planning %d jobs in %s", params.get("submitit_executor"),
                  len(job_overrides), sweep_dir)
         rets = self.compose_jobs(job_overrides, initial_job_idx)
@@ -161,10 +246,13 @@ class DreamjaxSlurmLauncher(DreamjaxLauncher):
             ex = make_executor(params, folder)
             runner = SweepTasks(cfg, str(sweep_dir), sweep._command())
             jobs = ex.map_array(runner, [i for i, _ in todo], [ch for _, ch in todo])
+            if ex.cluster == "slurm" and not accounting_enabled():  # sacct cannot answer: poll squeue
+                watch_with_squeue(jobs)
             log.info("submitted array %s (%d tasks); logs in %s", jobs[0].job_id.split("_")[0], len(jobs),
                      Path(folder).parent if "%j" in folder else folder)
             if not params.get("wait", True):
                 log.info("not waiting: when the tasks are done, run  dreamjax-collect %s", sweep_dir)
+                report_handled(sweep_dir)  # no report of a sweep still running
                 return self._returns(rets, initial_job_idx, by_job)
             for (i, _), job in zip(todo, jobs):
                 try:
@@ -173,10 +261,13 @@ class DreamjaxSlurmLauncher(DreamjaxLauncher):
                 except Exception as e:  # a task that died: its cells stay incomplete
                     failed.append(i)
                     log.error("array task %d (%s) failed: %s", i, job.job_id, str(e).strip().splitlines()[-1:])
+        report_handled(sweep_dir)  # collected here (also when tasks failed), not again by the callback
         try:
             sweep.collect(sweep_dir)
         except FileNotFoundError as e:
             log.warning("%s", e)
+        except files.DiskFull as e:
+            sweep.disk_full(e)
         if failed:
             msg = (f"{len(failed)} array tasks failed ({failed}); rerun the same command to resubmit them (they "
                    f"resume from their checkpoints): {sweep._command()}")
