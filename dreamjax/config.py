@@ -223,6 +223,8 @@ class Model:
     weights: str = key("auto", nullable=False, auto=True,
                        doc="auto | random | path to a weights file; checked once at plan time")
     straight_through: bool = key(False, "bool", doc="dream through ReLU6 with a plain-ReLU backward")
+    include_top: bool | None = key(None, "bool", nullable=True,
+                                   doc="null: loaded with the classifier top when a class term needs it")
     study: Study = group(Study)
 
 
@@ -353,6 +355,12 @@ def _layer_sets(k: str, v: Any):
     return out
 
 
+def _mapping(k: str, v: Any):
+    if v is not None and not isinstance(v, Mapping):
+        raise ConfigError(k, "must be a group of keys", value=v)
+    return None if v is None else dict(v)
+
+
 @dataclasses.dataclass
 class Config:
     """The root config (conf/config.yaml). ``hydra`` (Hydra's own node) is not part of it."""
@@ -374,6 +382,10 @@ class Config:
     checkpoint: Checkpoint = group(Checkpoint)
     motion: Motion = group(Motion)
     video: Video = group(Video)
+    # Issue 13: the objective node (conf/objective/*.yaml) and the augment experiment's node; read by
+    # dreamjax.sweep.units (units, classes, atlases), which raises ConfigError naming the key.
+    objective: dict | None = dataclasses.field(default=None, metadata={"kind": "custom", "check": _mapping})
+    augment: dict | None = dataclasses.field(default=None, metadata={"kind": "custom", "check": _mapping})
 
     def to_dict(self) -> dict:
         """Plain data (the full resolved config, as recorded in each cell.json)."""

@@ -42,6 +42,10 @@ from dreamjax.config import (
     TILINGS,
     ConfigError,
 )
+from dreamjax.engine import objectives, transforms
+from dreamjax.engine import params as parameterisations
+from dreamjax.engine.objectives import ObjectiveError, Terms
+from dreamjax.engine.transforms import Transforms
 from dreamjax.models.ops import KernelsUnavailable
 
 __all__ = ["NORMS", "OBJECTIVES", "DETAIL_MODES", "OPTIMIZERS", "COMPUTE_DTYPES", "ConfigError", "DreamConfig",
@@ -108,6 +112,20 @@ class DreamConfig:
     # bfloat16 on AMX / AVX512-BF16 where the extension builds, else XLA; "xla"; "onednn"
     # (an error where it cannot run); "onednn_f32". The image and its updates stay float32.
     cpu_kernels: str = "xla"
+    # --- objectives and rendering (issue 13) ---
+    # terms: which objective terms beyond the layer taps exist (their weights are per cell, in
+    #   CellParams.terms); param: what is optimised (engine/params.py); transforms: robustness
+    #   transforms drawn per cell (engine/transforms.py); lapnorm: Laplacian-pyramid levels of the
+    #   gradient normalisation applied before ``norm`` (0 = off; Google's notebook uses 4).
+    terms: Terms = Terms()
+    param: str = "pixels"
+    transforms: Transforms = Transforms()
+    lapnorm: int = 0
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Names of the loss record's columns: one per tap (unweighted), then each term (weighted)."""
+        return tuple(self.taps) + self.terms.columns
 
     @property
     def image_dtype(self):
@@ -132,6 +150,16 @@ class DreamConfig:
             raise ConfigError(f"dream.tile_size must be >= 0 (0 = untiled), got {self.tile_size}")
         if self.micro_batch < 0:
             raise ConfigError(f"dream.micro_batch must be >= 0 (0 = the whole batch), got {self.micro_batch}")
+        _one_of("objective.param", self.param, parameterisations.PARAMS)
+        missing = [t for t in self.terms.taps if t not in self.taps]
+        if missing:
+            raise ConfigError(f"objective term tap(s) {missing} are not among the dream's taps "
+                              f"{list(self.taps)}; add them (with layer weight 0)")
+        if self.lapnorm < 0:
+            raise ConfigError(f"objective.lapnorm must be >= 0 levels (0 = off), got {self.lapnorm}")
+        if self.lapnorm and self.param != "pixels":
+            raise ConfigError(f"objective.lapnorm normalises a pixel gradient; it cannot be combined with "
+                              f"objective.param={self.param!r} (its own 1/f scaling does that job)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,12 +269,17 @@ class CellParams(NamedTuple):
     jitter: jax.Array  # i32[B]; random roll amplitude in pixels (0 = none)
     iterations: jax.Array  # i32[B]; steps per octave
     key: jax.Array  # u32[B, 2]; raw PRNG key data
+    # Objective term values, {name: f32[B, ...]} as ``Terms.value_shapes`` names them (None = no
+    # terms beyond the layer taps).
+    terms: Any = None
 
     @classmethod
-    def make(cls, layer_weights, step_size, max_loss=None, jitter=0, iterations=30, seed=0, dtype=np.float32):
+    def make(cls, layer_weights, step_size, max_loss=None, jitter=0, iterations=30, seed=0, dtype=np.float32,
+             terms=None):
         """Broadcast python/numpy values to a batch (B = len(layer_weights)). ``dtype`` is that of
         the weights, steps and loss limits: float32, or float64 for a float64 dream (a float32
-        step of 0.01 is 0.01 * (1 - 2e-8), which 60 normalised steps turn into a 1e-6 change)."""
+        step of 0.01 is 0.01 * (1 - 2e-8), which 60 normalised steps turn into a 1e-6 change).
+        ``terms``: the per-cell objective term values (``Terms.zeros`` names and shapes them)."""
         w = np.asarray(layer_weights, dtype)
         if w.ndim != 2:
             raise ConfigError(f"layer_weights must be [cells, taps], got shape {w.shape}")
@@ -258,11 +291,12 @@ class CellParams(NamedTuple):
         mx = np.inf if max_loss is None else max_loss
         seeds = col(seed, np.uint32)
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
+        terms = None if terms is None else {k: np.asarray(v, np.float32) for k, v in terms.items()}
         return cls(w, col(step_size, dtype), col(mx, dtype), col(jitter, np.int32),
-                   col(iterations, np.int32), keys.astype(np.uint32))
+                   col(iterations, np.int32), keys.astype(np.uint32), terms)
 
     def take(self, idx) -> "CellParams":
-        return CellParams(*(np.asarray(a)[idx] for a in self))
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], self)
 
     def validate(self, num_taps: int):
         w = np.asarray(self.layer_weights)
@@ -357,9 +391,27 @@ def _roll(images, shifts):
     return jax.vmap(lambda im, s: jnp.roll(im, (s[0], s[1]), axis=(0, 1)))(images, shifts)
 
 
-def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
-    """``grad(variables, images, weights) -> (per_tap_losses [B,T], grads [B,H,W,C])``.
+def loss_columns(feats: dict, values, cfg: DreamConfig) -> jax.Array:
+    """Per-cell loss record: the taps' unweighted values, then each term's weighted value; [B, T+K]."""
+    per_tap = tap_losses(feats, cfg.taps, cfg)
+    if not cfg.terms.columns or values is None:
+        return per_tap
+    border = 0 if cfg.objective == "mean" else cfg.border
+    extra = objectives.feature_terms(feats, values, cfg.terms, border)
+    return per_tap if extra is None else jnp.concatenate([per_tap, extra.astype(per_tap.dtype)], axis=1)
 
+
+def total_loss(cols, weights):
+    """What a cell maximises: the layer taps weighted by ``layer_weights``, plus every term column."""
+    t = weights.shape[1]
+    return jnp.sum(cols[:, :t] * weights, axis=1) + jnp.sum(cols[:, t:], axis=1)
+
+
+def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
+    """``grad(variables, images, weights, values=None) -> (loss columns [B, T+K], grads [B,H,W,C])``,
+    the gradient of the network terms with respect to the images the network sees.
+
+    ``weights`` are the layer weights [B, T]; ``values`` the per-cell term values (``CellParams.terms``).
     Untiled: one forward/backward of the whole image. Tiled (TF tutorial): the image is
     cut into tile_size squares (the last row/column of tiles is shifted inwards so every
     tile has the same static shape); each tile's loss gradient is added into the image
@@ -367,44 +419,93 @@ def make_grad_fn(feature_fn: Callable, cfg: DreamConfig):
     tile. Where the image fits in one tile, both paths compute the same thing.
     """
     dtype = jnp.dtype(cfg.compute_dtype)
+    ncols = len(cfg.columns)
 
-    def loss_and_grad(variables, images, weights):
+    def loss_and_grad(variables, images, cell):
+        weights, values = cell
+
         def total(x):
-            per_tap = tap_losses(feature_fn(variables, x.astype(dtype)), cfg.taps, cfg)
-            return jnp.sum(per_tap * weights), per_tap
+            cols = loss_columns(feature_fn(variables, x.astype(dtype)), values, cfg)
+            return jnp.sum(total_loss(cols, weights)), cols
 
-        (_, per_tap), g = jax.value_and_grad(total, has_aux=True)(images)
-        return per_tap, g.astype(images.dtype)
+        (_, cols), g = jax.value_and_grad(total, has_aux=True)(images)
+        return cols, g.astype(images.dtype)
 
     if not cfg.tile_size:
-        return _micro_batched(loss_and_grad, cfg.micro_batch)
+        grad = _micro_batched(loss_and_grad, cfg.micro_batch)
+    else:
+        t = cfg.tile_size
 
-    t = cfg.tile_size
+        def tiled(variables, images, cell):
+            h, w = images.shape[1:3]
+            if h <= t and w <= t:
+                return loss_and_grad(variables, images, cell)
+            th, tw = min(t, h), min(t, w)
+            starts_of = _tf_tile_starts if cfg.tiles == "tf" else _tile_starts
+            ys = starts_of(h, th)
+            xs = starts_of(w, tw)
+            starts = jnp.asarray([(y, x) for y in ys for x in xs], jnp.int32)
 
-    def tiled(variables, images, weights):
-        h, w = images.shape[1:3]
-        if h <= t and w <= t:
-            return loss_and_grad(variables, images, weights)
-        th, tw = min(t, h), min(t, w)
-        starts_of = _tf_tile_starts if cfg.tiles == "tf" else _tile_starts
-        ys = starts_of(h, th)
-        xs = starts_of(w, tw)
-        starts = jnp.asarray([(y, x) for y in ys for x in xs], jnp.int32)
+            def body(i, carry):
+                losses, grads = carry
+                y, x, z = starts[i, 0], starts[i, 1], jnp.int32(0)  # one index dtype, also under x64
+                tile = jax.lax.dynamic_slice(images, (z, y, x, z), (images.shape[0], th, tw, images.shape[3]))
+                cols, g = loss_and_grad(variables, tile, cell)
+                cur = jax.lax.dynamic_slice(grads, (z, y, x, z), g.shape)
+                grads = jax.lax.dynamic_update_slice(grads, cur + g, (z, y, x, z))
+                return losses + cols, grads
 
-        def body(i, carry):
-            losses, grads = carry
-            y, x, z = starts[i, 0], starts[i, 1], jnp.int32(0)  # one index dtype, also under x64
-            tile = jax.lax.dynamic_slice(images, (z, y, x, z), (images.shape[0], th, tw, images.shape[3]))
-            per_tap, g = loss_and_grad(variables, tile, weights)
-            cur = jax.lax.dynamic_slice(grads, (z, y, x, z), g.shape)
-            grads = jax.lax.dynamic_update_slice(grads, cur + g, (z, y, x, z))
-            return losses + per_tap, grads
+            zeros = (jnp.zeros((images.shape[0], ncols), cfg.image_dtype), jnp.zeros_like(images))
+            losses, grads = jax.lax.fori_loop(0, starts.shape[0], body, zeros)
+            return losses / starts.shape[0], grads
 
-        zeros = (jnp.zeros((images.shape[0], len(cfg.taps)), cfg.image_dtype), jnp.zeros_like(images))
-        losses, grads = jax.lax.fori_loop(0, starts.shape[0], body, zeros)
-        return losses / starts.shape[0], grads
+        grad = _micro_batched(tiled, cfg.micro_batch)
 
-    return _micro_batched(tiled, cfg.micro_batch)
+    def grad_fn(variables, images, weights, values=None):
+        return grad(variables, images, (weights, values))
+
+    return grad_fn
+
+
+def make_dream_grad(feature_fn: Callable, cfg: DreamConfig):
+    """``grad(variables, p, params, keys) -> (loss columns [B, T+K+R], d total / d p)``.
+
+    ``p`` is the optimised array (``cfg.param``); the chain is p -> image (parameterisation) ->
+    per-cell random roll and robustness transforms -> network terms, plus the regularisers on the
+    image. The gradient of the network terms with respect to the network's input comes from
+    :func:`make_grad_fn` (tiled and micro-batched as configured); it is carried back through the
+    transforms and the parameterisation with ``jax.vjp``, both cheap and per cell.
+    """
+    net_grad = make_grad_fn(feature_fn, cfg)
+    lo, hi = cfg.value_range
+    fill = (lo + hi) / 2.0  # pad with grey, as Lucid
+    tf = cfg.transforms
+
+    def grad(variables, p, params: "CellParams", keys, image_shape):
+        image, back_param = jax.vjp(lambda q: parameterisations.to_image(cfg.param, q, image_shape), p)
+        amp = params.jitter[:, None]
+        top = amp if cfg.tiles == "tf" else amp + 1  # tf: maxval excluded, as tf.random.uniform
+        shifts = jax.vmap(lambda kk, a, b: jax.random.randint(kk, (2,), -a[0], jnp.maximum(b[0], 1 - a[0])))(
+            keys, amp, top)
+        tkeys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(keys)
+
+        def seen(img):
+            return transforms.apply(tf, _roll(img, shifts), tkeys, fill) if tf.active else _roll(img, shifts)
+
+        x, back_seen = jax.vjp(seen, image)
+        cols, gx = net_grad(variables, x, params.layer_weights, params.terms)
+        g = back_seen(gx)[0]
+        if cfg.terms.regularisers:
+            def reg(img):
+                c = objectives.image_terms(img, params.terms, cfg.terms)
+                return jnp.sum(c), c
+
+            (_, rcols), gr = jax.value_and_grad(reg, has_aux=True)(image)
+            cols = jnp.concatenate([cols, rcols.astype(cols.dtype)], axis=1)
+            g = g + gr.astype(g.dtype)
+        return cols, back_param(g.astype(image.dtype))[0]
+
+    return grad
 
 
 def pass_size(batch: int, micro_batch: int) -> int:
@@ -425,11 +526,11 @@ def _micro_batched(grad_fn, micro_batch: int):
     if not micro_batch:
         return grad_fn
 
-    def passes(variables, images, weights):
+    def passes(variables, images, cell):
         b = images.shape[0]
         k = pass_size(b, micro_batch)
         if k == b:
-            return grad_fn(variables, images, weights)
+            return grad_fn(variables, images, cell)
 
         def split(a):  # [B, ...] -> [P, k, ...]
             return jnp.swapaxes(a.reshape(k, b // k, *a.shape[1:]), 0, 1)
@@ -437,7 +538,8 @@ def _micro_batched(grad_fn, micro_batch: int):
         def join(a):  # [P, k, ...] -> [B, ...]
             return jnp.swapaxes(a, 0, 1).reshape(b, *a.shape[2:])
 
-        per_tap, g = jax.lax.map(lambda xw: grad_fn(variables, *xw), (split(images), split(weights)))
+        per_tap, g = jax.lax.map(lambda xw: grad_fn(variables, *xw),
+                                 (split(images), jax.tree_util.tree_map(split, cell)))
         return join(per_tap), join(g)
 
     return passes
@@ -459,12 +561,19 @@ def _tile_starts(n, t):
 # One octave on the device
 # ----------------------------------------------------------------------------------------------
 class OctaveState(NamedTuple):
-    image: jax.Array  # f32[B, H, W, 3], network input space
+    image: jax.Array  # the optimised array: f32[B, H, W, 3] in network input space for cfg.param
+    # "pixels", else the parameterisation's array (Dreamer.image_of gives the image)
     opt_state: Any  # optax state of the update rule
     step: jax.Array  # i32[], steps done in this octave
     stopped: jax.Array  # bool[B], loss passed max_loss (DLwP: stop after that step)
-    losses: jax.Array  # f32[S, B, T], per-tap loss at each step (NaN where the cell was frozen)
+    losses: jax.Array  # f32[S, B, T+K], loss columns (cfg.columns) at each step (NaN where frozen)
     frames: jax.Array  # f32[F, B, H, W, 3], image every frame_every steps (F = 0 if off)
+
+
+def _image_shape(state: OctaveState) -> tuple[int, ...]:
+    # The frames buffer [F, B, H, W, C] carries the image shape even when F = 0; the optimised
+    # array may not (a Fourier spectrum's width is W // 2 + 1).
+    return tuple(state.frames.shape[1:])
 
 
 def _step_key(cell_key, octave, step):
@@ -485,6 +594,9 @@ class Dreamer:
         self.plan = plan
         self.capacity = int(steps_capacity)
         self.taps = backbone.check_taps(cfg.taps)
+        if cfg.terms.class_logits and not backbone.include_top:
+            raise ConfigError(f"a class term needs the classifier top, but backbone {backbone.name!r} was "
+                              "loaded without it (load_backbone(..., include_top=True))")
         if variables is None:
             try:
                 # float64 (parity runs) stays on XLA: the oneDNN kernel is bfloat16 / float32.
@@ -493,8 +605,9 @@ class Dreamer:
             except KernelsUnavailable as e:
                 raise ConfigError(str(e)) from None
         self.variables = variables
-        feature_fn = backbone.feature_fn(self.taps, straight_through=cfg.straight_through, dtype=cfg.compute_dtype)
-        self._grad = make_grad_fn(feature_fn, cfg)
+        feature_fn = backbone.feature_fn(self.taps, straight_through=cfg.straight_through, dtype=cfg.compute_dtype,
+                                         logits=cfg.terms.class_logits)
+        self._grad = make_dream_grad(feature_fn, cfg)
         run_steps, one_step = self._run_steps, self._one_step
         if cfg.constant_weights:  # the variables argument is then unused, so jit drops it
             consts = self.variables
@@ -518,6 +631,13 @@ class Dreamer:
     # --- checks before any compute -----------------------------------------------------------
     def validate(self, height: int, width: int, params: CellParams):
         params.validate(len(self.taps))
+        if self.cfg.terms.columns or params.terms:
+            shapes = self.backbone.tap_shapes(height, width, self.taps)
+            try:
+                self.cfg.terms.check_values(params.terms or {}, len(params.step_size),
+                                            {t: s[-1] for t, s in shapes.items()}, self.backbone.spec.num_classes)
+            except ObjectiveError as e:
+                raise ConfigError(str(e)) from None
         if np.any(np.asarray(params.iterations) > self.capacity):
             raise ConfigError(f"dream.iterations {int(np.max(params.iterations))} exceeds the group's "
                                      f"steps capacity {self.capacity}")
@@ -530,19 +650,20 @@ class Dreamer:
         b, h, w, c = images.shape
         rule = make_update_rule(self.cfg, params.step_size)
         nf = (self.capacity // self.cfg.frame_every) if self.cfg.frame_every else 0
+        p = parameterisations.from_image(self.cfg.param, images.astype(self.cfg.image_dtype))
         return OctaveState(
-            image=images.astype(self.cfg.image_dtype),
-            opt_state=rule.init(images),
+            image=p,
+            opt_state=rule.init(p),
             step=jnp.zeros((), jnp.int32),
             stopped=jnp.zeros((b,), bool),
-            losses=jnp.full((self.capacity, b, len(self.taps)), jnp.nan, self.cfg.image_dtype),
+            losses=jnp.full((self.capacity, b, len(self.cfg.columns)), jnp.nan, self.cfg.image_dtype),
             frames=jnp.zeros((nf, b, h, w, c), self.cfg.image_dtype),
         )
 
-    def _step_body(self, variables, params: CellParams, octave):
+    def _step_body(self, variables, params: CellParams, octave, image_shape):
         """One dream step of every active cell: ``body(state) -> state`` (step + 1)."""
         rule = make_update_rule(self.cfg, params.step_size)
-        lo, hi = self.cfg.value_range
+        cfg = self.cfg
 
         def active_mask(s):
             return (s.step < params.iterations) & ~s.stopped
@@ -551,23 +672,18 @@ class Dreamer:
             k = self._frames_every(s)
             active = active_mask(s)
             keys = jax.vmap(_step_key, in_axes=(0, None, None))(params.key, octave, s.step)
-            amp = params.jitter[:, None]
-            top = amp if self.cfg.tiles == "tf" else amp + 1  # tf: maxval excluded, as tf.random.uniform
-            shifts = jax.vmap(lambda kk, a, b: jax.random.randint(kk, (2,), -a[0], jnp.maximum(b[0], 1 - a[0])))(
-                keys, amp, top)
-            rolled = _roll(s.image, shifts)
-            per_tap, g = self._grad(variables, rolled, params.layer_weights)
-            g = _roll(g, -shifts)
+            per_tap, g = self._grad(variables, s.image, params, keys, image_shape)
+            if cfg.lapnorm:  # pixels only (checked in DreamConfig)
+                g = transforms.lap_normalize(g, cfg.lapnorm)
             updates, opt_state = rule.update(g, s.opt_state, s.image)
             image = optax.apply_updates(s.image, updates)
-            if self.cfg.clip:
-                image = optax.projections.projection_box(image, lo, hi)
-            sel = active.reshape((-1, 1, 1, 1))
+            image = self._after_update(image, params, s.step, image_shape)
+            sel = active.reshape((-1,) + (1,) * (image.ndim - 1))
             image = jnp.where(sel, image, s.image)
             opt_state = jax.tree_util.tree_map(
                 lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
                 if new.ndim and new.shape[0] == active.shape[0] else new, opt_state, s.opt_state)
-            loss = jnp.sum(per_tap * params.layer_weights, axis=1)
+            loss = total_loss(per_tap, params.layer_weights)
             losses = s.losses.at[s.step].set(jnp.where(active[:, None], per_tap, jnp.nan))
             # DLwP applies the step, then stops if the loss (before the step) passed max_loss.
             stopped = s.stopped | (active & (loss > params.max_loss))
@@ -575,18 +691,48 @@ class Dreamer:
             if k:
                 fi = s.step // k
                 take = ((s.step + 1) % k == 0) & (fi < frames.shape[0])
+                shown = parameterisations.to_image(cfg.param, image, image_shape)
                 frames = frames.at[jnp.minimum(fi, frames.shape[0] - 1)].set(
-                    jnp.where(take, image, frames[jnp.minimum(fi, frames.shape[0] - 1)]))
+                    jnp.where(take, shown, frames[jnp.minimum(fi, frames.shape[0] - 1)]))
             return OctaveState(image, opt_state, s.step + 1, stopped, losses, frames)
 
         return body, active_mask
+
+    def _in_image_space(self, fn, p, image_shape):
+        """``fn`` applied to the image of ``p``, mapped back to the parameterisation."""
+        param = self.cfg.param
+        if param == "pixels":
+            return fn(p)
+        return parameterisations.from_image(param, fn(parameterisations.to_image(param, p, image_shape)))
+
+    def _after_update(self, p, params: CellParams, step, image_shape):
+        """Periodic blur (per-cell blend) and the clip to the input range, both in image space."""
+        cfg = self.cfg
+        lo, hi = cfg.value_range
+        every = cfg.terms.blur_every
+        if not (cfg.clip or every):
+            return p
+
+        def fix(img):
+            if every:
+                w = jnp.where((step + 1) % every == 0, params.terms["blur"], 0.0).astype(img.dtype)
+                img = img + w[:, None, None, None] * (transforms.blur(img) - img)
+            if cfg.clip:
+                img = optax.projections.projection_box(img, lo, hi)
+            return img
+
+        return self._in_image_space(fix, p, image_shape)
+
+    def image_of(self, state: OctaveState):
+        """The images [B, H, W, 3] of an octave state (network input space)."""
+        return parameterisations.to_image(self.cfg.param, state.image, _image_shape(state))
 
     def _frames_every(self, state: OctaveState) -> int:
         return self.cfg.frame_every if state.frames.shape[0] else 0  # no frame slot: fewer steps than k
 
     def _run_steps(self, variables, state: OctaveState, params: CellParams, octave, n_steps):
         end = jnp.minimum(state.step + n_steps, self.capacity)
-        body, active_mask = self._step_body(variables, params, octave)
+        body, active_mask = self._step_body(variables, params, octave, _image_shape(state))
 
         def cond(s):
             return (s.step < end) & jnp.any(active_mask(s))
@@ -596,7 +742,7 @@ class Dreamer:
 
     def _one_step(self, variables, state: OctaveState, params: CellParams, octave):
         """One step (host loop, see ``device_loop``); the caller checks the loop condition."""
-        return self._step_body(variables, params, octave)[0](state)
+        return self._step_body(variables, params, octave, _image_shape(state))[0](state)
 
     def _finish_steps(self, s: OctaveState, end):
         k = self._frames_every(s)
@@ -604,7 +750,8 @@ class Dreamer:
             # Slots past the last step taken hold the current image: frozen cells keep their
             # final image; a later chunk overwrites the slots it reaches.
             fill = jnp.arange(s.frames.shape[0]) >= s.step // k
-            s = s._replace(frames=jnp.where(fill[:, None, None, None, None], s.image[None], s.frames))
+            shown = parameterisations.to_image(self.cfg.param, s.image, _image_shape(s))
+            s = s._replace(frames=jnp.where(fill[:, None, None, None, None], shown[None], s.frames))
         return s._replace(step=jnp.asarray(end, jnp.int32))
 
     # --- host API ------------------------------------------------------------------------------
@@ -732,7 +879,7 @@ class DreamRun:
 
     def _end_octave(self):
         d, i, s = self.dreamer, self.octave, self.state
-        img = s.image
+        img = d.image_of(s)
         shape = self.shapes[i]
         if d.plan.detail == "dlwp":
             orig = jnp.asarray(self.originals)

@@ -165,17 +165,27 @@ class Backbone:
         return {t: tuple(out[t].shape[1:]) for t in taps}
 
     # --- pure functions for the dream engine ---------------------------------------------------
-    def feature_fn(self, taps: Sequence[str], *, straight_through: bool = False, dtype=None):
-        """Pure ``f(variables, x) -> {tap: act}``; ``straight_through=True`` picks the dream-path module."""
+    def feature_fn(self, taps: Sequence[str], *, straight_through: bool = False, dtype=None, logits: bool = False):
+        """Pure ``f(variables, x) -> {tap: act}``; ``straight_through=True`` picks the dream-path module.
+
+        ``logits=True`` runs the whole network with its classifier top and adds the logits under
+        the key ``"logits"`` (needs a backbone loaded with ``include_top=True``)."""
         taps = self.check_taps(taps)
-        module = self.spec.build(include_top=False, dtype=jnp.dtype(dtype or self.dtype),
+        if logits and not self.include_top:
+            raise ValueError(f"backbone {self.name!r} was loaded without its classifier top; "
+                             "use load_backbone(..., include_top=True) for logits")
+        module = self.spec.build(include_top=logits, dtype=jnp.dtype(dtype or self.dtype),
                                  straight_through=straight_through)
 
         def f(variables, x):
             out = module.apply(variables, x, taps=taps)[1]
             return {t: out[t] for t in taps}  # a module may return more than asked (taps is a hint)
 
-        return f
+        def f_logits(variables, x):
+            out, acts = module.apply(variables, x)
+            return {**{t: acts[t] for t in taps}, "logits": out}
+
+        return f_logits if logits else f
 
     # --- conveniences --------------------------------------------------------------------------
     def features(self, x, taps: Sequence[str]) -> dict:

@@ -583,3 +583,16 @@ def _shared_palette(frames: list[np.ndarray], colors: int) -> Image.Image:
     strip = np.ascontiguousarray(np.concatenate(samples, axis=0)[:, None, :])
     return Image.fromarray(strip).quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
                                            dither=Image.Dither.NONE)
+
+
+def original_colors(dream_pixels: np.ndarray, painting_pixels: np.ndarray) -> np.ndarray:
+    """neural-dream's ``-original_colors``: the dream's luminance with the painting's chroma (YIQ),
+    the painting resized to the dream; uint8 in, uint8 out."""
+    h, w = dream_pixels.shape[:2]
+    src = painting_pixels if painting_pixels.shape[:2] == (h, w) else resize_uint8(painting_pixels, (h, w))
+    to_yiq = np.asarray([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+    d = dream_pixels.astype(np.float32) @ to_yiq.T
+    p = src.astype(np.float32) @ to_yiq.T
+    yiq = np.concatenate([d[..., :1], p[..., 1:]], axis=-1)
+    rgb = yiq @ np.linalg.inv(to_yiq).T.astype(np.float32)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)

@@ -674,9 +674,13 @@ def write_sweep_report(sweep_dir: PathLike, manifest: Mapping, originals: Mappin
     """
     sweep_dir = Path(sweep_dir)
     cells = list(manifest.get("cells") or [])
-    paintings = dict(manifest.get("paintings") or {})
-    names = _painting_names(manifest)
     written: dict[str, Any] = {"grids": {}, "originals": {}}
+    atlas = [c for c in cells if str(c.get("unit") or "").rpartition("_")[2].isdigit()]  # channel atlases
+    if atlas:  # one contact sheet per atlas tap instead of a 64-column comparison grid
+        written["atlases"] = write_atlas_sheets(sweep_dir, atlas, cell_height=min(sheet_cell_height, 128))
+        cells = [c for c in cells if c not in atlas]
+    paintings = dict(manifest.get("paintings") or {})
+    names = _painting_names({**manifest, "cells": cells}) if atlas else _painting_names(manifest)
 
     def shape_of(name: str) -> tuple[int, int] | None:
         if name in originals and originals[name] is not None:
@@ -720,6 +724,30 @@ def write_sweep_report(sweep_dir: PathLike, manifest: Mapping, originals: Mappin
     written["summary_csv"] = write_summary_csv(sweep_dir / "summary.csv", cells)
     written["index_html"] = write_gallery(sweep_dir, manifest, analysis=analysis, analysis_md_path=analysis_md_path)
     return written
+
+
+def write_atlas_sheets(sweep_dir: Path, cells: Sequence[Mapping], *, per_row: int = 8,
+                       cell_height: int = 128) -> dict[str, Path]:
+    """``grids/atlas_<tap>.jpg`` per tap of atlas cells (``unit`` = ``<tap>_<channel>``): tiles in
+    channel order, the channel index under each (and the top class where the analysis gave one)."""
+    by_tap: dict[str, list] = {}
+    for c in cells:
+        if c.get("status") != "done":
+            continue
+        tap, _, ch = str(c["unit"]).rpartition("_")
+        by_tap.setdefault(tap, []).append((int(ch), c))
+    out = {}
+    for tap, items in sorted(by_tap.items()):
+        items.sort(key=lambda t: t[0])
+        tiles = []
+        for ch, c in items:
+            top = (c.get("top_classes") or [{}])[0].get("label") if c.get("top_classes") else None
+            tiles.append((f"{ch}" + (f" {top}" if top else ""), _shrink(_cell_figure_image(sweep_dir, c), cell_height)))
+        rows = [(f"{tap} {tiles[i][0].split()[0]}-{tiles[min(i + per_row, len(tiles)) - 1][0].split()[0]}",
+                 tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+        sheet = contact_sheet(rows, cell_height=cell_height, title=f"channel atlas: {tap}")
+        out[tap] = _images.save_jpeg(sweep_dir / "grids" / f"atlas_{safe_name(tap)}.jpg", np.asarray(sheet), quality=88)
+    return out
 
 
 def _sheet_title(manifest: Mapping) -> str:

@@ -33,6 +33,7 @@ from dreamjax.engine import dream
 from dreamjax.models.registry import get_spec, load_backbone
 from dreamjax.outputs import images
 from dreamjax.sweep import checkpoint, grid
+from dreamjax.sweep import objective as cell_objective
 from dreamjax.sweep.checkpoint import fault_point
 from dreamjax.sweep.grid import Cell
 from dreamjax.weights.store import cache_dir
@@ -99,9 +100,10 @@ def plan_inputs(paths: Any) -> list[grid.PaintingInput]:
 
 
 @functools.lru_cache(maxsize=None)
-def loaded_backbone(name: str, weights: str):
-    """The backbone with its weights, loaded once per process (plan time checks them; the run reuses them)."""
-    return load_backbone(name, weights=weights)
+def loaded_backbone(name: str, weights: str, include_top: bool = False):
+    """The backbone with its weights, loaded once per process (plan time checks them; the run reuses them);
+    with its classifier top when a class term needs the logits."""
+    return load_backbone(name, weights=weights, include_top=include_top)
 
 
 def setup_jax_cache(path: str | None = None):
@@ -191,6 +193,7 @@ def _record_base(cell: Cell) -> dict:
                   "image_size": cell.image_size},
         "static": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cell.static},
         "backbone": cell.backbone, "overrides": list(cell.overrides), "fingerprint": cell.fingerprint(),
+        **(cell_objective.record(cell) if cell.objective or cell.start != "painting" or cell.objective_static else {}),
     }
 
 
@@ -235,23 +238,24 @@ class Executor:
         self.stop_requested = stop_requested
         self._backbones: dict = {}
         self._dreamers: dict = {}
+        self._guides: dict = {}  # guide image features, once per (image, size, tap)
         self.compiles = CompileLog()
         self.stats = {"cells_done": 0, "cells_failed": 0, "cells_skipped": 0, "batches": 0, "groups": 0,
                       "programs": 0, "cell_steps": 0, "seconds": 0.0}
 
     # --- cached resources -----------------------------------------------------------------------
-    def backbone(self, name: str, weights: str):
-        key = (name, weights)
+    def backbone(self, name: str, weights: str, include_top: bool = False):
+        key = (name, weights, include_top)
         if key not in self._backbones:
             t = time.perf_counter()
-            self._backbones[key] = loaded_backbone(name, weights)
+            self._backbones[key] = loaded_backbone(name, weights, include_top)
             log.info("loaded backbone %s (%s) in %.1f s", name, self._backbones[key].weights_id[:12],
                      time.perf_counter() - t)
         return self._backbones[key]
 
     def dreamer(self, cell: Cell, capacity: int, shape: tuple[int, int], batch: int = 1):
         """One Dreamer (its compiled programs) per distinct static configuration."""
-        bb = self.backbone(cell.backbone, cell.weights)
+        bb = self.backbone(cell.backbone, cell.weights, cell_objective.needs_top([cell]))
         cfg, plan = dream_settings(cell, bb, shape, batch)
         key = (cell.backbone, cell.weights, cfg, plan, capacity)
         if key not in self._dreamers:
@@ -358,12 +362,17 @@ class Executor:
         n_real = len(batch)
         padded = batch + [batch[-1]] * (length - n_real)
         pixels = np.stack([images.resize_uint8(loaded[c.painting_path].pixels, shape) for c in padded])
-        originals = np.asarray(bb.preprocess(pixels))
+        paintings = np.asarray(bb.preprocess(pixels))
+        originals = np.asarray(bb.preprocess(cell_objective.start_images(padded, pixels)))
         iterations = [c.iterations for c in batch] + [0] * (len(padded) - n_real)  # padding cells idle
+        try:
+            values = cell_objective.cell_values(padded, dreamer.cfg.terms, bb, paintings, self._guides)
+        except grid.ConfigError as e:
+            return [write_failed(c, f"ConfigError: {e}") for c in batch]
         params = dream.CellParams.make(
             [c.layer_weights for c in padded], [c.step_size for c in padded], [c.max_loss for c in padded],
             [c.jitter for c in padded], iterations, seed=[c.key_seed() for c in padded],
-            dtype=np.dtype(dreamer.cfg.image_dtype))
+            dtype=np.dtype(dreamer.cfg.image_dtype), terms=values)
         params = shard_batch(params)
         originals = shard_batch(originals)
         t_start = time.perf_counter()
@@ -447,6 +456,8 @@ class Executor:
         to_px = lambda x: images.to_uint8(np.asarray(bb.deprocess(np.asarray(x))))  # noqa: E731
         size = painting.original_size
         final = images.restore_aspect(to_px(run.final[i]), size, cell.image_size)
+        if cell.original_colors:
+            final = images.original_colors(final, painting.pixels)
         outputs["dream"] = rel(images.save_png(out / "dream.png", final))
         if self.opt.octave_images:
             outputs["octaves"] = [rel(images.save_png(out / f"octave_{k}.png", to_px(im[i])))
@@ -460,15 +471,24 @@ class Executor:
             outputs["gif"] = rel(images.save_gif(out / "frames.gif", frames, duration_ms=self.opt.gif_frame_ms,
                                                  max_side=self.opt.gif_max_side))
         losses = []
+        nt = len(cell.taps)
+        columns = run.dreamer.cfg.columns[nt:]  # objective terms (weighted), after the taps
         for k, (ol, sh) in enumerate(zip(run.octave_losses, run.shapes)):
             li = np.asarray(ol)[:, i, :]
             steps = [None if np.isnan(r).any() else [float(v) for v in r] for r in li]
             while steps and steps[-1] is None:
                 steps.pop()
-            losses.append({"octave": k, "shape": list(sh), "per_tap": steps})
-        last = next((s for o in reversed(losses) for s in reversed(o["per_tap"]) if s is not None), None)
-        final_losses = dict(zip(cell.taps, last)) if last else {}
+            octave = {"octave": k, "shape": list(sh), "per_tap": [s and s[:nt] for s in steps]}
+            if columns:
+                octave["per_term"] = [s and s[nt:] for s in steps]
+            losses.append(octave)
+        last_row = next((s for s in reversed(np.asarray(run.octave_losses[-1])[:, i, :])
+                         if not np.isnan(s).any()), None) if run.octave_losses else None
+        last = None if last_row is None else [float(v) for v in last_row]
+        final_losses = dict(zip(cell.taps, last[:nt])) if last else {}
+        final_terms = dict(zip(columns, last[nt:])) if last and columns else {}
         files.write_json(out / "losses.json", {"taps": list(cell.taps), "layer_weights": list(cell.layer_weights),
+                                                **({"terms": list(columns)} if columns else {}),
                                                 "octaves": losses})
         outputs["losses"] = rel(out / "losses.json")
         files.write_json(out / "cell_config.json", _record_base(cell))
@@ -478,8 +498,9 @@ class Executor:
         rec = _record_base(cell) | {
             "status": "done", "error": None, "outputs": outputs,
             "hashes": {r: files.file_sha256(Path(cell.job_dir) / r) for r in hashed},
-            "final_losses": final_losses,
-            "final_loss": float(np.dot(list(final_losses.values()), cell.layer_weights)) if final_losses else None,
+            "final_losses": final_losses, **({"final_terms": final_terms} if final_terms else {}),
+            "final_loss": (float(np.dot(list(final_losses.values()), cell.layer_weights) + sum(final_terms.values()))
+                           if final_losses else None),
             "painting_sha256": painting.sha256, "painting_notes": list(painting.notes),
             "painting_size": list(painting.original_size), "weights_id": bb.weights_id,
             "bucket": list(run.originals.shape[1:3]), "seconds": seconds,
@@ -520,6 +541,9 @@ def dream_settings(cell: Cell, bb, shape, batch: int = 1):
         compute_dtype=s["compute_dtype"], straight_through=cell.straight_through,
         constant_weights=bool(s.get("constant_weights") or False), micro_batch=micro_batch,
         cpu_kernels=str(s.get("cpu_kernels") or "auto"))
+    if cell.objective or cell.objective_static:
+        terms, param, transforms, lapnorm = cell_objective.group_terms(cell, bb, shape)
+        cfg = dataclasses.replace(cfg, terms=terms, param=param, transforms=transforms, lapnorm=lapnorm)
     return cfg, plan
 
 

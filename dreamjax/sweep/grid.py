@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from dreamjax import config, files
 from dreamjax.config import ConfigError
+from dreamjax.sweep import units
 
 # Dream settings that ride on the batch axis (never recompile) ...
 PER_CELL_KEYS = ("step_size", "max_loss", "jitter", "iterations")
@@ -68,6 +69,13 @@ class Cell:
     config_json: str = ""  # the job's full resolved config (JSON), recorded in cell.json
     # Motion settings, sorted (key, value) pairs (sweep/motion.py); () = a still image.
     motion: tuple[tuple[str, Any], ...] = ()
+    # --- objective (issue 13): per-cell term entries, static rendering settings, start image ---
+    objective: tuple = ()  # units.Entry per term beyond the layer taps (weights are per cell)
+    objective_static: tuple = ()  # sorted (key, value): reduction, param, transforms, lapnorm, blur_every
+    start: str = "painting"  # painting | noise | grey
+    start_noise: float = 0.1  # noise amplitude, fraction of the pixel range
+    original_colors: bool = False  # the dream's luminance with the painting's chroma
+    unit: str = ""  # the atlas unit of this cell ("" = not an atlas cell)
 
     @property
     def id(self) -> str:
@@ -83,11 +91,12 @@ class Cell:
     def signature(self) -> tuple:
         """What the compiled program depends on (the bucket shape is added by the runner)."""
         return (self.backbone, self.weights, self.weights_id, self.straight_through, self.taps, self.static,
-                self.image_size)
+                self.image_size, self.objective_static, units.structure(self.objective))
 
     def key_seed(self) -> int:
         """Per-cell PRNG seed: from the run seed and the cell's identity, not its batch position."""
-        h = hashlib.sha256(f"{self.seed}|{self.painting}|{self.layers}|{self.job}".encode()).digest()
+        unit = f"|{self.unit}" if self.unit else ""  # atlas cells of one painting differ by unit
+        h = hashlib.sha256(f"{self.seed}|{self.painting}|{self.layers}|{self.job}{unit}".encode()).digest()
         return int.from_bytes(h[:4], "little")
 
     def fingerprint(self) -> str:
@@ -96,6 +105,9 @@ class Cell:
         d = dataclasses.asdict(self)
         for k in _NOT_IN_FINGERPRINT:
             d.pop(k)
+        for f in dataclasses.fields(self):  # objective settings at their defaults leave fingerprints as before
+            if f.name in _OBJECTIVE_FIELDS and getattr(self, f.name) == f.default:
+                d.pop(f.name)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -155,21 +167,39 @@ def cells_from_config(cfg: Mapping | config.Config, paintings: Sequence[str | Pa
     else:
         sets = [_layer_set(c.layers, backbone)]
     static = dream_static(c.dream)
+    try:
+        objective = units.parse_objective(c.objective)
+    except units.UnitError as e:
+        raise ConfigError(str(e)) from None
     inputs = [p if isinstance(p, PaintingInput) else PaintingInput(str(p)) for p in paintings]
     unique = list(zip(painting_slugs(inputs), inputs))
+    config_json = json.dumps(c.to_dict(), sort_keys=True)
     cells = []
-    for name, taps, eff in sets:
-        for painting, inp in unique:
-            cells.append(Cell(
-                job=job, job_dir=str(Path(job_dir).resolve()), painting=painting, painting_path=inp.path,
-                backbone=backbone, weights=c.model.weights, straight_through=c.model.straight_through,
-                layers=name, taps=taps, layer_weights=eff, step_size=c.dream.step_size,
-                max_loss=math.inf if c.dream.max_loss is None else c.dream.max_loss, jitter=c.dream.jitter,
-                iterations=c.dream.iterations, seed=c.seed, static=static, image_size=c.data.image_size,
-                overrides=tuple(overrides), preset=c.dream.name, set_dir=name if layer_sets else "",
-                painting_sha256=inp.sha256, weights_id=weights_id, input_error=inp.error,
-                config_json=json.dumps(c.to_dict(), sort_keys=True)))
+    for name, set_taps, set_eff in sets:
+        for unit, entries in objective.cells():
+            # Term taps join the dream's taps with layer weight 0 (their energy is recorded too).
+            extra = tuple(dict.fromkeys(e.tap for e in entries if e.tap and e.tap not in set_taps))
+            taps = set_taps + extra
+            eff = tuple(w * objective.layer for w in set_eff) + (0.0,) * len(extra)
+            set_dir = "/".join(p for p in (name if layer_sets else "", unit) if p)
+            for painting, inp in unique:
+                cells.append(Cell(
+                    job=job, job_dir=str(Path(job_dir).resolve()), painting=painting, painting_path=inp.path,
+                    backbone=backbone, weights=c.model.weights, straight_through=c.model.straight_through,
+                    layers=name, taps=taps, layer_weights=eff, step_size=c.dream.step_size,
+                    max_loss=math.inf if c.dream.max_loss is None else c.dream.max_loss, jitter=c.dream.jitter,
+                    iterations=c.dream.iterations, seed=c.seed, static=static, image_size=c.data.image_size,
+                    overrides=tuple(overrides), preset=c.dream.name, set_dir=set_dir,
+                    painting_sha256=inp.sha256, weights_id=weights_id, input_error=inp.error,
+                    config_json=config_json, objective=entries,
+                    objective_static=objective.static if entries or objective.static != _DEFAULT_STATIC else (),
+                    start=objective.start, start_noise=objective.start_noise,
+                    original_colors=objective.original_colors, unit=unit))
     return cells
+
+
+_DEFAULT_STATIC = units.parse_objective(None).static
+_OBJECTIVE_FIELDS = ("objective", "objective_static", "start", "start_noise", "original_colors", "unit")
 
 
 def cell_label(cell: Cell) -> str:
@@ -177,7 +207,7 @@ def cell_label(cell: Cell) -> str:
     set, then each dream setting the job's overrides changed (``tiny_set1 · step_size 0.5``)."""
     extra = [o.split("=", 1) for o in cell.overrides if "=" in o]
     extra = [f"{k.split('.')[-1]} {v}" for k, v in extra if k.lstrip("+~").startswith("dream.")]
-    return " · ".join([cell.layers] + extra)
+    return " · ".join([cell.layers] + ([cell.unit] if cell.unit else []) + extra)
 
 
 def group_cells(cells: Iterable[tuple[Cell, tuple[int, int]]]) -> dict[tuple, list[Cell]]:

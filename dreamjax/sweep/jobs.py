@@ -32,7 +32,7 @@ from dreamjax.config import ConfigError
 from dreamjax.engine import dream
 from dreamjax.models.registry import available_backbones, get_spec
 from dreamjax.outputs import analysis, images, report
-from dreamjax.sweep import grid
+from dreamjax.sweep import augment, grid, objective
 from dreamjax.sweep import motion as motion_sweep
 from dreamjax.sweep.executor import (
     CELL_RECORD,
@@ -104,6 +104,8 @@ def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -
     inputs = motion_sweep.plan_inputs(moving) if moving and moving["mode"] == "video" else plan_inputs(c.data.paths)
     cells = grid.cells_from_config(c, inputs, job=job, job_dir=job_dir, overrides=overrides, layer_sets=sets,
                                    weights_id=bb.weights_id)
+    if any(cell.objective for cell in cells):  # units, channel counts, classes, guides, masks
+        objective.check(cells, get_spec(cells[0].backbone), include_top=c.model.include_top)
     if moving:
         cells = motion_sweep.with_motion(cells, moving)
     groups: dict[tuple, list[grid.Cell]] = {}
@@ -400,6 +402,8 @@ def task(cfg) -> Any:
                       stats_path=job_dir / "run_stats.json")
     if not multirun:
         collect(job_dir)
+        if _plain(cfg).get("augment"):  # experiment=augment: the dataset and its success rate
+            augment.write_dataset(job_dir, _plain(cfg)["augment"])
         release(job_dir)
     return {r["id"]: r["status"] for r in records}
 
@@ -463,7 +467,7 @@ def build_manifest(sweep_dir: Path, records: list[dict], stale: Sequence[dict] =
                                "size": r.get("painting_size"), "notes": r.get("painting_notes", []),
                                "status": "failed" if err else "ok", "error": err}
         cells.append({
-            "id": r["id"], "job_dir": job_rel, "painting": name, "layers": r["layers"],
+            "id": r["id"], "job_dir": job_rel, "painting": name, "layers": r["layers"], "unit": r.get("unit", ""),
             "label": r.get("label") or r["layers"], "overrides": r.get("overrides", []), "hyper": r.get("hyper", {}),
             "status": r["status"], "error": r.get("error"), "outputs": outs,
             "final_losses": r.get("final_losses", {}), "final_loss": r.get("final_loss"),
