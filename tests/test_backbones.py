@@ -121,6 +121,7 @@ def test_layer_sets_name_real_taps(path):
 
 # --- your own backbone --------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_example_is_short_and_runs_a_tiny_dream():
     lines = EXAMPLE.read_text().splitlines()
     code = lines[lines.index('"""', 1) + 1:lines.index('if __name__ == "__main__":')]  # after the docstring

@@ -70,6 +70,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_sharded_batch_equals_single_device(tmp_path):
     env = dict(os.environ, **ENV2, TEST_JAX_CACHE=jax.config.jax_compilation_cache_dir or str(tmp_path / "jc"))
     p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ck")], capture_output=True, text=True,

@@ -166,9 +166,11 @@ def _mixed_batch(bb):
     return terms, params, starts
 
 
+_ROBUST = Transforms(pad=4, jitter=2, scale=(0.9, 1.1), rotate=8)
+
+
 @pytest.mark.parametrize("param,tf", [("pixels", Transforms()),
-                                      ("fourier_decorrelated", Transforms(pad=4, jitter=2, scale=(0.9, 1.1),
-                                                                          rotate=8))])
+                                      pytest.param("fourier_decorrelated", _ROBUST, marks=pytest.mark.slow)])
 def test_batch_invariance_of_mixed_objectives(tiny_backbone, param, tf):
     terms, params, starts = _mixed_batch(tiny_backbone)
     cfg = DreamConfig(taps=TAPS, norm="l2", border=1, clip=True, terms=terms, param=param, transforms=tf,

@@ -48,7 +48,7 @@ def composed(overrides):
     ("data.image_size=96.5", "data.image_size: 96.5 is not an integer"),
     ("resume=maybe", "resume: 'maybe' is not allowed; choose one of: auto, false"),
     ("+data.typo=1", "data.typo: unknown key; allowed: image_size, max_pixels, paths, upscale_small"),
-    ("+typo=1", "typo: unknown key; allowed: analyze, batch_size"),
+    ("+typo=1", "typo: unknown key; allowed: analyze, augment, batch_size"),
     ("+dream.stepsize=1", "dream.stepsize: unknown key"),
     ("checkpoint.every_steps=0", "checkpoint.every_steps: 0 must be >= 1"),
     ("outputs.gif_max_side=0", "outputs.gif_max_side: 0 must be >= 1"),
@@ -56,7 +56,7 @@ def composed(overrides):
     ("dream.objective=mean_sqare", "dream.objective: 'mean_sqare' is not allowed; choose one of: mean_square"),
     ("dream.optimizer=adamw", "dream.optimizer: 'adamw' is not allowed; choose one of: sgd, adam"),
     ("dream.compute_dtype=fp16", "dream.compute_dtype: 'fp16' is not allowed; choose one of: float32"),
-    ("+dream.cpu_kernels=mkl", "dream.cpu_kernels: 'mkl' is not allowed; choose one of: auto, xla, onednn"),
+    ("dream.cpu_kernels=mkl", "dream.cpu_kernels: 'mkl' is not allowed; choose one of: auto, xla, onednn"),
     ("dream.step_size=abc", "dream.step_size: 'abc' is not a number"),
     ("dream.step_size=0", "dream.step_size: 0 must be > 0"),
     ("model.straight_through=maybe", "model.straight_through: 'maybe' is not a boolean"),
@@ -69,7 +69,7 @@ def test_every_value_is_checked_by_key(override, message):
 
 
 def test_cpu_kernels_and_defaults_validate():
-    c = config.validate(composed(TINY + ["+dream.cpu_kernels=onednn", "dream.tile_size=auto"]))
+    c = config.validate(composed(TINY + ["dream.cpu_kernels=onednn", "dream.tile_size=auto"]))
     assert c.dream.cpu_kernels == "onednn" and c.dream.tile_size == "auto" and c.data.image_size == 64
     for e in ("quickstart", "seed_study", "seed_study_offline"):
         config.validate(composed([f"+experiment={e}"]))
@@ -132,6 +132,7 @@ def test_sweep_typo_in_one_job_stops_every_job_before_compute(tmp_path):
 # The run lock; a failed config claims nothing
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_failed_config_leaves_no_claim_and_a_held_folder_names_its_holder(tmp_path):
     out = tmp_path / "r"
     p = run(*TINY, f"data.paths={STARRY}", "batch_size=abc", f"hydra.run.dir={out}", cwd=tmp_path)
@@ -164,6 +165,7 @@ def test_folder_lock_is_exclusive_and_survives_its_owner_dying(tmp_path):
     lock.release()
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_two_sweeps_racing_on_one_name_exactly_one_runs(tmp_path):
     out = tmp_path / "r"
     procs = [subprocess.Popen([sys.executable, "-m", "dreamjax.cli", *TINY, f"data.paths={STARRY}", f"seed={s}",
@@ -182,6 +184,7 @@ def test_two_sweeps_racing_on_one_name_exactly_one_runs(tmp_path):
 # Content-addressed cells, manifests from the plan
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_edited_painting_is_recomputed_and_removed_one_is_stale(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -226,6 +229,7 @@ def test_painting_dropped_from_an_explicit_list_is_stale_not_another_sweep(tmp_p
     assert json.loads((out / "run_stats.json").read_text())["cells_skipped"] == 1
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_same_relative_paths_from_two_folders_are_two_sweeps(tmp_path):
     for d, p in (("a", STARRY), ("b", WAVE)):
         (tmp_path / d / "in").mkdir(parents=True)
@@ -288,6 +292,7 @@ def test_unreadable_painting_fails_alone(tmp_path, monkeypatch):
     assert recs[STARRY.stem]["status"] == "done" and recs[WAVE.stem]["status"] == "failed"
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_bad_inputs_beside_good_ones_some_failed_exit_code(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -311,6 +316,7 @@ def test_bad_inputs_beside_good_ones_some_failed_exit_code(tmp_path):
     assert all((out / "grids" / f"{n}.jpg").is_file() for n in cjk)  # three CJK names, three grids
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_all_cells_failed_exit_code(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     (tmp_path / "worse.jpg").write_bytes(b"")

@@ -50,6 +50,7 @@ def test_twelve_cells_one_group_one_program_per_octave(batched_sweep):
     assert len(list((sw / "grids").glob("*.jpg"))) == 4  # one per painting + all cells
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_basic_launcher_gives_the_same_dreams(batched_sweep, tmp_path):
     paths = ",".join(str(p) for p in THREE[:1])
     dreamjax("-m", "hydra/launcher=basic", "layers=tiny_set1,tiny_set3", f"data.paths={paths}", *SMALL,
@@ -64,6 +65,7 @@ def test_basic_launcher_gives_the_same_dreams(batched_sweep, tmp_path):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_rerun_skips_complete_cells_and_foreign_sweep_is_refused(batched_sweep, tmp_path):
     paths = ",".join(str(p) for p in THREE)
     sw = batched_sweep
@@ -82,6 +84,7 @@ REFUSED = {"truncated_jpeg": "truncat", "truncated_png": "truncat", "zero_byte":
            "bomb": "pixels", "big_header": "pixels"}
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_bad_paintings_never_stop_the_sweep(tmp_path):
     from tests.make_bad_images import make_all
 
@@ -110,7 +113,7 @@ def test_bad_paintings_never_stop_the_sweep(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("layers.weights=[1.0,2.0]", "layers.weights has 2 values but layers.taps has 4"),
     ("layers.taps=[conv1,convX,conv3,conv4]", "unknown tap(s) ['convX'] for backbone 'tiny'; allowed: conv1"),
-    ("data.paths=/nonexistent/*.jpg", "data.paths"),
+    pytest.param("data.paths=/nonexistent/*.jpg", "data.paths", marks=pytest.mark.slow),
     ("dream.step_size=0", "dream.step_size: 0 must be > 0"),
     ("dream.octave_scale=1.0", "dream.octave_scale: 1.0 must be > 1"),
     ("dream.num_octaves=9", "below tiny's minimum input size 16"),
@@ -160,6 +163,7 @@ def test_experiment_runs_at_tiny_size(tmp_path, experiment, extra, cells):
     assert m["counts"]["done"] == cells and m["counts"]["failed"] == 0
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_layer_sets_in_one_run_dream_what_the_sweep_dreams(batched_sweep, tmp_path):
     """`layer_sets=[a,b]`: several weight sets as one run (one batch) give the sweep's cells."""
     dreamjax("layer_sets=[tiny_set1,tiny_set3]", f"data.paths=[{THREE[0]}]", *SMALL, "analyze=false",
@@ -180,6 +184,7 @@ def _collect(sweep_dir):
     return subprocess.run([sys.executable, "-c", code, str(sweep_dir)], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_dreamjax_collect_rebuilds_the_report_from_records(batched_sweep, tmp_path):
     import shutil
 

@@ -67,6 +67,7 @@ def _played(browser_test, browser, tmp_path, page: Path) -> dict:
     return browser_test._body_data(r.stdout)
 
 
+@pytest.mark.slow  # a CLI run of its own: the slow suite (CI runs it)
 def test_gallery_video_plays_in_chromium(tmp_path):
     browser_test = _load("test_gallery_browser")
     browser = browser_test._browser()
