@@ -273,15 +273,19 @@ class Executor:
                 raise files.DiskFull(_out_root(cells, checkpoint_root)) from None
             raise
 
-    def _run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
-        t0 = time.perf_counter()
+    def skip_complete(self, cells: Sequence[Cell]) -> tuple[dict[str, dict], set[str]]:
+        """Records of the cells already complete (verified by ``is_complete``) and their ids; counted
+        as skipped. Shared by still-image and motion runs."""
         records: dict[str, dict] = {}
-        complete: set[str] = set()
         for c in cells:
             if is_complete(c):
                 records[c.id] = read_record(c) | {"skipped": True}
                 self.stats["cells_skipped"] += 1
-                complete.add(c.id)
+        return records, set(records)
+
+    def _run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
+        t0 = time.perf_counter()
+        records, complete = self.skip_complete(cells)
         # Batches are formed from *all* cells (complete ones included), so a resumed run has
         # exactly the batches of an uninterrupted one: same checkpoints, same bytes.
         todo = list(cells) if len(complete) < len(cells) else []

@@ -491,6 +491,18 @@ def build_manifest(sweep_dir: Path, records: list[dict], stale: Sequence[dict] =
     }
 
 
+def collect_or_warn(sweep_dir: str | Path) -> dict | None:
+    """What a launcher runs at the end of a sweep: collect it; a sweep with no records is a warning,
+    a full disk the one-line stop (exit 74)."""
+    try:
+        return collect(sweep_dir)
+    except FileNotFoundError as e:
+        log.warning("%s", e)
+    except files.DiskFull as e:
+        disk_full(e)
+    return None
+
+
 def collect(sweep_dir: str | Path, *, analyze: bool = True) -> dict:
     """Write manifest.json, summary.csv, grids/ and index.html for a sweep (or a single run) from its
     planned cells' records; then, unless ``analyze=False`` or the cells' config says ``analyze: false``,

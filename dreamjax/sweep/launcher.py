@@ -19,7 +19,6 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
-from dreamjax import files
 from dreamjax.sweep import jobs as sweep
 
 log = logging.getLogger("dreamjax")
@@ -94,9 +93,4 @@ class SweepReportCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if str(sweep_dir.resolve()) in _REPORTED:
             return
-        try:
-            sweep.collect(sweep_dir)
-        except FileNotFoundError as e:
-            log.warning("%s", e)
-        except files.DiskFull as e:
-            sweep.disk_full(e)
+        sweep.collect_or_warn(sweep_dir)

@@ -51,9 +51,7 @@ from dreamjax.sweep.executor import (
     Executor,
     Interrupted,
     _record_base,
-    is_complete,
     pad_to,
-    read_record,
     write_failed,
 )
 
@@ -203,13 +201,7 @@ class MotionRunner:
 
     def run(self, cells: Sequence[grid.Cell], checkpoint_root=None) -> list[dict]:
         t0 = time.perf_counter()
-        records: dict[str, dict] = {}
-        complete: set[str] = set()
-        for c in cells:
-            if is_complete(c):
-                records[c.id] = read_record(c) | {"skipped": True}
-                self.ex.stats["cells_skipped"] += 1
-                complete.add(c.id)
+        records, complete = self.ex.skip_complete(cells)
         # Batches are formed from *all* cells (complete ones included, as the executor does), so a
         # rerun has exactly the batches, checkpoints and bytes of an uninterrupted run.
         todo = list(cells) if len(complete) < len(cells) else []

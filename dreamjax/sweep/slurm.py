@@ -41,7 +41,6 @@ import submitit
 from hydra.core.utils import configure_log, setup_globals
 from omegaconf import OmegaConf
 
-from dreamjax import files
 from dreamjax.sweep import executor as run
 from dreamjax.sweep import grid
 from dreamjax.sweep import jobs as sweep
@@ -262,12 +261,7 @@ class DreamjaxSlurmLauncher(DreamjaxLauncher):
                     failed.append(i)
                     log.error("array task %d (%s) failed: %s", i, job.job_id, str(e).strip().splitlines()[-1:])
         report_handled(sweep_dir)  # collected here (also when tasks failed), not again by the callback
-        try:
-            sweep.collect(sweep_dir)
-        except FileNotFoundError as e:
-            log.warning("%s", e)
-        except files.DiskFull as e:
-            sweep.disk_full(e)
+        sweep.collect_or_warn(sweep_dir)
         if failed:
             msg = (f"{len(failed)} array tasks failed ({failed}); rerun the same command to resubmit them (they "
                    f"resume from their checkpoints): {sweep._command()}")
