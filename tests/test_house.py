@@ -34,7 +34,8 @@ def test_foreign_hydra_app_does_not_import_jax_or_touch_xla_flags(tmp_path):
                          text=True, env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
-    assert "DreamjaxLauncher" in lines["launchers"]  # discovery did see our plugin...
+    ours = [n for n in lines["launchers"].split() if n.startswith(("Dreamjax", "_"))]
+    assert ours == ["DreamjaxLauncher", "DreamjaxSlurmLauncher"], lines  # discovery saw our plugin...
     assert lines["jax"] == "False dreamjax False"  # ...without importing jax or dreamjax
     assert lines["XLA_FLAGS"] == repr("--xla_foreign_marker=1")
 

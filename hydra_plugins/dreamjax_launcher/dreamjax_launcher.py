@@ -13,8 +13,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
 
 
-class _Lazy(Launcher):
-    """A Hydra launcher whose implementation is imported on first use."""
+class _Lazy:
+    """Mixin: a Hydra launcher whose implementation is imported on first use (not itself a Launcher,
+    so Hydra's discovery lists only the two real launchers)."""
 
     _impl_path = ("", "")
 
@@ -40,13 +41,13 @@ class _Lazy(Launcher):
         return self._load().launch(job_overrides, initial_job_idx)
 
 
-class DreamjaxLauncher(_Lazy):
+class DreamjaxLauncher(_Lazy, Launcher):
     """Batched multirun launcher (see dreamjax.sweep.launcher)."""
 
     _impl_path = ("dreamjax.sweep.launcher", "DreamjaxLauncher")
 
 
-class DreamjaxSlurmLauncher(_Lazy):
+class DreamjaxSlurmLauncher(_Lazy, Launcher):
     """Array tasks of batched cells on SLURM (or submitit's local executor), see dreamjax.sweep.slurm."""
 
     _impl_path = ("dreamjax.sweep.slurm", "DreamjaxSlurmLauncher")
