@@ -65,6 +65,7 @@ VARIANTS = {
     "bf16": {"compute_dtype": "bfloat16"},  # XLA with bfloat16 activations (no AMX path: slower)
     "onednn": {"cpu_kernels": "onednn"},  # oneDNN bfloat16 convolutions (AMX), float32 elsewhere
     "onednn_f32": {"cpu_kernels": "onednn_f32"},
+    "onednn_unfused": {"cpu_kernels": "onednn", "fuse_batchnorm": False},  # BatchNorm + ReLU left to XLA
     "xla": {"cpu_kernels": "xla"},
     "mb1": {"micro_batch": 1},  # the batch's gradient in passes of 1 / 2 / 4 cells (one program)
     "mb2": {"micro_batch": 2},
@@ -149,14 +150,16 @@ class EngineCase:
     while_loop (True) or the host step loop (False); None = the engine's default."""
 
     def __init__(self, backbone, size: int, batch: int, steps: int, compute_dtype="float32",
-                 tile_size=0, height=None, device_loop=None, micro_batch=None, cpu_kernels="xla"):
+                 tile_size=0, height=None, device_loop=None, micro_batch=None, cpu_kernels="xla",
+                 fuse_batchnorm=True):
         self.size, self.batch, self.steps = size, batch, steps
         h, w = (height or size), size
         cfg = dlwp_config(backbone, compute_dtype, tile_size, micro_batch, cpu_kernels)
         self.micro_batch = cfg.micro_batch
         self.cpu_kernels = cpu_kernels
         _, weights = default_taps(backbone)
-        self.dreamer = Dreamer(backbone, cfg, OctavePlan(), steps_capacity=steps)
+        variables = None if fuse_batchnorm else backbone.dream_variables_for(cpu_kernels, fuse_batchnorm=False)
+        self.dreamer = Dreamer(backbone, cfg, OctavePlan(), steps_capacity=steps, variables=variables)
         if device_loop is not None:
             self.dreamer.device_loop = bool(device_loop)
         self.device_loop = self.dreamer.device_loop

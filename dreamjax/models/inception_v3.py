@@ -30,7 +30,7 @@ from dreamjax.models.keras_apps import (
     register_arch,
 )
 from dreamjax.models.keras_apps import random_variables as keras_random_variables
-from dreamjax.models.ops import Conv2D, avg_pool_same, max_pool
+from dreamjax.models.ops import Conv2D, avg_pool_same, conv_affine, max_pool
 from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import BN_NO_SCALE, CONV, DENSE, ExpectedLayer, KerasArch, functional_order, leaves_of
 
@@ -124,8 +124,9 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         s = self.spec
-        x = Conv2D(s.filters, s.kernel, s.strides, padding=s.padding, dtype=self.dtype, name="conv")(x)
-        return nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x))
+        conv = Conv2D(s.filters, s.kernel, s.strides, padding=s.padding, dtype=self.dtype, name="conv")
+        # conv -> BatchNorm -> ReLU; one oneDNN call on the oneDNN dream path (ops.conv_affine)
+        return conv_affine(self, conv, x, BatchNorm(dtype=self.dtype, name="bn"), relu=True)
 
 
 class Block(nn.Module):

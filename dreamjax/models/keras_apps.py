@@ -94,16 +94,29 @@ class KerasBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
-        var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
-        gamma = self.param("scale", nn.initializers.ones, (c,), jnp.float32) if self.use_scale else None
-        beta = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        stats = jnp.promote_types(self.dtype, jnp.float32)  # bf16 compute keeps f32 statistics
-        inv = jax.lax.rsqrt(var.astype(stats) + self.epsilon)
-        if gamma is not None:
-            inv = inv * gamma.astype(stats)
-        res = -mean.astype(stats) * inv + beta.astype(stats)
+        self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if self.use_scale:
+            self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        inv, res = self.affine()
         return x * inv.astype(self.dtype) + res.astype(self.dtype)
+
+    def affine(self, xp=jnp):
+        """``(inv, res)`` with ``bn(x) = x * inv + res``, in float32; ``xp=numpy`` computes them on
+        the host (what ops.conv_affine folds into the convolution when it prepares the dream path)."""
+        get = self.get_variable
+        if xp is np:
+            inv = (1.0 / np.sqrt(np.asarray(get("batch_stats", "var"), np.float64) + self.epsilon))
+            if self.use_scale:
+                inv = inv * np.asarray(get("params", "scale"), np.float64)
+            res = -np.asarray(get("batch_stats", "mean"), np.float64) * inv + np.asarray(get("params", "bias"))
+            return inv.astype(np.float32), res.astype(np.float32)
+        stats = jnp.promote_types(self.dtype, jnp.float32)  # bf16 compute keeps f32 statistics
+        inv = jax.lax.rsqrt(get("batch_stats", "var").astype(stats) + self.epsilon)
+        if self.use_scale:
+            inv = inv * get("params", "scale").astype(stats)
+        return inv, -get("batch_stats", "mean").astype(stats) * inv + get("params", "bias").astype(stats)
 
 
 def random_variables(module: nn.Module, size: int, seed: int = 0) -> dict:

@@ -38,7 +38,6 @@ import functools
 import logging
 from typing import Any, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -112,12 +111,13 @@ def backward_kernel(kernel, groups: int = 1):
     Taps flipped; for an ordinary convolution the in/out axes swapped (``[kh,kw,O,I]``);
     for a depthwise one (``groups`` = channels, multiplier 1) the same shape.
     """
-    kernel = jnp.asarray(kernel)
+    if not isinstance(kernel, np.ndarray):
+        kernel = jnp.asarray(kernel)
     if not supports_backward_kernel(kernel.shape, groups):
         raise ValueError(f"backward kernel for grouped convolutions needs groups in (1, channels); "
                          f"kernel {kernel.shape}, groups {groups}")
     flipped = kernel[::-1, ::-1]
-    return flipped if _is_depthwise(kernel.shape, groups) else jnp.swapaxes(flipped, 2, 3)
+    return flipped if _is_depthwise(kernel.shape, groups) else flipped.swapaxes(2, 3)
 
 
 def supports_backward_kernel(kernel_shape, groups: int) -> bool:
@@ -158,7 +158,7 @@ def _back_pads(kernel_hw, in_hw, out_hw, strides, pads):
             for k, n, o, s, (lo, _) in zip(kernel_hw, in_hw, out_hw, strides, pads)]
 
 
-def _onednn_conv(x, kernel, strides, pads, dilation=(1, 1)):
+def _onednn_conv(x, kernel, strides, pads, dilation=(1, 1), bias=None, relu=False):
     """``_conv`` through oneDNN for a non-grouped convolution: ``x`` is cast to the kernel's dtype
     (bfloat16 or float32; XLA fuses the cast into the loop that made ``x``), the result is float32.
     Input dilation and negative padding are done in XLA first (only strided layers' gradients
@@ -168,7 +168,7 @@ def _onednn_conv(x, kernel, strides, pads, dilation=(1, 1)):
         cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, dilation)] + [(0, 0, 0)]
         x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
         pads = ((0, 0), (0, 0))
-    return onednn.conv(x, kernel, None, strides, pads)
+    return onednn.conv(x, kernel, bias, strides, pads, relu=relu)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -198,6 +198,99 @@ def _onednn_bwd(strides, pads, in_hw, res, g):
 
 
 conv_onednn.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)
+
+
+def _conv_affine_reference(x, kernel, scale, shift, strides, pads, relu):
+    """What :func:`conv_affine_onednn` computes, in XLA (its rule for parameter gradients)."""
+    y = lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=DN) * scale + shift
+    return jax.nn.relu(y) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def conv_affine_onednn(x, kernel, scale, shift, folded, folded_bwd, strides, pads, in_hw, relu):
+    """``act(conv(x, kernel) * scale + shift)`` (a convolution, an inference BatchNorm and a ReLU)
+    as **one** oneDNN call: the prepared ``folded`` is ``kernel * scale`` in the kernel dtype,
+    ``shift`` is the bias, the ReLU a post-op; ``folded_bwd`` is the folded kernel's backward
+    kernel. The input gradient is ``g`` masked by the ReLU, convolved with ``folded_bwd`` (again
+    one call). Gradients with respect to ``kernel``, ``scale`` and ``shift`` (never needed in a
+    dream) follow JAX's rules on :func:`_conv_affine_reference`."""
+    return _onednn_conv(x, folded, strides, pads, bias=shift, relu=relu)
+
+
+def _affine_fwd(x, kernel, scale, shift, folded, folded_bwd, strides, pads, in_hw, relu):
+    y = _onednn_conv(x.value, folded.value, strides, pads, bias=shift.value, relu=relu)
+    params = (kernel, scale, shift)
+    wanted = any(p.perturbed for p in params)
+    saved = (x.value, *(p.value for p in params)) if wanted else None
+    return y, (folded_bwd.value, y if relu else None, saved)
+
+
+def _affine_bwd(strides, pads, in_hw, relu, res, g):
+    folded_bwd, y, saved = res
+    gz = jnp.where(y > 0, g, jnp.zeros((), g.dtype)) if relu else g
+    back = _back_pads(folded_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
+    dx = _onednn_conv(gz, folded_bwd, (1, 1), back, dilation=strides).astype(g.dtype)
+    dk = ds = dt = None
+    if saved is not None:
+        x, kernel, scale, shift = saved
+        _, vjp = jax.vjp(lambda k, a, b: _conv_affine_reference(x, k, a, b, strides, pads, relu), kernel, scale, shift)
+        dk, ds, dt = vjp(g)
+    return dx, dk, ds, dt, None, None
+
+
+conv_affine_onednn.defvjp(_affine_fwd, _affine_bwd, symbolic_zeros=True)
+
+
+def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False):
+    """``act(affine(conv(x)))`` for a convolution followed by an inference BatchNorm (and a ReLU),
+    called from the ``parent`` module that owns both; ``affine`` is a module with an
+    ``affine(channels) -> (scale, shift)`` method (:class:`~dreamjax.models.keras_apps.KerasBatchNorm`).
+
+    Everywhere but the oneDNN dream path this is exactly ``conv``, ``affine``, ReLU, as three
+    modules. When :func:`prepare_dream_variables` traces the model it also stores, in the
+    parent's ``"dream"`` collection, the convolution's kernel with the BatchNorm scale folded in,
+    its backward kernel and the shift (``fused_kernel``, ``fused_kernel_bwd``, ``fused_shift``);
+    with oneDNN kernels the three become one oneDNN call forward (bias and ReLU as post-ops) and
+    one backward, where XLA ran a convolution, a BatchNorm loop, a ReLU and a cast.
+    """
+    strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
+    kh, kw = conv.kernel_size
+    pads = _pads(x.shape[1:3], (kh, kw), strides, conv.padding)
+    if (conv.feature_group_count == 1 and parent.has_variable(DREAM, "fused_kernel")
+            and not parent.is_mutable_collection(DREAM)
+            and _conv_flops(x.shape, (kh, kw, x.shape[-1], conv.features), strides, pads) >= ONEDNN_MIN_FLOPS):
+        kernel = conv.variables["params"]["kernel"]
+        scale, shift = affine.affine()
+        get = functools.partial(parent.get_variable, DREAM)
+        y = conv_affine_onednn(x.astype(jnp.float32), kernel, scale, shift, get("fused_kernel"),
+                               get("fused_kernel_bwd"), strides, pads, tuple(x.shape[1:3]), bool(relu))
+        return y.astype(conv.dtype)
+    y = affine(conv(x))
+    if _preparing(parent) and _FUSE[0] and conv.has_variable(DREAM, "kernel_onednn"):
+        # The folded kernels (float32 here; _for_kernels keeps them in the oneDNN dtype, or drops
+        # them for XLA).
+        scale, shift = affine.affine(xp=np)
+        folded = np.asarray(conv.variables["params"]["kernel"]) * scale
+        _host_variable(parent, "fused_kernel", folded)
+        _host_variable(parent, "fused_kernel_bwd", backward_kernel(folded))
+        _host_variable(parent, "fused_shift", shift)
+    return jax.nn.relu(y) if relu else y
+
+
+# While prepare_dream_variables traces a model: {(module path..., name): NumPy value}.
+_HOST: list = [None]
+
+
+def _preparing(module: nn.Module) -> bool:
+    return _HOST[0] is not None and module.is_mutable_collection(DREAM) and not module.is_initializing()
+
+
+def _host_variable(module: nn.Module, name: str, value: np.ndarray) -> None:
+    """Declare a ``"dream"`` variable made by :func:`prepare_dream_variables`' trace: computed on
+    the host with NumPy from the concrete parameters and recorded by path, so preparing compiles
+    nothing (one XLA program of weight flips and casts took 4-13 s to compile for InceptionV3)."""
+    _HOST[0][tuple(module.path) + (name,)] = value
+    module.variable(DREAM, name, lambda: value)
 
 
 def resolve_kernels(choice: str = "auto", platform: str | None = None, devices: int | None = None) -> str:
@@ -284,11 +377,11 @@ class Conv2D(nn.Module):
         pads = _pads(x.shape[1:3], (kh, kw), strides, self.padding)
         x = x.astype(self.dtype)
         k = kernel.astype(self.dtype)
-        if (self.is_mutable_collection(DREAM) and not self.is_initializing()
-                and supports_backward_kernel(kernel.shape, groups)):
-            self.variable(DREAM, "kernel_bwd", lambda: backward_kernel(kernel, groups))
+        if _preparing(self) and supports_backward_kernel(kernel.shape, groups):
+            host = np.asarray(kernel)
+            _host_variable(self, "kernel_bwd", backward_kernel(host, groups))
             if groups == 1:  # marks the convolutions oneDNN may run; kept or dropped by prepare_dream_variables
-                self.variable(DREAM, "kernel_onednn", lambda: kernel)
+                _host_variable(self, "kernel_onednn", host)
         if (self.has_variable(DREAM, "kernel_onednn") and not self.is_mutable_collection(DREAM)
                 and _conv_flops(x.shape, kernel.shape, strides, pads) >= ONEDNN_MIN_FLOPS):
             kf, kb = self.get_variable(DREAM, "kernel_onednn"), self.get_variable(DREAM, "kernel_bwd_onednn")
@@ -299,27 +392,42 @@ class Conv2D(nn.Module):
         return conv_with_backward_kernel(x, k, kb, strides, pads, groups, tuple(x.shape[1:3]))
 
 
-def prepare_dream_variables(module: nn.Module, variables, sample_shape, kernels: str = "xla") -> dict:
+_FUSE = [True]  # set by prepare_dream_variables(fuse_batchnorm=...) while it traces the model
+
+
+def prepare_dream_variables(module: nn.Module, variables, sample_shape, kernels: str = "xla",
+                            fuse_batchnorm: bool = True) -> dict:
     """``variables`` plus the ``"dream"`` collection of backward kernels for ``module``.
 
     Traces the module once on zeros of ``sample_shape`` (the smallest valid input) so that every
     :class:`Conv2D` adds its own backward kernel; the result is ordinary arrays, made once per
     backbone and reused by every compiled dream program. ``kernels`` (``xla``, ``onednn`` or
     ``onednn_f32``, see :func:`resolve_kernels`) picks who runs the non-grouped convolutions:
-    for oneDNN their forward and backward kernels are stored in its dtype (bfloat16 or float32).
+    for oneDNN their forward and backward kernels are stored in its dtype (bfloat16 or float32),
+    and a convolution followed by a BatchNorm (and ReLU) through :func:`conv_affine` gets its
+    BatchNorm folded in (one oneDNN call; ``fuse_batchnorm=False`` keeps three ops, for A/B runs).
     """
     if kernels not in ("xla", "onednn", "onednn_f32"):
         raise ValueError(f"kernels={kernels!r}: expected xla, onednn or onednn_f32 (resolve 'auto' first)")
     plain = {k: v for k, v in variables.items() if k != DREAM}
     dtype = jnp.bfloat16 if kernels == "onednn" else jnp.float32
 
-    def made(v):
-        added = module.apply(v, jnp.zeros(sample_shape, jnp.float32), mutable=[DREAM])[1].get(DREAM, {})
-        return _for_kernels(flax.core.unfreeze(added), kernels, dtype)
-
-    # Jitted: the forward pass is dead code (only the kernels are returned), so XLA drops it and
-    # this is one small compilation instead of hundreds of eager ones.
-    added = jax.jit(made)(plain)
+    # Traced (never compiled or run) on an abstract input: the modules declare their dream
+    # variables, computed on the host from the concrete parameters (_host_variable).
+    _HOST[0], _FUSE[0] = {}, bool(fuse_batchnorm)
+    try:
+        jax.eval_shape(lambda x: module.apply(plain, x, mutable=[DREAM]),
+                       jax.ShapeDtypeStruct(tuple(sample_shape), jnp.float32))
+        recorded = _HOST[0]
+    finally:
+        _HOST[0], _FUSE[0] = None, True
+    tree: dict = {}
+    for path, value in recorded.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    added = jax.device_put(_for_kernels(tree, kernels, dtype))  # (jnp.asarray would compile per shape)
     return {**plain, DREAM: added} if added else plain
 
 
@@ -327,6 +435,13 @@ def _for_kernels(tree: dict, kernels: str, dtype) -> dict:
     """The prepared collection with each oneDNN-capable convolution's kernels in ``dtype``
     (``kernel_onednn`` dropped for ``xla``)."""
     tree = dict(tree)
+    fused = "fused_kernel" in tree
+    if fused and kernels == "xla":
+        for k in ("fused_kernel", "fused_kernel_bwd", "fused_shift"):
+            del tree[k]
+    elif fused:
+        tree["fused_kernel"] = tree["fused_kernel"].astype(dtype)
+        tree["fused_kernel_bwd"] = tree["fused_kernel_bwd"].astype(dtype)
     if "kernel_onednn" in tree:
         if kernels == "xla":
             del tree["kernel_onednn"]
@@ -334,13 +449,21 @@ def _for_kernels(tree: dict, kernels: str, dtype) -> dict:
             tree["kernel_onednn"] = tree["kernel_onednn"].astype(dtype)
             # kernel_bwd stays float32 for the convolutions too small for oneDNN (XLA runs them)
             tree["kernel_bwd_onednn"] = tree["kernel_bwd"].astype(dtype)
-    return {k: _for_kernels(v, kernels, dtype) if isinstance(v, dict) else v for k, v in tree.items()}
+    tree = {k: _for_kernels(v, kernels, dtype) if isinstance(v, dict) else v for k, v in tree.items()}
+    if fused and kernels != "xla":
+        # The folded kernels replace the convolution's own oneDNN copies (its float32 kernel_bwd
+        # stays, for the sizes where the convolution is too small for oneDNN and XLA runs it).
+        for child in tree.values():
+            if isinstance(child, dict):
+                child.pop("kernel_onednn", None)
+                child.pop("kernel_bwd_onednn", None)
+    return tree
 
 
 def dream_kernels(variables) -> str:
     """Which kernel the dream variables select: ``xla``, ``onednn`` (bfloat16) or ``onednn_f32``."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get(DREAM, {})):
-        if getattr(path[-1], "key", None) == "kernel_onednn":
+        if getattr(path[-1], "key", None) in ("kernel_onednn", "fused_kernel"):
             return "onednn" if leaf.dtype == jnp.bfloat16 else "onednn_f32"
     return "xla"
 

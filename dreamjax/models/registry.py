@@ -144,16 +144,17 @@ class Backbone:
         kernels of :mod:`dreamjax.models.ops`); made on first use, ~1 s for InceptionV3."""
         return self.dream_variables_for("xla")
 
-    def dream_variables_for(self, kernels: str = "auto"):
+    def dream_variables_for(self, kernels: str = "auto", fuse_batchnorm: bool = True):
         """:attr:`dream_variables` for the convolution kernels ``auto|xla|onednn|onednn_f32``
-        (``ops.resolve_kernels``); the variables themselves select the kernel that runs."""
-        kernels = resolve_kernels(kernels)
-        if kernels not in self._dream_variables:
+        (``ops.resolve_kernels``); the variables themselves select the kernel that runs.
+        ``fuse_batchnorm=False``: oneDNN without BatchNorm folding (benchmark A/B only)."""
+        key = (resolve_kernels(kernels), bool(fuse_batchnorm))
+        if key not in self._dream_variables:
             module = self.spec.build(include_top=False, dtype=jnp.float32, straight_through=True)
             size = self.spec.min_size
-            self._dream_variables[kernels] = prepare_dream_variables(module, self.variables, (1, size, size, 3),
-                                                                     kernels=kernels)
-        return self._dream_variables[kernels]
+            self._dream_variables[key] = prepare_dream_variables(module, self.variables, (1, size, size, 3),
+                                                                 kernels=key[0], fuse_batchnorm=key[1])
+        return self._dream_variables[key]
 
     def param_count(self) -> int:
         return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(self.variables["params"])))
