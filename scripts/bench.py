@@ -45,7 +45,11 @@ def main(argv=None):
     p.add_argument("--cold-start", action="store_true",
                    help="whole processes: the dreamjax CLI (empty compilation cache, then warm) vs the DLwP "
                         "notebook script on TF (--tf-python), InceptionV3 random weights, one painting")
-    p.add_argument("--painting", default=None, help="--cold-start: the painting (default: a bundled one)")
+    p.add_argument("--cold-study", action="store_true",
+                   help="--cold-start for the seed study: the paintings x the 4 weight sets, `dreamjax -m` vs the "
+                        "notebook's cells re-run per (set, painting) in one TF process")
+    p.add_argument("--painting", nargs="+", default=None,
+                   help="--cold-start: the painting(s) (default: Starry Night; with --cold-study 4 bundled ones)")
     p.add_argument("--long-side", type=int, default=256, help="--cold-start: the dream's long side")
     p.add_argument("--kernels", nargs="+", default=["xla", "auto"], help="--cold-start: dream.cpu_kernels values")
     p.add_argument("--json", default=None, help="write results here")
@@ -57,14 +61,17 @@ def main(argv=None):
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     from dreamjax.bench import engine as bench
 
-    if a.cold_start:
+    if a.cold_start or a.cold_study:
         from pathlib import Path
 
         import dreamjax
 
         bundled = Path(dreamjax.__file__).parent / "data" / "paintings"
-        painting = a.painting or str(bundled / "van_gogh_starry_night.jpg")
-        res = bench.run_cold_start_bench(a.tf_python, painting, a.long_side, a.repeats, a.kernels)
+        default = (["hokusai_great_wave.jpg", "kandinsky_composition_vii.jpg", "turner_shipwreck.jpg",
+                    "van_gogh_starry_night.jpg"] if a.cold_study else ["van_gogh_starry_night.jpg"])
+        paintings = a.painting or [str(bundled / n) for n in default]
+        res = bench.run_cold_start_bench(a.tf_python, paintings, a.long_side, a.repeats, a.kernels,
+                                         study=a.cold_study)
         res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
         print(bench.format_cold_table(res))
         if a.json:

@@ -24,22 +24,36 @@ from tensorflow import keras  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("painting")
+    p.add_argument("painting", nargs="+", help="one or more paintings (each is dreamed with every --sets entry)")
     p.add_argument("--long-side", type=int, default=256)
     p.add_argument("--out", default="dream.png")
     p.add_argument("--weights", default=None, help="None (random, default) or imagenet")
     p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--sets", nargs="+", default=["1.0,1.5,2.0,2.5"],
+                   help="layer weights for mixed4..mixed7, one comma list per set (the seed study's 4 sets: "
+                        "1.0,1.5,2.0,2.5 0.1,0.3,4.0,5 4.0,3.5,0.3,0.5 2.0,3.0,4.0,5)")
     a = p.parse_args()
+    model = keras.applications.inception_v3.InceptionV3(weights=a.weights, include_top=False)
+    many = len(a.painting) * len(a.sets) > 1
+    # The notebook's cells run again for each weight set and painting, in one process (the way the
+    # seed study was run): a new loss and tf.function per set, the model built once.
+    for k, weights in enumerate(a.sets):
+        layer_settings = dict(zip(("mixed4", "mixed5", "mixed6", "mixed7"), map(float, weights.split(","))))
+        for j, painting in enumerate(a.painting):
+            out = a.out if not many else a.out.replace(".png", f"_{k}_{j}.png")
+            dream_one(model, layer_settings, painting, a.long_side, a.iterations, out)
+    print(f"{len(a.painting) * len(a.sets)} dream(s): {time.perf_counter() - T0:.1f} s in this process")
 
-    img = keras.utils.load_img(a.painting)
+
+def dream_one(model, layer_settings, painting, long_side, iterations, out_path):
+    """The notebook's cells for one painting and one weight set."""
+    img = keras.utils.load_img(painting)
     w, h = img.size
-    s = a.long_side / max(w, h)
+    s = long_side / max(w, h)
     img = img.resize((max(1, round(w * s)), max(1, round(h * s))))
     original_img = keras.applications.inception_v3.preprocess_input(
         np.expand_dims(keras.utils.img_to_array(img), axis=0))
 
-    model = keras.applications.inception_v3.InceptionV3(weights=a.weights, include_top=False)
-    layer_settings = {"mixed4": 1.0, "mixed5": 1.5, "mixed6": 2.0, "mixed7": 2.5}
     outputs_dict = {layer.name: layer.output for layer in [model.get_layer(n) for n in layer_settings]}
     feature_extractor = keras.Model(inputs=model.inputs, outputs=outputs_dict)
 
@@ -69,7 +83,7 @@ def main():
                 break
         return image
 
-    step, num_octave, octave_scale, iterations, max_loss = 20.0, 3, 1.4, a.iterations, 15.0
+    step, num_octave, octave_scale, iterations, max_loss = 20.0, 3, 1.4, iterations, 15.0
     original_shape = original_img.shape[1:3]
     successive_shapes = [original_shape]
     for i in range(1, num_octave):
@@ -88,8 +102,8 @@ def main():
 
     out = img.numpy().reshape((img.shape[1], img.shape[2], 3))
     out = np.clip((out + 1.0) * 127.5, 0, 255).astype("uint8")
-    keras.utils.save_img(a.out, out)
-    print(f"dream {a.out}: {time.perf_counter() - T0:.1f} s in this process")
+    keras.utils.save_img(out_path, out)
+    print(f"dream {out_path}: {time.perf_counter() - T0:.1f} s in this process")
 
 
 if __name__ == "__main__":

@@ -38,3 +38,21 @@ def test_summary_and_sweep_table():
     res = {"overrides": ["a=1"], "table": [{"launcher": "basic", "start": "cold", "wall_seconds": s,
                                             "compilations": s, "compile_seconds": s, "records": 3, "ok": True}]}
     assert "basic" in bench.format_sweep_table(res)
+
+
+def test_cold_study_runs_the_seed_study_sets_on_both_sides():
+    """The TF notebook script gets the same 4 weight sets that `dreamjax -m layers=set1..set4` runs."""
+    from pathlib import Path
+
+    import yaml
+
+    import dreamjax
+    from dreamjax.bench import engine as bench
+
+    over = bench.cold_cli_overrides(["a.jpg", "b.jpg"], 256, "/tmp/x", 30, study=True)
+    assert over[0] == "-m" and f"layers={','.join(bench.STUDY_SETS)}" in over and "data.paths=[a.jpg,b.jpg]" in over
+    assert "hydra.sweep.dir=/tmp/x" in over and not any(o.startswith("hydra.run.dir") for o in over)
+    for name, weights in bench.STUDY_SETS.items():
+        cfg = yaml.safe_load((Path(dreamjax.config_dir()) / "layers" / f"{name}.yaml").read_text())
+        assert cfg["taps"] == ["mixed4", "mixed5", "mixed6", "mixed7"]
+        assert [float(w) for w in weights.split(",")] == [float(w) for w in cfg["weights"]], name

@@ -637,21 +637,35 @@ def run_memory_bench(backbone_name="inception_v3", weights="random", sizes=(256,
 # ----------------------------------------------------------------------------------------------
 # Cold start: whole processes, start-up included
 # ----------------------------------------------------------------------------------------------
-def cold_cli_overrides(painting: str, long_side: int, run_dir: str, iterations: int = 30) -> list[str]:
+# The seed study's four weight sets over mixed4..mixed7 (conf/layers/set1..4.yaml), as the TF
+# notebook script takes them.
+STUDY_SETS = {"set1": "1.0,1.5,2.0,2.5", "set2": "0.1,0.3,4.0,5", "set3": "4.0,3.5,0.3,0.5", "set4": "2.0,3.0,4.0,5"}
+
+
+def cold_cli_overrides(paintings: Sequence[str] | str, long_side: int, run_dir: str, iterations: int = 30,
+                       study: bool = False) -> list[str]:
     """The dreamjax CLI run that does what ``scripts/dlwp_notebook_tf.py`` does: InceptionV3 with
-    random weights, DLwP preset (3 octaves x 30 steps), one painting at ``long_side``."""
-    return ["model=inception_v3", "model.weights=random", "layers=set1", "dream=dlwp",
-            f"dream.iterations={iterations}", f"data.paths=[{painting}]", f"data.image_size={long_side}",
-            "outputs.gif=false", "outputs.octave_images=false", "checkpoint.enabled=false", "analyze=false",
-            f"hydra.run.dir={run_dir}"]
+    random weights, DLwP preset (3 octaves x 30 steps), the paintings at ``long_side``; with
+    ``study`` the seed study's grid, every painting x the 4 weight sets, as one ``-m`` sweep."""
+    paintings = [paintings] if isinstance(paintings, str) else list(paintings)
+    out = ["model=inception_v3", "model.weights=random", "dream=dlwp",
+           f"dream.iterations={iterations}", f"data.paths=[{','.join(paintings)}]", f"data.image_size={long_side}",
+           "outputs.gif=false", "outputs.octave_images=false", "checkpoint.enabled=false", "analyze=false"]
+    if study:
+        return ["-m", f"layers={','.join(STUDY_SETS)}", *out, f"hydra.sweep.dir={run_dir}"]
+    return ["layers=set1", *out, f"hydra.run.dir={run_dir}"]
 
 
-def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 256, repeats: int = 3,
-                         kernels: Sequence[str] = ("xla", "auto"), iterations: int = 30, log=print) -> dict:
+def run_cold_start_bench(tf_python: str | None, painting: Sequence[str] | str, long_side: int = 256,
+                         repeats: int = 3, kernels: Sequence[str] = ("xla", "auto"), iterations: int = 30,
+                         study: bool = False, log=print) -> dict:
     """Wall seconds of whole processes, interleaved over ``repeats``: the dreamjax CLI with an empty
     compilation cache (``cold``) and again with that cache (``warm``), once per ``dream.cpu_kernels``
-    choice, against the DLwP notebook as a script on TensorFlow (``tf_python``). The oneDNN
-    extension itself is built before timing (it is built once per machine, not per run)."""
+    choice, against the DLwP notebook as a script on TensorFlow (``tf_python``). ``study``: every
+    painting x the seed study's 4 weight sets, one ``dreamjax -m`` sweep against the notebook's
+    cells re-run for each (set, painting) in one TF process. The oneDNN extension itself is built
+    before timing (it is built once per machine, not per run)."""
+    paintings = [painting] if isinstance(painting, str) else list(painting)
     info = machine_info()
     info["onednn"] = onednn_kernels.status().reason
     root = Path(tempfile.mkdtemp(prefix="dreamjax_cold_"))
@@ -665,7 +679,7 @@ def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 
                     run_dir = root / f"run_{k}_{r}_{phase}"
                     env = dict(os.environ, DREAMJAX_JAX_CACHE=str(cache))
                     cmd = [sys.executable, "-m", "dreamjax.cli",
-                           *cold_cli_overrides(painting, long_side, str(run_dir), iterations),
+                           *cold_cli_overrides(paintings, long_side, str(run_dir), iterations, study),
                            f"dream.cpu_kernels={k}"]
                     t0 = time.perf_counter()
                     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -673,16 +687,17 @@ def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 
                     if p.returncode != 0:
                         raise RuntimeError(f"dreamjax CLI failed ({p.returncode}): {p.stderr[-2000:]}")
                     times.setdefault(f"dreamjax_{k}_{phase}", []).append(dt)
-                    stats = list(run_dir.rglob("run_stats.json"))
-                    if stats:
-                        d = json.loads(stats[0].read_text())
-                        times.setdefault(f"dreamjax_{k}_{phase}_compilations", []).append(d.get("compilations", 0))
+                    stats = [json.loads(f.read_text()) for f in run_dir.rglob("run_stats.json")]
+                    if stats:  # one per run (a sweep's batched launcher writes one per group's job)
+                        times.setdefault(f"dreamjax_{k}_{phase}_compilations", []).append(
+                            sum(d.get("compilations", 0) for d in stats))
                         times.setdefault(f"dreamjax_{k}_{phase}_compile_seconds", []).append(
-                            d.get("compile_seconds", 0.0))
+                            sum(d.get("compile_seconds", 0.0) for d in stats))
             if tf_python:
                 t0 = time.perf_counter()
-                p = subprocess.run([tf_python, str(script), painting, "--long-side", str(long_side),
-                                    "--iterations", str(iterations), "--out", str(root / f"tf_{r}.png")],
+                sets = ["--sets", *STUDY_SETS.values()] if study else []
+                p = subprocess.run([tf_python, str(script), *paintings, "--long-side", str(long_side),
+                                    "--iterations", str(iterations), "--out", str(root / f"tf_{r}.png"), *sets],
                                    capture_output=True, text=True, env=dict(os.environ, KERAS_BACKEND="tensorflow"))
                 if p.returncode != 0:
                     raise RuntimeError(f"TF notebook script failed ({p.returncode}): {p.stderr[-2000:]}")
@@ -691,7 +706,8 @@ def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 
                                                           if not k.endswith(("compilations", "seconds"))))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out = {"kind": "cold_start", "painting": painting, "long_side": long_side, "iterations": iterations,
+    out = {"kind": "cold_study" if study else "cold_start", "painting": paintings, "long_side": long_side,
+           "iterations": iterations,
            "repeats": repeats, "machine": info, "wall_seconds": {k: summary(v) for k, v in times.items()}}
     if "tf_notebook" in times:
         out["tf_over_dreamjax"] = {k[len("dreamjax_"):]: summary([t / d for t, d in zip(times["tf_notebook"], v)])
@@ -702,7 +718,9 @@ def run_cold_start_bench(tf_python: str | None, painting: str, long_side: int = 
 
 
 def format_cold_table(res: dict) -> str:
-    lines = [f"cold start, whole processes: {res['painting']} at long side {res['long_side']}, "
+    what = "seed study (paintings x 4 weight sets)" if res["kind"] == "cold_study" else "cold start"
+    names = ", ".join(Path(p).name for p in np.atleast_1d(res["painting"]))
+    lines = [f"{what}, whole processes: {names} at long side {res['long_side']}, "
              f"{res['iterations']} steps x 3 octaves, {res['repeats']} repeats; load "
              f"{res['machine']['loadavg_start'][0]:.2f} -> {res['machine']['loadavg_end'][0]:.2f}"]
     for k, s in res["wall_seconds"].items():

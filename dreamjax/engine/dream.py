@@ -23,7 +23,9 @@ so d(sum)/d(image[b]) = d(loss[b])/d(image[b]).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -47,6 +49,8 @@ from dreamjax.engine import params as parameterisations
 from dreamjax.engine.objectives import ObjectiveError, Terms
 from dreamjax.engine.transforms import Transforms
 from dreamjax.models.ops import KernelsUnavailable
+
+log = logging.getLogger(__name__)
 
 __all__ = ["NORMS", "OBJECTIVES", "DETAIL_MODES", "OPTIMIZERS", "COMPUTE_DTYPES", "ConfigError", "DreamConfig",
            "OctavePlan", "CellParams", "Dreamer", "DreamRun", "dream"]
@@ -627,6 +631,8 @@ class Dreamer:
         self._init = jax.jit(self._init_state)
         self._resize = jax.jit(_resize, static_argnums=(1,))
         self._zoom = jax.jit(_zoom_linear, static_argnums=(1,))
+        self._ahead: dict = {}  # (B, H, W) -> Future of the compiled octave program (prefetch)
+        self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
     # --- checks before any compute -----------------------------------------------------------
     def validate(self, height: int, width: int, params: CellParams):
@@ -758,9 +764,48 @@ class Dreamer:
     def init_octave(self, images, params: CellParams) -> OctaveState:
         return self._init(jnp.asarray(images, self.cfg.image_dtype), params)
 
+    def prefetch(self, shapes: Sequence[tuple[int, int]], params: CellParams) -> None:
+        """Start compiling the octave programs for image ``shapes`` (H, W) of a batch with these
+        ``params`` in a background thread, one after the other, so that a later octave's program
+        compiles while this octave runs (XLA compiles on one core; a dream step runs on all).
+        :meth:`run_steps` takes a prefetched program when its shape comes up. Device loop on a
+        single device only (elsewhere nothing happens: the programs compile when first run)."""
+        if not self.device_loop or jax.device_count() > 1:
+            return
+        batch = int(np.shape(params.step_size)[0])
+        for h, w in shapes:
+            key = (batch, int(h), int(w))
+            if key not in self._ahead:
+                if self._compiler is None:
+                    self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dreamjax-compile")
+                self._ahead[key] = self._compiler.submit(self._compile_octave, key, params)
+
+    def _compile_octave(self, key, params: CellParams):
+        b, h, w = key
+        images = jax.ShapeDtypeStruct((b, h, w, 3), self.cfg.image_dtype)
+        state = jax.eval_shape(self._init_state, images, params)
+        return self._run.lower(self.variables, state, params, jnp.int32(0), jnp.int32(1)).compile()
+
+    def _prefetched(self, state: OctaveState):
+        fut = self._ahead.get((int(state.stopped.shape[0]), *_image_shape(state)[1:3]))
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        except Exception as e:  # noqa: BLE001 - the jitted path compiles it again and reports its own error
+            log.debug("prefetched octave program failed to compile (%s); compiling it in line", e)
+            return None
+
     def run_steps(self, state: OctaveState, params: CellParams, octave: int, n_steps: int) -> OctaveState:
         if self.device_loop:
-            return self._run(self.variables, state, params, jnp.int32(octave), jnp.int32(n_steps))
+            args = (self.variables, state, params, jnp.int32(octave), jnp.int32(n_steps))
+            compiled = self._prefetched(state)
+            if compiled is not None:
+                try:
+                    return compiled(*args)
+                except (TypeError, ValueError):  # arguments unlike the prefetched ones: the jitted path
+                    self._ahead.pop((int(state.stopped.shape[0]), *_image_shape(state)[1:3]), None)
+            return self._run(*args)
         # Host loop, same condition as the device loop's: stop at `end` or when no cell is active.
         step = int(state.step)
         end = min(step + int(n_steps), self.capacity)
@@ -776,8 +821,10 @@ class Dreamer:
         return self._finish(state, jnp.int32(end))
 
     def programs(self) -> int:
-        """How many octave programs this dreamer has compiled (one per octave shape)."""
-        return (self._run if self.device_loop else self._step)._cache_size()
+        """How many octave programs this dreamer has compiled (one per octave shape), in line or
+        ahead of time (:meth:`prefetch`)."""
+        ahead = sum(1 for f in self._ahead.values() if f.done() and f.exception() is None)
+        return (self._run if self.device_loop else self._step)._cache_size() + ahead
 
     def resize(self, images, shape):
         """The plan's resize: ``tf.image.resize`` bilinear, or in google mode ``nd.zoom(order=1)``."""
@@ -856,6 +903,7 @@ class DreamRun:
             detail = jnp.zeros_like(base) if self.detail is None else d.resize(self._placed(self.detail), shape)
             img = base + detail
         elif i == 0:
+            d.prefetch(self.shapes[1:], self.params)  # later octaves compile while this one runs
             img = d.resize(jnp.asarray(self.originals), shape)
         else:
             img = d.resize(self._placed(self.octave_images[-1]), shape)
