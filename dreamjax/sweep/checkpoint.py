@@ -42,7 +42,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from dreamjax import files
 
@@ -205,6 +204,8 @@ class BatchCheckpointer:
     """Save/restore one batch's :class:`DreamRun` with an orbax ``CheckpointManager``."""
 
     def __init__(self, directory: str | Path, meta: dict, *, max_to_keep: int = 2, async_save: bool = True):
+        import orbax.checkpoint as ocp  # ~1 s to import: only runs that checkpoint pay for it
+
         logging.getLogger("absl").addFilter(_QUIET)  # idempotent: the same filter object
         self.ocp = ocp
         self.directory = Path(directory).absolute()  # orbax wants absolute paths
