@@ -204,7 +204,7 @@ class BatchCheckpointer:
     """Save/restore one batch's :class:`DreamRun` with an orbax ``CheckpointManager``."""
 
     def __init__(self, directory: str | Path, meta: dict, *, max_to_keep: int = 2, async_save: bool = True):
-        import orbax.checkpoint as ocp  # ~1 s to import: only runs that checkpoint pay for it
+        import orbax.checkpoint as ocp  # lazy: ~1 s to import, only runs that checkpoint pay for it
 
         logging.getLogger("absl").addFilter(_QUIET)  # idempotent: the same filter object
         self.ocp = ocp
