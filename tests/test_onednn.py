@@ -91,6 +91,24 @@ def test_conv2d_forward_and_input_gradient_match_xla(shape, kernel, cout, stride
     assert _rel(dx, dx_ref) <= tol, f"input gradient off by {_rel(dx, dx_ref):.2e}"
 
 
+def test_reordered_weights_are_cached_by_content_never_stale():
+    """The blocked copies of the weights are reused only for the same bytes: new values in an array
+    of the same shape (possibly at the same address) give their own, correct result."""
+    _need_onednn()
+    x = jnp.asarray(RNG.standard_normal((1, 11, 11, 16)).astype(np.float32))
+    pads = ((1, 1), (1, 1))
+    call = jax.jit(lambda x, w: kernels.conv(x, w, None, (1, 1), pads))
+    before = kernels.cached_weights()
+    for trial in range(3):
+        w = jnp.asarray(RNG.standard_normal((3, 3, 16, 24)).astype(np.float32))
+        ref = lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=ops.DN, precision="highest")
+        for _ in range(2):  # the second call takes the cached copy
+            assert _rel(call(x, w), ref) <= F32_TOL, trial
+        del w
+    added = kernels.cached_weights() - before
+    assert added in (0, 3), added  # one copy per distinct weight content (0: oneDNN kept the user layout)
+
+
 def test_bias_and_relu_post_ops():
     _need_onednn()
     x = jnp.asarray(RNG.standard_normal((1, 9, 9, 8)).astype(np.float32))

@@ -176,6 +176,12 @@ def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool
                 has_bias=bias is not None, relu=bool(relu))
 
 
+def cached_weights() -> int:
+    """How many reordered weight copies (cached by content) the kernel holds; 0 when not loaded."""
+    s = status()
+    return ctypes.CDLL(s.library).dreamjax_onednn_cached_weights() if s.available else 0
+
+
 def cached_primitives() -> int:
     """How many oneDNN primitives (one per shape) the kernel holds; 0 when not loaded."""
     s = status()

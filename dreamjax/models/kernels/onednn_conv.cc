@@ -2,9 +2,11 @@
 //
 // One handler, `dreamjax_onednn_conv`: y[N,Ho,Wo,O] (f32) = act(conv(x[N,H,W,C], w[kh,kw,C,O]) + b)
 // with x and w both bfloat16 (AMX / AVX512-BF16, f32 accumulation) or both float32. NHWC and
-// HWIO are XLA's own layouts, so nothing is transposed on the JAX side; oneDNN reorders the
-// weights into its blocked layout on each call (weights are arguments of the dream programs, so
-// their address is not a safe cache key). A 1x1, stride-1, unpadded convolution runs as a
+// HWIO are XLA's own layouts, so nothing is transposed on the JAX side; oneDNN wants the weights
+// in its blocked layout, and the reordered copies are cached by *content* (a 64-bit hash of the
+// weight bytes, their size and the target layout: the weights are arguments of the dream
+// programs, so their address alone is no safe key; hashing reads them once, a reorder reads and
+// scatters them). A 1x1, stride-1, unpadded convolution runs as a
 // oneDNN matmul [N*H*W, C] x [C, O]. Primitives are cached per shape; each call gets its own
 // thread-local stream and scratch buffers, because XLA:CPU may run independent branches (an
 // Inception block's towers) concurrently.
@@ -13,6 +15,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -128,6 +131,78 @@ std::shared_ptr<Entry> get(const Problem& p) {
   return cache.emplace(k, e).first->second;
 }
 
+// --- reordered weights, cached by content --------------------------------------------------
+uint64_t content_hash(const void* data, size_t bytes) {
+  // Four independent multiply-xorshift lanes over 8-byte words (a few GB/s per core), folded.
+  const auto* p = static_cast<const unsigned char*>(data);
+  const uint64_t k = 0x9E3779B97F4A7C15ull;
+  uint64_t h[4] = {k, k ^ 0x632BE59BD9B4E019ull, k ^ 0x85EBCA77C2B2AE63ull, k ^ 0xC2B2AE3D27D4EB4Full};
+  size_t i = 0;
+  for (; i + 32 <= bytes; i += 32) {
+    for (int l = 0; l < 4; ++l) {
+      uint64_t w;
+      std::memcpy(&w, p + i + 8 * l, 8);
+      h[l] = (h[l] ^ w) * 0xFF51AFD7ED558CCDull;
+      h[l] ^= h[l] >> 32;
+    }
+  }
+  uint64_t tail = 0;
+  for (size_t j = 0; i < bytes; ++i, ++j) tail ^= uint64_t(p[i]) << (8 * (j % 8));
+  uint64_t out = bytes * k ^ tail;
+  for (int l = 0; l < 4; ++l) out = (out ^ h[l]) * 0xC4CEB9FE1A85EC53ull, out ^= out >> 29;
+  return out;
+}
+
+std::string layout_key(const memory::desc& d) {
+  std::ostringstream k;
+  k << static_cast<int>(d.get_data_type()) << '|';
+  for (auto v : d.get_dims()) k << v << ',';
+  k << '|';
+  for (auto v : d.get_strides()) k << v << ',';
+  k << '|';
+  for (auto v : d.get_inner_blks()) k << v << ',';
+  k << '|';
+  for (auto v : d.get_inner_idxs()) k << v << ',';
+  return k.str();
+}
+
+struct Reordered {
+  std::vector<char> bytes;
+  void* data() {
+    auto a = reinterpret_cast<std::uintptr_t>(bytes.data());
+    return reinterpret_cast<void*>((a + 63) & ~std::uintptr_t(63));
+  }
+};
+
+std::mutex weights_mu;
+std::unordered_map<std::string, std::shared_ptr<Reordered>> weights_cache;
+size_t weights_cache_bytes = 0;
+const size_t kWeightsCacheLimit = size_t(2) << 30;  // 2 GiB of reordered weights, then start again
+
+std::shared_ptr<Reordered> reordered_weights(const std::shared_ptr<Entry>& e, memory& user_w, dnnl::stream& s) {
+  size_t n = e->user_w_md.get_size();
+  std::string key = std::to_string(content_hash(user_w.get_data_handle(), n)) + '/' + std::to_string(n) + '/' +
+                    layout_key(e->w_md);
+  {
+    std::lock_guard<std::mutex> lock(weights_mu);
+    auto it = weights_cache.find(key);
+    if (it != weights_cache.end()) return it->second;
+  }
+  auto r = std::make_shared<Reordered>();
+  r->bytes.resize(e->w_md.get_size() + 64);
+  memory wts(e->w_md, cpu_engine(), r->data());
+  e->w_reorder.execute(s, user_w, wts);
+  s.wait();
+  std::lock_guard<std::mutex> lock(weights_mu);
+  if (weights_cache_bytes + r->bytes.size() > kWeightsCacheLimit) {
+    weights_cache.clear();  // entries in use stay alive through their shared_ptr
+    weights_cache_bytes = 0;
+  }
+  auto ins = weights_cache.emplace(key, r);
+  if (ins.second) weights_cache_bytes += r->bytes.size();
+  return ins.first->second;
+}
+
 void* thread_buffer(int which, size_t bytes) {
   thread_local std::vector<char> bufs[2];
   auto& b = bufs[which];
@@ -157,9 +232,10 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
     memory dst(e->dst_md, eng, y->untyped_data());
     memory user_w(e->user_w_md, eng, w.untyped_data());
     memory wts = user_w;
+    std::shared_ptr<Reordered> held;  // keeps the cached copy alive while this call uses it
     if (e->reorder_w) {
-      wts = memory(e->w_md, eng, thread_buffer(0, e->w_md.get_size()));
-      e->w_reorder.execute(s, user_w, wts);
+      held = reordered_weights(e, user_w, s);
+      wts = memory(e->w_md, eng, held->data());
     }
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DST, dst}};
     if (has_bias) args.emplace(DNNL_ARG_BIAS, memory(e->bias_md, eng, b.untyped_data()));
@@ -206,6 +282,11 @@ extern "C" __attribute__((visibility("default"))) int dreamjax_onednn_probe() {
   };  // cpu_isa values are bit sets of instruction groups
   bool bf16 = has(dnnl::cpu_isa::avx512_core_bf16) || has(dnnl::cpu_isa::avx2_vnni_2);
   return bf16 ? 0 : 1;
+}
+
+extern "C" __attribute__((visibility("default"))) int dreamjax_onednn_cached_weights() {
+  std::lock_guard<std::mutex> lock(weights_mu);
+  return static_cast<int>(weights_cache.size());
 }
 
 extern "C" __attribute__((visibility("default"))) int dreamjax_onednn_cached_primitives() {
