@@ -15,6 +15,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -233,9 +234,16 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
     memory user_w(e->user_w_md, eng, w.untyped_data());
     memory wts = user_w;
     std::shared_ptr<Reordered> held;  // keeps the cached copy alive while this call uses it
-    if (e->reorder_w) {
+    static const bool cache_weights = [] {  // DREAMJAX_ONEDNN_WEIGHT_CACHE=0: reorder on every call (A/B runs)
+      const char* v = std::getenv("DREAMJAX_ONEDNN_WEIGHT_CACHE");
+      return !(v && std::string(v) == "0");
+    }();
+    if (e->reorder_w && cache_weights) {
       held = reordered_weights(e, user_w, s);
       wts = memory(e->w_md, eng, held->data());
+    } else if (e->reorder_w) {
+      wts = memory(e->w_md, eng, thread_buffer(0, e->w_md.get_size()));
+      e->w_reorder.execute(s, user_w, wts);
     }
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DST, dst}};
     if (has_bias) args.emplace(DNNL_ARG_BIAS, memory(e->bias_md, eng, b.untyped_data()));
