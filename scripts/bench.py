@@ -7,6 +7,10 @@
       --tf-python /tmp/tfvenv/bin/python --json results/bench/engine_cpu_onednn.json   # + TF mixed_bfloat16
   python scripts/bench.py --cold-start --tf-python /tmp/tfvenv/bin/python --repeats 3 \
       --json results/bench/cold_start_cpu.json
+  python scripts/bench.py --cold-study --tf-python /tmp/tfvenv/bin/python --repeats 3 --kernels auto \
+      --json results/bench/cold_study_cpu.json        # 4 paintings x the 4 weight sets, whole processes
+  python scripts/bench.py --cold-experiment quickstart --repeats 3 --kernels auto \
+      --json results/bench/cold_quickstart_cpu.json
 
 Logic lives in dreamjax/bench/engine.py. Set XLA_FLAGS in the environment to study XLA options.
 """
@@ -48,6 +52,8 @@ def main(argv=None):
     p.add_argument("--cold-study", action="store_true",
                    help="--cold-start for the seed study: the paintings x the 4 weight sets, `dreamjax -m` vs the "
                         "notebook's cells re-run per (set, painting) in one TF process")
+    p.add_argument("--cold-experiment", default=None, metavar="NAME",
+                   help="--cold-start for `dreamjax +experiment=NAME` as it is (e.g. quickstart; no TF side)")
     p.add_argument("--painting", nargs="+", default=None,
                    help="--cold-start: the painting(s) (default: Starry Night; with --cold-study 4 bundled ones)")
     p.add_argument("--long-side", type=int, default=256, help="--cold-start: the dream's long side")
@@ -61,7 +67,7 @@ def main(argv=None):
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     from dreamjax.bench import engine as bench
 
-    if a.cold_start or a.cold_study:
+    if a.cold_start or a.cold_study or a.cold_experiment:
         from pathlib import Path
 
         import dreamjax
@@ -71,7 +77,7 @@ def main(argv=None):
                     "van_gogh_starry_night.jpg"] if a.cold_study else ["van_gogh_starry_night.jpg"])
         paintings = a.painting or [str(bundled / n) for n in default]
         res = bench.run_cold_start_bench(a.tf_python, paintings, a.long_side, a.repeats, a.kernels,
-                                         study=a.cold_study)
+                                         study=a.cold_study, experiment=a.cold_experiment)
         res["command"] = " ".join([os.path.basename(sys.executable), "scripts/bench.py", *(argv or sys.argv[1:])])
         print(bench.format_cold_table(res))
         if a.json:

@@ -658,13 +658,14 @@ def cold_cli_overrides(paintings: Sequence[str] | str, long_side: int, run_dir: 
 
 def run_cold_start_bench(tf_python: str | None, painting: Sequence[str] | str, long_side: int = 256,
                          repeats: int = 3, kernels: Sequence[str] = ("xla", "auto"), iterations: int = 30,
-                         study: bool = False, log=print) -> dict:
+                         study: bool = False, experiment: str | None = None, log=print) -> dict:
     """Wall seconds of whole processes, interleaved over ``repeats``: the dreamjax CLI with an empty
     compilation cache (``cold``) and again with that cache (``warm``), once per ``dream.cpu_kernels``
     choice, against the DLwP notebook as a script on TensorFlow (``tf_python``). ``study``: every
     painting x the seed study's 4 weight sets, one ``dreamjax -m`` sweep against the notebook's
-    cells re-run for each (set, painting) in one TF process. The oneDNN extension itself is built
-    before timing (it is built once per machine, not per run)."""
+    cells re-run for each (set, painting) in one TF process. ``experiment``: time
+    ``dreamjax +experiment=NAME`` as it is (e.g. the quickstart; no TF side). The oneDNN extension
+    itself is built before timing (it is built once per machine, not per run)."""
     paintings = [painting] if isinstance(painting, str) else list(painting)
     info = machine_info()
     info["onednn"] = onednn_kernels.status().reason
@@ -678,9 +679,9 @@ def run_cold_start_bench(tf_python: str | None, painting: Sequence[str] | str, l
                 for phase in ("cold", "warm"):
                     run_dir = root / f"run_{k}_{r}_{phase}"
                     env = dict(os.environ, DREAMJAX_JAX_CACHE=str(cache))
-                    cmd = [sys.executable, "-m", "dreamjax.cli",
-                           *cold_cli_overrides(paintings, long_side, str(run_dir), iterations, study),
-                           f"dream.cpu_kernels={k}"]
+                    over = ([f"+experiment={experiment}", f"hydra.run.dir={run_dir}"] if experiment else
+                            cold_cli_overrides(paintings, long_side, str(run_dir), iterations, study))
+                    cmd = [sys.executable, "-m", "dreamjax.cli", *over, f"dream.cpu_kernels={k}"]
                     t0 = time.perf_counter()
                     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     dt = time.perf_counter() - t0
@@ -693,7 +694,7 @@ def run_cold_start_bench(tf_python: str | None, painting: Sequence[str] | str, l
                             sum(d.get("compilations", 0) for d in stats))
                         times.setdefault(f"dreamjax_{k}_{phase}_compile_seconds", []).append(
                             sum(d.get("compile_seconds", 0.0) for d in stats))
-            if tf_python:
+            if tf_python and not experiment:
                 t0 = time.perf_counter()
                 sets = ["--sets", *STUDY_SETS.values()] if study else []
                 p = subprocess.run([tf_python, str(script), *paintings, "--long-side", str(long_side),
@@ -706,7 +707,8 @@ def run_cold_start_bench(tf_python: str | None, painting: Sequence[str] | str, l
                                                           if not k.endswith(("compilations", "seconds"))))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out = {"kind": "cold_study" if study else "cold_start", "painting": paintings, "long_side": long_side,
+    kind = f"cold_experiment_{experiment}" if experiment else "cold_study" if study else "cold_start"
+    out = {"kind": kind, "painting": [] if experiment else paintings, "long_side": long_side,
            "iterations": iterations,
            "repeats": repeats, "machine": info, "wall_seconds": {k: summary(v) for k, v in times.items()}}
     if "tf_notebook" in times:
@@ -718,7 +720,8 @@ def run_cold_start_bench(tf_python: str | None, painting: Sequence[str] | str, l
 
 
 def format_cold_table(res: dict) -> str:
-    what = "seed study (paintings x 4 weight sets)" if res["kind"] == "cold_study" else "cold start"
+    what = {"cold_study": "seed study (paintings x 4 weight sets)", "cold_start": "cold start"}.get(
+        res["kind"], res["kind"].replace("cold_experiment_", "+experiment="))
     names = ", ".join(Path(p).name for p in np.atleast_1d(res["painting"]))
     lines = [f"{what}, whole processes: {names} at long side {res['long_side']}, "
              f"{res['iterations']} steps x 3 octaves, {res['repeats']} repeats; load "
