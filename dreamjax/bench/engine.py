@@ -678,12 +678,15 @@ def run_cold_start_bench(tf_python: str | None, painting: Sequence[str] | str, l
                 cache = root / f"cache_{k}_{r}"
                 for phase in ("cold", "warm"):
                     run_dir = root / f"run_{k}_{r}_{phase}"
-                    env = dict(os.environ, DREAMJAX_JAX_CACHE=str(cache))
+                    # "auto:noprefetch": the same kernels with every octave compiled when it starts
+                    kern, _, flag = k.partition(":")
+                    env_k = dict(os.environ, DREAMJAX_JAX_CACHE=str(cache),
+                                 **({"DREAMJAX_PREFETCH": "0"} if flag == "noprefetch" else {}))
                     over = ([f"+experiment={experiment}", f"hydra.run.dir={run_dir}"] if experiment else
                             cold_cli_overrides(paintings, long_side, str(run_dir), iterations, study))
-                    cmd = [sys.executable, "-m", "dreamjax.cli", *over, f"dream.cpu_kernels={k}"]
+                    cmd = [sys.executable, "-m", "dreamjax.cli", *over, f"dream.cpu_kernels={kern}"]
                     t0 = time.perf_counter()
-                    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    p = subprocess.run(cmd, env=env_k, capture_output=True, text=True)
                     dt = time.perf_counter() - t0
                     if p.returncode != 0:
                         raise RuntimeError(f"dreamjax CLI failed ({p.returncode}): {p.stderr[-2000:]}")

@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -770,8 +771,8 @@ class Dreamer:
         compiles while this octave runs (XLA compiles on one core; a dream step runs on all).
         :meth:`run_steps` takes a prefetched program when its shape comes up. Device loop on a
         single device only (elsewhere nothing happens: the programs compile when first run)."""
-        if not self.device_loop or jax.device_count() > 1:
-            return
+        if not self.device_loop or jax.device_count() > 1 or os.environ.get("DREAMJAX_PREFETCH", "1") == "0":
+            return  # (DREAMJAX_PREFETCH=0: compile every octave when it starts, for A/B runs)
         batch = int(np.shape(params.step_size)[0])
         for h, w in shapes:
             key = (batch, int(h), int(w))
