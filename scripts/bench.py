@@ -57,7 +57,8 @@ def main(argv=None):
     p.add_argument("--painting", nargs="+", default=None,
                    help="--cold-start: the painting(s) (default: Starry Night; with --cold-study 4 bundled ones)")
     p.add_argument("--long-side", type=int, default=256, help="--cold-start: the dream's long side")
-    p.add_argument("--kernels", nargs="+", default=["xla", "auto"], help="--cold-start: dream.cpu_kernels values; K:noprefetch = K with DREAMJAX_PREFETCH=0")
+    p.add_argument("--kernels", nargs="+", default=["xla", "auto"],
+                   help="--cold-start: dream.cpu_kernels values; K:noprefetch = K with DREAMJAX_PREFETCH=0")
     p.add_argument("--json", default=None, help="write results here")
     a = p.parse_args(argv)
 
