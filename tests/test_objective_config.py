@@ -73,6 +73,12 @@ def test_atlas_cells_terms_and_taps(tmp_path):
     (["objective.terms=[{unit:'conv2:1',mask:'BAD'}]"], "cannot be resized to a tap"),
     (["objective.terms=['nope:1']"], "unknown tap 'nope'"),
     (["objective.start=paint"], "objective.start='paint'; choose one of: painting, noise, grey"),
+    (["objective.lapnorm=4", "objective.param=fourier"],
+     r"^objective.lapnorm=4 cannot be combined with objective.param=fourier: .*1/f; set objective.lapnorm=0 to keep "
+     r"fourier, or objective.param=pixels to keep lapnorm$"),
+    (["objective=lucid", "objective.lapnorm=3"], r"objective.lapnorm=3 cannot be combined with "
+     r"objective.param=fourier_decorrelated"),
+    (["objective.param=fourrier"], "objective.param='fourrier'; choose one of: pixels, fourier"),
 ])
 def test_bad_settings_fail_before_compute(tmp_path, overrides, message):
     for i, o in enumerate(overrides):

@@ -24,6 +24,7 @@ from dreamjax import files
 KINDS = ("channel", "direction", "class", "guide", "pick", "tv", "l2", "blur")
 STARTS = ("painting", "noise", "grey")
 PICK_MODES = ("strong", "weak", "median")
+PARAMS = ("pixels", "fourier", "decorrelated", "fourier_decorrelated")  # = engine/params.py PARAMS
 KNOWN_KEYS = {"name", "layer", "reduction", "terms", "tv", "l2", "blur", "blur_every", "atlas", "layer_atlas", "start",
               "start_noise", "param", "transforms", "lapnorm", "original_colors"}
 
@@ -250,8 +251,19 @@ def parse_objective(node: Mapping | None) -> Objective:
     scale = tf.get("scale", [1.0, 1.0])
     transforms = (("pad", int(tf.get("pad", 0))), ("jitter", int(tf.get("jitter", 0))),
                   ("rotate", float(tf.get("rotate", 0))), ("scale", tuple(float(s) for s in scale)))
-    static = (("blur_every", int(node.get("blur_every", 0) or 0)), ("lapnorm", int(node.get("lapnorm", 0) or 0)),
-              ("param", str(node.get("param", "pixels"))), ("reduction", str(node.get("reduction", "mean_square"))),
+    param, lapnorm = str(node.get("param", "pixels")), int(node.get("lapnorm", 0) or 0)
+    if param not in PARAMS:
+        raise UnitError(f"objective.param={param!r}; choose one of: {', '.join(PARAMS)}")
+    if lapnorm < 0:
+        raise UnitError(f"objective.lapnorm={lapnorm} must be >= 0 levels (0 = off)")
+    if lapnorm and param != "pixels":
+        raise UnitError(f"objective.lapnorm={lapnorm} cannot be combined with objective.param={param}: the "
+                        "Laplacian-pyramid normalisation works on a pixel gradient"
+                        + (", and the Fourier parameterisation already scales its gradient by 1/f"
+                           if param.startswith("fourier") else "")
+                        + f"; set objective.lapnorm=0 to keep {param}, or objective.param=pixels to keep lapnorm")
+    static = (("blur_every", int(node.get("blur_every", 0) or 0)), ("lapnorm", lapnorm),
+              ("param", param), ("reduction", str(node.get("reduction", "mean_square"))),
               ("transforms", transforms))
     if any(e.kind == "blur" for e in entries) and not dict(static)["blur_every"]:
         static = tuple((k, 10 if k == "blur_every" else v) for k, v in static)  # a blur weight alone: every 10 steps
