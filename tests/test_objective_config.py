@@ -64,6 +64,43 @@ def test_atlas_cells_terms_and_taps(tmp_path):
     assert len(grid.group_cells((x, (48, 48)) for x in cells)) == 1  # one program for the atlas
 
 
+def test_class_atlas_one_class_per_cell(tmp_path):
+    """objective.atlas.tap=logits: cell c dreams class c (by index, a range or names)."""
+    cells = _plan(tmp_path, "objective.atlas={tap:logits,channels:[goldfish,tench,'great white shark']}")
+    assert [c.unit for c in cells] == ["logits_0001", "logits_0000", "logits_0002"]
+    assert [[(e.kind, e.index) for e in c.objective] for c in cells] == [[("class", (1,))], [("class", (0,))],
+                                                                          [("class", (2,))]]
+    assert len(grid.group_cells((x, (48, 48)) for x in cells)) == 1  # one program for every class
+    assert [c.unit for c in _plan(tmp_path / "r", "objective.atlas={tap:logits,channels:3-4}")] == [
+        "logits_0003", "logits_0004"]
+    with pytest.raises(grid.ConfigError, match="class 12 is out of range: tiny has 10 classes"):
+        _plan(tmp_path / "x", "objective.atlas={tap:logits,channels:[3,12]}")
+    with pytest.raises(grid.ConfigError, match="did you mean 'goldfish'"):
+        _plan(tmp_path / "y", "objective.atlas={tap:logits,channels:[goldfsh]}")
+
+
+def test_atlas_tiles_say_channel_and_class(tmp_path, monkeypatch):
+    """Each tile of a contact sheet is captioned with its channel index; a logits (class) atlas names
+    the class of the index from the bundled labels, and the classifier's top class where recorded."""
+    from dreamjax.outputs import images, report
+
+    assert report.atlas_tile_label("block9", 7, {}) == "7"
+    assert report.atlas_tile_label("logits", 1, {}) == "1 goldfish"
+    assert report.atlas_tile_label("logits", 388, {}) == "388 giant_panda"
+    assert report.atlas_tile_label("logits", 1, {"top_classes": [["tench", 0.6]]}) == "1 goldfish (top: tench)"
+    assert report.atlas_tile_label("logits", 1, {"top_classes": [["goldfish", 0.9]]}) == "1 goldfish"
+    assert report.atlas_tile_label("block9", 7, {"top_classes": [{"label": "tench"}]}) == "7 tench"
+    images.save_png(tmp_path / "d.png", np.zeros((16, 16, 3), np.uint8))
+    cells = [{"unit": f"logits_{i:04d}", "status": "done", "outputs": {"dream": "d.png"}} for i in (2, 1)]
+    seen = {}
+    real = report.contact_sheet
+    monkeypatch.setattr(report, "contact_sheet", lambda rows, **kw: seen.setdefault("rows", rows) and real(rows, **kw))
+    out = report.write_atlas_sheets(tmp_path, cells)
+    assert out["logits"] == tmp_path / "grids" / "atlas_logits.jpg" and out["logits"].is_file()
+    ((row_label, tiles),) = seen["rows"]
+    assert row_label == "logits 1-2" and [t for t, _ in tiles] == ["1 goldfish", "2 great_white_shark"]
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["objective.terms=['conv3:40']"], r"channel 40 of conv3 is out of range: conv3 has 16 channels \(0-15\)"),
     (["objective.terms=['class:goldfsh']"], r"did you mean 'goldfish'"),

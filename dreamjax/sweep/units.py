@@ -24,6 +24,7 @@ from dreamjax import files
 KINDS = ("channel", "direction", "class", "guide", "pick", "tv", "l2", "blur")
 STARTS = ("painting", "noise", "grey")
 PICK_MODES = ("strong", "weak", "median")
+CLASS_TAPS = ("logits",)  # atlas "taps" whose channels are classes: one class term per cell
 PARAMS = ("pixels", "fourier", "decorrelated", "fourier_decorrelated")  # = engine/params.py PARAMS
 KNOWN_KEYS = {"name", "layer", "reduction", "terms", "tv", "l2", "blur", "blur_every", "atlas", "layer_atlas", "start",
               "start_noise", "param", "transforms", "lapnorm", "original_colors"}
@@ -192,6 +193,8 @@ class Objective:
         if self.atlas is None:
             return [("", self.entries)]
         tap, channels, w, mask = self.atlas
+        if tap in CLASS_TAPS:  # a class atlas: cell c dreams class c on the logits
+            return [(f"{tap}_{c:04d}", self.entries + (Entry("class", "", (c,), w),)) for c in channels]
         return [(f"{tap}_{c:04d}", self.entries + (Entry("channel", tap, (c,), w, mask),)) for c in channels]
 
 
@@ -224,9 +227,15 @@ def parse_objective(node: Mapping | None) -> Objective:
         ch = a.get("channels")
         if not tap or ch is None:
             raise UnitError("objective.atlas needs tap and channels (a range 0-63 or a list)")
-        channels = _indices(f"[{','.join(str(c) for c in ch)}]" if isinstance(ch, (list, tuple)) else str(ch),
-                            f"{tap}:{ch}")
-        atlas = (tap, channels, float(a.get("weight", 1.0)), _mask(a.get("mask")))
+        if tap in CLASS_TAPS and isinstance(ch, (list, tuple)):  # classes by index or by name
+            channels = tuple(class_index(c) for c in ch)
+        else:
+            channels = _indices(f"[{','.join(str(c) for c in ch)}]" if isinstance(ch, (list, tuple)) else str(ch),
+                                f"{tap}:{ch}")
+        mask = _mask(a.get("mask"))
+        if tap in CLASS_TAPS and mask:
+            raise UnitError(f"objective.atlas: a {tap} atlas (one class per cell) has no spatial mask")
+        atlas = (tap, channels, float(a.get("weight", 1.0)), mask)
     layer_atlas = None
     if node.get("layer_atlas"):
         la = dict(node["layer_atlas"])
