@@ -116,6 +116,9 @@ def test_atlas_tiles_say_channel_and_class(tmp_path, monkeypatch):
     (["objective=lucid", "objective.lapnorm=3"], r"objective.lapnorm=3 cannot be combined with "
      r"objective.param=fourier_decorrelated"),
     (["objective.param=fourrier"], "objective.param='fourrier'; choose one of: pixels, fourier"),
+    (["+augment={target:goldfsh}"], r"augment.target: unknown class name 'goldfsh'.*did you mean 'goldfish'"),
+    (["+augment={target:goldfish,second:lite9}"], "augment.second: unknown backbone 'lite9'"),
+    (["+augment={target:goldfish,tagret:1}"], r"augment: unknown key\(s\) \['tagret'\]"),
 ])
 def test_bad_settings_fail_before_compute(tmp_path, overrides, message):
     for i, o in enumerate(overrides):
@@ -174,9 +177,29 @@ def test_layer_atlas_picks_the_paintings_strongest_channels(tmp_path, tiny_backb
     values = objective.cell_values(cells[1:], terms, tiny_backbone, x)
     energy = np.asarray(jnp.mean(jnp.square(tiny_backbone.features(jnp.asarray(x), ("conv3",))["conv3"]), axis=(1, 2)))
     assert set(np.nonzero(values["channel:conv3"][0])[0]) == set(np.argsort(-energy[0])[:3])
+    picked = []
+    objective.cell_values(cells[1:], terms, tiny_backbone, x, picked=picked)
+    assert picked == [{"conv3": [int(i) for i in np.argsort(-energy[0])[:3]]}]  # strongest first, for the record
     weak = objective.cell_values([cells[1].__class__(**{**cells[1].__dict__, "objective": (
         objective.Entry("pick", "conv3", ("weak", 2), 1.0),)})], terms, tiny_backbone, x)
     assert set(np.nonzero(weak["channel:conv3"][0])[0]) == set(np.argsort(energy[0])[:2])
+
+
+def test_layer_atlas_sheet_names_taps_and_picked_channels(tmp_path):
+    """A tiny layer atlas end to end: each record says which channels its pick chose, and the sheet
+    grids/layer_atlas_<painting>.jpg captions every tile with its tap and those channels."""
+    from dreamjax.outputs import report
+
+    cells = _plan(tmp_path, "objective.layer=0", "objective.layer_atlas={taps:[conv2,conv3],mode:strong,k:2}")
+    recs = Executor(RunOptions(batch_size=2, gif=False, octave_images=False, checkpoint=False,
+                               progress=False)).run(cells)
+    assert [sorted(r["picked"]) for r in recs] == [["conv2"], ["conv3"]]
+    assert all(len(r["picked"][t]) == 2 for r, t in zip(recs, ("conv2", "conv3")))
+    ch = recs[1]["picked"]["conv3"]
+    assert report.layer_atlas_tile_label(recs[1]) == f"conv3 · ch {ch[0]}, {ch[1]}"
+    out = jobs.collect(cells[0].job_dir, analyze=False)
+    sheet = Path(cells[0].job_dir) / "grids" / "layer_atlas_van_gogh_starry_night.jpg"
+    assert out["paths"]["layer_atlases"]["van_gogh_starry_night"] == sheet and sheet.is_file()
 
 
 def test_original_colors_keeps_luminance_takes_chroma():
@@ -208,10 +231,22 @@ def test_augment_writes_an_imagefolder_dataset_with_success_rate(tiny_atlas):
         predict.calls += 1
         return p, np.zeros((len(imgs), 4), np.float32)
 
-    predict.calls = 0
+    def second(imgs):  # a second network: goldfish 3rd before, 2nd after (in its top-5, not its top-1)
+        p = np.full((len(imgs), 1000), 1e-4, np.float32)
+        p[:, [5, 6]] = 0.3
+        p[:, 1] = 0.2 if second.calls else 0.1
+        p[:, 6] = 0.1 if second.calls else 0.3
+        second.calls += 1
+        return p, np.zeros((len(imgs), 4), np.float32)
+
+    predict.calls = second.calls = 0
     result = augment.write_dataset(run_dir, {"target": "goldfish", "out": "ds"},
-                                   classifier=Classifier(labels=labels, predict=predict, name="fake"))
+                                   classifier=Classifier(labels=labels, predict=predict, name="fake"),
+                                   second=Classifier(labels=labels, predict=second, name="fake2"))
     assert result["success_rate_top1"] == 1.0 and result["images"] == 4
+    assert result["second_classifier"] == "fake2" and result["second_success_rate_top5"] == 1.0
+    assert result["second_success_rate_top1"] == 0.0
+    assert [(r["second_rank_before"], r["second_rank_after"]) for r in result["items"]] == [(3, 2)] * 4
     assert len(list((run_dir / "ds" / "goldfish").glob("van_gogh_starry_night_conv3_*.png"))) == 4
     m = json.loads((run_dir / "ds" / "manifest.json").read_text())
     assert m["items"][0]["p_target_before"] < 0.01 < 0.5 < m["items"][0]["p_target_after"]

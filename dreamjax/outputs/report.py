@@ -716,6 +716,10 @@ def write_sweep_report(sweep_dir: PathLike, manifest: Mapping, originals: Mappin
             path = sweep_dir / "grids" / f"{safe_name(name)}.jpg"
             _images.save_jpeg(path, np.asarray(grid), quality=90)
             written["grids"][name] = path
+        picking = [c for c in pcells if c.get("picked") and c.get("status") == "done"]
+        if picking:  # a layer atlas: what each tap's picked channels dream on this painting
+            written.setdefault("layer_atlases", {})[name] = write_layer_atlas_sheet(
+                sweep_dir, name, orig, picking, cell_height=min(cell_height, 256))
         sheet_rows.append((name, [("original", _shrink(orig, sheet_h))]
                            + [(cap, _shrink(img, sheet_h)) for cap, img in columns]))
     if sheet_rows:
@@ -783,6 +787,37 @@ def write_atlas_sheets(sweep_dir: Path, cells: Sequence[Mapping], *, per_row: in
         sheet = contact_sheet(rows, cell_height=cell_height, title=f"{what}: {tap}")
         out[tap] = _images.save_jpeg(sweep_dir / "grids" / f"atlas_{safe_name(tap)}.jpg", np.asarray(sheet), quality=88)
     return out
+
+
+def layer_atlas_tile_label(cell: Mapping) -> str:
+    """The caption under a layer-atlas tile: each tap and the channels its pick chose on the
+    painting (``block9 · ch 12, 40, 77, 3``), strongest first."""
+    picked = (cell.get("picked") or {}).items()
+    return "; ".join(f"{tap} · ch {', '.join(str(i) for i in chans)}" for tap, chans in picked)
+
+
+def write_layer_atlas_sheet(sweep_dir: Path, name: str, original: CellImage, cells: Sequence[Mapping], *,
+                            per_row: int = 3, cell_height: int = 256) -> Path:
+    """``grids/layer_atlas_<painting>.jpg``: the original, then one tile per layer-atlas cell (in
+    the manifest's order, shallow to deep as the config lists the taps), each captioned with its tap
+    and the channels picked (:func:`layer_atlas_tile_label`), ``per_row`` tiles a row."""
+    cells = list(cells)
+    modes = sorted({str(c.get("unit") or "").rpartition("_")[2] for c in cells} - {""})
+    tiles = [("original", _shrink(original, cell_height))] + [
+        (layer_atlas_tile_label(c), _shrink(_cell_figure_image(sweep_dir, c), cell_height)) for c in cells]
+    rows = [("", tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+    rows[0] = (name, rows[0][1])
+    shapes = [np.asarray(img).shape[:2] for _, img in tiles if isinstance(img, np.ndarray)]
+    cell_w = max([_cell_width(sh, cell_height, 2.5) for sh in shapes] or [cell_height])
+    words = {"strong": "strongest", "weak": "weakest", "median": "median"}
+
+    def said(mode: str) -> str:  # "strong4" -> "the 4 strongest"
+        word = mode.rstrip("0123456789")
+        return f"the {mode[len(word):]} {words.get(word, word)}".replace("  ", " ")
+
+    title = f"layer atlas: {name}" + (f" ({' / '.join(map(said, modes))} channels of each tap here)" if modes else "")
+    sheet = _render(rows, cell_w, cell_height, title, with_labels=False)
+    return _images.save_jpeg(sweep_dir / "grids" / f"layer_atlas_{safe_name(name)}.jpg", np.asarray(sheet), quality=88)
 
 
 def _sheet_title(manifest: Mapping) -> str:
