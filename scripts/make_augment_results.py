@@ -6,7 +6,9 @@ success rates as JSON. Reads the run's ``<out>/manifest.json`` (sweep/augment.py
         [--paintings a,b,c,d] [--out results/augment]
 
 ``--compare`` adds other schedules' rates (other augment runs) to summary.json, so the default's
-choice is on record. Writes <out>/<target>_before_after.jpg and <out>/summary.json.
+choice is on record; each schedule also gets the mean |dream - painting| (grey levels), how much of
+the painting is left. Prints a Markdown table row per schedule.
+Writes <out>/<target>_before_after.jpg and <out>/summary.json.
 """
 from __future__ import annotations
 
@@ -31,12 +33,26 @@ def _rates(result: dict) -> dict:
     return {k: result[k] for k in RATES if k in result}
 
 
-def _run_seconds(run_dir: Path) -> float | None:
+def _change(result: dict, ds: Path) -> float:
+    """Mean |dream - painting| in grey levels (0-255) at the dream's size: how much of the painting is left."""
+    from dreamjax.outputs import images
+
+    out = []
+    for it in result["items"]:
+        d = images.load_painting(ds / it["image"]).pixels.astype(np.float32)
+        p = images.resize_uint8(images.load_painting(it["source"]).pixels, d.shape[:2]).astype(np.float32)
+        out.append(float(np.abs(d - p).mean()))
+    return round(float(np.mean(out)), 2)
+
+
+def _run_seconds(run_dir: Path) -> dict:
+    """The dream's seconds and the compilation part of them (run_stats.json): a warm compilation
+    cache makes the second near zero."""
     stats = run_dir / "run_stats.json"
     if not stats.is_file():
-        return None
+        return {}
     s = json.loads(stats.read_text())
-    return s.get("seconds")
+    return {"dream_seconds": s.get("seconds"), "compile_seconds": s.get("compile_seconds")}
 
 
 def main(argv=None):
@@ -92,15 +108,15 @@ def main(argv=None):
     wall = {k: float(v) for k, _, v in (w.partition("=") for w in a.wall)}
     setting = {k: v for k, _, v in (w.partition("=") for w in a.setting)}
 
-    def schedule(n: str, d: Path, r: dict) -> dict:
-        return {"overrides": setting.get(n, ""), **_rates(r), "dream_seconds": _run_seconds(d),
+    def schedule(n: str, d: Path, r: dict, where: Path) -> dict:
+        return {"overrides": setting.get(n, ""), **_rates(r), "mean_abs_change": _change(r, where), **_run_seconds(d),
                 "wall_seconds": wall.get(n)}
 
-    schedules = {a.name: schedule(a.name, run_dir, result)}
+    schedules = {a.name: schedule(a.name, run_dir, result, ds)}
     for spec in a.compare:
         n, _, d = spec.partition("=")
-        schedules[n] = schedule(n, Path(d), _dataset(Path(d))[0])
-    summary = {"command": a.command, **_rates(result),
+        schedules[n] = schedule(n, Path(d), *_dataset(Path(d)))
+    summary = {"command": a.command, **_rates(result), "mean_abs_change": schedules[a.name]["mean_abs_change"],
                "items": [{k: it.get(k) for k in ("source", "top1_before", "top1_after", "p_target_before",
                                                  "p_target_after", "second_rank_before", "second_rank_after",
                                                  "second_top1_after")} | {"source": Path(it["source"]).name}
@@ -109,7 +125,11 @@ def main(argv=None):
     files.write_json(out / "summary.json", summary)
     print(f"{strip} ({strip.stat().st_size // 1024} KB, {sheet.shape[1]}x{sheet.shape[0]}); {out / 'summary.json'}")
     for n, r in schedules.items():
-        print(f"{n}: Lite0 top-1 {r.get('success_rate_top1')}, second top-5 {r.get('second_success_rate_top5')}")
+        k = r["images"]
+        rates = " / ".join(str(round(r[q] * k)) for q in ("success_rate_top1", "second_success_rate_top5",
+                                                          "second_success_rate_top1"))
+        print(f"| {n} | `{r['overrides']}` | {rates} | {r['second_mean_p_target_after']:.2f} | "
+              f"{r['mean_abs_change']:.1f} |")
 
 
 if __name__ == "__main__":
