@@ -716,6 +716,10 @@ def write_sweep_report(sweep_dir: PathLike, manifest: Mapping, originals: Mappin
             path = sweep_dir / "grids" / f"{safe_name(name)}.jpg"
             _images.save_jpeg(path, np.asarray(grid), quality=90)
             written["grids"][name] = path
+        picking = [c for c in pcells if c.get("picked") and c.get("status") == "done"]
+        if picking:  # a layer atlas: what each tap's picked channels dream on this painting
+            written.setdefault("layer_atlases", {})[name] = write_layer_atlas_sheet(
+                sweep_dir, name, orig, picking, cell_height=min(cell_height, 256))
         sheet_rows.append((name, [("original", _shrink(orig, sheet_h))]
                            + [(cap, _shrink(img, sheet_h)) for cap, img in columns]))
     if sheet_rows:
@@ -726,10 +730,46 @@ def write_sweep_report(sweep_dir: PathLike, manifest: Mapping, originals: Mappin
     return written
 
 
+CLASS_TAPS = ("logits",)  # = sweep/units.py CLASS_TAPS: an atlas whose "channels" are the classifier's classes
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_labels() -> tuple[str, ...]:
+    return tuple(files.IMAGENET_LABELS.read_text(encoding="utf-8").split())
+
+
+def _top_class(cell: Mapping) -> str | None:
+    """The classifier's top class of a cell's dream, where the analysis recorded one
+    (``top_classes``: ``[[label, p], ...]`` or ``[{"label": .., "p": ..}, ...]``)."""
+    top = cell.get("top_classes") or (cell.get("analysis") or {}).get("top_classes")
+    if not top:
+        return None
+    first = top[0]
+    label = first.get("label") if isinstance(first, Mapping) else (first[0] if isinstance(first, (list, tuple))
+                                                                   else first)
+    return str(label) if label else None
+
+
+def atlas_tile_label(tap: str, channel: int, cell: Mapping) -> str:
+    """The caption under an atlas tile: the channel index; for a class-like tap (the logits) the
+    class's name from the bundled ImageNet labels (``1 goldfish``); and the classifier's top class
+    of the dream where the analysis gave one and it differs (``top: tench``)."""
+    label = str(channel)
+    named = None
+    if tap in CLASS_TAPS and 0 <= channel < len(_imagenet_labels()):
+        named = _imagenet_labels()[channel]
+        label += f" {named}"
+    top = _top_class(cell)
+    if top and top != named:
+        label += f" (top: {top})" if named else f" {top}"
+    return label
+
+
 def write_atlas_sheets(sweep_dir: Path, cells: Sequence[Mapping], *, per_row: int = 8,
                        cell_height: int = 128) -> dict[str, Path]:
     """``grids/atlas_<tap>.jpg`` per tap of atlas cells (``unit`` = ``<tap>_<channel>``): tiles in
-    channel order, the channel index under each (and the top class where the analysis gave one)."""
+    channel order, captioned by :func:`atlas_tile_label` (the channel index; a class atlas's class
+    names; the top class where the analysis gave one)."""
     by_tap: dict[str, list] = {}
     for c in cells:
         if c.get("status") != "done":
@@ -739,15 +779,45 @@ def write_atlas_sheets(sweep_dir: Path, cells: Sequence[Mapping], *, per_row: in
     out = {}
     for tap, items in sorted(by_tap.items()):
         items.sort(key=lambda t: t[0])
-        tiles = []
-        for ch, c in items:
-            top = (c.get("top_classes") or [{}])[0].get("label") if c.get("top_classes") else None
-            tiles.append((f"{ch}" + (f" {top}" if top else ""), _shrink(_cell_figure_image(sweep_dir, c), cell_height)))
-        rows = [(f"{tap} {tiles[i][0].split()[0]}-{tiles[min(i + per_row, len(tiles)) - 1][0].split()[0]}",
-                 tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
-        sheet = contact_sheet(rows, cell_height=cell_height, title=f"channel atlas: {tap}")
+        tiles = [(atlas_tile_label(tap, ch, c), _shrink(_cell_figure_image(sweep_dir, c), cell_height))
+                 for ch, c in items]
+        rows = [(f"{tap} {items[i][0]}-{items[min(i + per_row, len(items)) - 1][0]}", tiles[i:i + per_row])
+                for i in range(0, len(tiles), per_row)]
+        what = "class atlas" if tap in CLASS_TAPS else "channel atlas"
+        sheet = contact_sheet(rows, cell_height=cell_height, title=f"{what}: {tap}")
         out[tap] = _images.save_jpeg(sweep_dir / "grids" / f"atlas_{safe_name(tap)}.jpg", np.asarray(sheet), quality=88)
     return out
+
+
+def layer_atlas_tile_label(cell: Mapping) -> str:
+    """The caption under a layer-atlas tile: each tap and the channels its pick chose on the
+    painting (``block9 · ch 12, 40, 77, 3``), strongest first."""
+    picked = (cell.get("picked") or {}).items()
+    return "; ".join(f"{tap} · ch {', '.join(str(i) for i in chans)}" for tap, chans in picked)
+
+
+def write_layer_atlas_sheet(sweep_dir: Path, name: str, original: CellImage, cells: Sequence[Mapping], *,
+                            per_row: int = 3, cell_height: int = 256) -> Path:
+    """``grids/layer_atlas_<painting>.jpg``: the original, then one tile per layer-atlas cell (in
+    the manifest's order, shallow to deep as the config lists the taps), each captioned with its tap
+    and the channels picked (:func:`layer_atlas_tile_label`), ``per_row`` tiles a row."""
+    cells = list(cells)
+    modes = sorted({str(c.get("unit") or "").rpartition("_")[2] for c in cells} - {""})
+    tiles = [("original", _shrink(original, cell_height))] + [
+        (layer_atlas_tile_label(c), _shrink(_cell_figure_image(sweep_dir, c), cell_height)) for c in cells]
+    rows = [("", tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+    rows[0] = (name, rows[0][1])
+    shapes = [np.asarray(img).shape[:2] for _, img in tiles if isinstance(img, np.ndarray)]
+    cell_w = max([_cell_width(sh, cell_height, 2.5) for sh in shapes] or [cell_height])
+    words = {"strong": "strongest", "weak": "weakest", "median": "median"}
+
+    def said(mode: str) -> str:  # "strong4" -> "the 4 strongest"
+        word = mode.rstrip("0123456789")
+        return f"the {mode[len(word):]} {words.get(word, word)}".replace("  ", " ")
+
+    title = f"layer atlas: {name}" + (f" ({' / '.join(map(said, modes))} channels of each tap here)" if modes else "")
+    sheet = _render(rows, cell_w, cell_height, title, with_labels=False)
+    return _images.save_jpeg(sweep_dir / "grids" / f"layer_atlas_{safe_name(name)}.jpg", np.asarray(sheet), quality=88)
 
 
 def _sheet_title(manifest: Mapping) -> str:

@@ -370,7 +370,8 @@ class Executor:
         originals = np.asarray(bb.preprocess(cell_objective.start_images(padded, pixels)))
         iterations = [c.iterations for c in batch] + [0] * (len(padded) - n_real)  # padding cells idle
         try:
-            values = cell_objective.cell_values(padded, dreamer.cfg.terms, bb, paintings, self._guides)
+            picked: list = []  # the channels a pick entry chose on each painting (its record)
+            values = cell_objective.cell_values(padded, dreamer.cfg.terms, bb, paintings, self._guides, picked)
         except grid.ConfigError as e:
             return [write_failed(c, f"ConfigError: {e}") for c in batch]
         params = dream.CellParams.make(
@@ -435,8 +436,8 @@ class Executor:
             raise
         seconds = {"run": time.perf_counter() - t_start, "compile": self.compiles.seconds - compiles_before}
         try:
-            recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds) for i, c in enumerate(batch)
-                    if c.id not in complete]
+            recs = [self._write_cell(run, i, c, loaded[c.painting_path], bb, seconds, picked[i] if picked else None)
+                    for i, c in enumerate(batch) if c.id not in complete]
         except Exception as e:
             if ckpt is not None and files.is_disk_full(e):
                 ckpt.abandon()  # the batch's last checkpoint stays: the rerun writes its cells from it
@@ -452,7 +453,7 @@ class Executor:
         self.stats["cell_steps"] += sum(c.iterations for c in batch) * len(run.shapes)
         return recs
 
-    def _write_cell(self, run, i: int, cell: Cell, painting, bb, seconds) -> dict:
+    def _write_cell(self, run, i: int, cell: Cell, painting, bb, seconds, picked: dict | None = None) -> dict:
         out = cell.out_dir
         out.mkdir(parents=True, exist_ok=True)
         rel = lambda p: str(Path(p).relative_to(cell.job_dir))  # noqa: E731
@@ -508,6 +509,7 @@ class Executor:
             "painting_sha256": painting.sha256, "painting_notes": list(painting.notes),
             "painting_size": list(painting.original_size), "weights_id": bb.weights_id,
             "bucket": list(run.originals.shape[1:3]), "seconds": seconds,
+            **({"picked": picked} if picked else {}),  # {tap: channels} a pick chose on this painting
         }
         files.write_json(out / CELL_RECORD, rec)  # last: marks the cell complete
         return rec

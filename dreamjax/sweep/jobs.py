@@ -106,6 +106,7 @@ def plan(cfg, *, job: int, job_dir: str | Path, overrides: Sequence[str] = ()) -
                                    weights_id=bb.weights_id)
     if any(cell.objective for cell in cells):  # units, channel counts, classes, guides, masks
         objective.check(cells, get_spec(cells[0].backbone), include_top=c.model.include_top)
+    augment.check(c.augment)  # the augment experiment's target and second classifier
     if moving:
         cells = motion_sweep.with_motion(cells, moving)
     groups: dict[tuple, list[grid.Cell]] = {}
@@ -475,7 +476,7 @@ def build_manifest(sweep_dir: Path, records: list[dict], stale: Sequence[dict] =
             "weights": r.get("weights"), "weights_id": r.get("weights_id"), "taps": r.get("taps"),
             "layer_weights": r.get("layer_weights"), "painting_sha256": r.get("painting_sha256"),
             "hashes": {rel(k): v for k, v in r.get("hashes", {}).items()},
-            **{k: r[k] for k in ("frames", "fps", "frame_seconds", "stability", "motion") if k in r},
+            **{k: r[k] for k in ("frames", "fps", "frame_seconds", "stability", "motion", "picked") if k in r},
         })
     backbones = sorted({c["backbone"] for c in cells if c.get("backbone")})
     weights = sorted({c["weights_id"] for c in cells if c.get("weights_id")})

@@ -175,8 +175,12 @@ def _mask_values(mask: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def cell_values(cells: Sequence[Cell], terms: Terms, bb, originals: np.ndarray,
-                guide_cache: dict | None = None) -> dict[str, np.ndarray] | None:
-    """The per-cell term values of a batch (``originals``: the batch's network inputs, for pick)."""
+                guide_cache: dict | None = None, picked: list | None = None) -> dict[str, np.ndarray] | None:
+    """The per-cell term values of a batch (``originals``: the batch's network inputs, for pick).
+    ``picked``, a list, gets per cell ``{tap: [channel, ...]}``: the channels a pick entry chose on
+    this painting, strongest (or weakest, or median) first, for the cell's record."""
+    if picked is not None:
+        picked[:] = [{} for _ in cells]
     if not terms.columns and not terms.blur_every:
         return None
     channels = {t: s[-1] for t, s in bb.tap_shapes(*originals.shape[1:3]).items()}
@@ -195,6 +199,8 @@ def cell_values(cells: Sequence[Cell], terms: Terms, bb, originals: np.ndarray,
                     order = np.argsort(-picks[e.tap][b], kind="stable")
                     mid = (len(order) - k) // 2
                     idx = {"strong": order[:k], "weak": order[::-1][:k], "median": order[mid:mid + k]}[mode]
+                    if picked is not None:
+                        picked[b][e.tap] = [int(i) for i in idx]
                 else:
                     idx = np.asarray(e.index)
                 values[f"channel:{e.tap}"][b, idx] += e.weight

@@ -24,6 +24,8 @@ from dreamjax import files
 KINDS = ("channel", "direction", "class", "guide", "pick", "tv", "l2", "blur")
 STARTS = ("painting", "noise", "grey")
 PICK_MODES = ("strong", "weak", "median")
+CLASS_TAPS = ("logits",)  # atlas "taps" whose channels are classes: one class term per cell
+PARAMS = ("pixels", "fourier", "decorrelated", "fourier_decorrelated")  # = engine/params.py PARAMS
 KNOWN_KEYS = {"name", "layer", "reduction", "terms", "tv", "l2", "blur", "blur_every", "atlas", "layer_atlas", "start",
               "start_noise", "param", "transforms", "lapnorm", "original_colors"}
 
@@ -191,6 +193,8 @@ class Objective:
         if self.atlas is None:
             return [("", self.entries)]
         tap, channels, w, mask = self.atlas
+        if tap in CLASS_TAPS:  # a class atlas: cell c dreams class c on the logits
+            return [(f"{tap}_{c:04d}", self.entries + (Entry("class", "", (c,), w),)) for c in channels]
         return [(f"{tap}_{c:04d}", self.entries + (Entry("channel", tap, (c,), w, mask),)) for c in channels]
 
 
@@ -223,9 +227,15 @@ def parse_objective(node: Mapping | None) -> Objective:
         ch = a.get("channels")
         if not tap or ch is None:
             raise UnitError("objective.atlas needs tap and channels (a range 0-63 or a list)")
-        channels = _indices(f"[{','.join(str(c) for c in ch)}]" if isinstance(ch, (list, tuple)) else str(ch),
-                            f"{tap}:{ch}")
-        atlas = (tap, channels, float(a.get("weight", 1.0)), _mask(a.get("mask")))
+        if tap in CLASS_TAPS and isinstance(ch, (list, tuple)):  # classes by index or by name
+            channels = tuple(class_index(c) for c in ch)
+        else:
+            channels = _indices(f"[{','.join(str(c) for c in ch)}]" if isinstance(ch, (list, tuple)) else str(ch),
+                                f"{tap}:{ch}")
+        mask = _mask(a.get("mask"))
+        if tap in CLASS_TAPS and mask:
+            raise UnitError(f"objective.atlas: a {tap} atlas (one class per cell) has no spatial mask")
+        atlas = (tap, channels, float(a.get("weight", 1.0)), mask)
     layer_atlas = None
     if node.get("layer_atlas"):
         la = dict(node["layer_atlas"])
@@ -250,8 +260,19 @@ def parse_objective(node: Mapping | None) -> Objective:
     scale = tf.get("scale", [1.0, 1.0])
     transforms = (("pad", int(tf.get("pad", 0))), ("jitter", int(tf.get("jitter", 0))),
                   ("rotate", float(tf.get("rotate", 0))), ("scale", tuple(float(s) for s in scale)))
-    static = (("blur_every", int(node.get("blur_every", 0) or 0)), ("lapnorm", int(node.get("lapnorm", 0) or 0)),
-              ("param", str(node.get("param", "pixels"))), ("reduction", str(node.get("reduction", "mean_square"))),
+    param, lapnorm = str(node.get("param", "pixels")), int(node.get("lapnorm", 0) or 0)
+    if param not in PARAMS:
+        raise UnitError(f"objective.param={param!r}; choose one of: {', '.join(PARAMS)}")
+    if lapnorm < 0:
+        raise UnitError(f"objective.lapnorm={lapnorm} must be >= 0 levels (0 = off)")
+    if lapnorm and param != "pixels":
+        raise UnitError(f"objective.lapnorm={lapnorm} cannot be combined with objective.param={param}: the "
+                        "Laplacian-pyramid normalisation works on a pixel gradient"
+                        + (", and the Fourier parameterisation already scales its gradient by 1/f"
+                           if param.startswith("fourier") else "")
+                        + f"; set objective.lapnorm=0 to keep {param}, or objective.param=pixels to keep lapnorm")
+    static = (("blur_every", int(node.get("blur_every", 0) or 0)), ("lapnorm", lapnorm),
+              ("param", param), ("reduction", str(node.get("reduction", "mean_square"))),
               ("transforms", transforms))
     if any(e.kind == "blur" for e in entries) and not dict(static)["blur_every"]:
         static = tuple((k, 10 if k == "blur_every" else v) for k, v in static)  # a blur weight alone: every 10 steps
