@@ -726,8 +726,9 @@ def format_cold_table(res: dict) -> str:
     what = {"cold_study": "seed study (paintings x 4 weight sets)", "cold_start": "cold start"}.get(
         res["kind"], res["kind"].replace("cold_experiment_", "+experiment="))
     names = ", ".join(Path(p).name for p in np.atleast_1d(res["painting"]))
-    lines = [f"{what}, whole processes: {names} at long side {res['long_side']}, "
-             f"{res['iterations']} steps x 3 octaves, {res['repeats']} repeats; load "
+    workload = (f"{names} at long side {res['long_side']}, {res['iterations']} steps x 3 octaves, "
+                if res["painting"] else "as configured, ")
+    lines = [f"{what}, whole processes: {workload}{res['repeats']} repeats; load "
              f"{res['machine']['loadavg_start'][0]:.2f} -> {res['machine']['loadavg_end'][0]:.2f}"]
     for k, s in res["wall_seconds"].items():
         lines.append(f"  {k:<42} {s['min']:8.2f} / {s['median']:8.2f} / {s['max']:8.2f}")
