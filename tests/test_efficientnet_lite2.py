@@ -103,6 +103,7 @@ def numpy_lite_logits(st, image):
     return x.mean(axis=(0, 1)) @ st["_fc.weight"].T + st["_fc.bias"], n
 
 
+@pytest.mark.slow  # a long test (a CLI run or a full forward): the slow suite, which CI runs
 def test_logits_match_an_independent_numpy_forward(lite2, state):
     image = _photo("chelsea")
     ref, blocks = numpy_lite_logits(state, image)

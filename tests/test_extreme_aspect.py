@@ -21,6 +21,7 @@ def test_only_paintings_beyond_the_widest_bucket_get_a_note():
     assert squeeze_note((100, 300), bucket_shape(300, 100, 96), 96).startswith("aspect 3.00:1")  # portrait too
 
 
+@pytest.mark.slow  # a long test (a CLI run or a full forward): the slow suite, which CI runs
 def test_a_squeezed_painting_is_noted_in_its_record(tmp_path):
     from hydra import compose, initialize_config_dir
 

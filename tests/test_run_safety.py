@@ -115,6 +115,7 @@ def test_offline_auto_weights_fail_at_plan_time(tmp_path, monkeypatch):
         jobs.load_weights(config.Model(name="inception_v3", weights="auto"))
 
 
+@pytest.mark.slow  # a long test (a CLI run or a full forward): the slow suite, which CI runs
 def test_sweep_typo_in_one_job_stops_every_job_before_compute(tmp_path):
     p = run("-m", *TINY, f"data.paths={STARRY}", "dream.norm=l2,bogus", f"hydra.sweep.dir={tmp_path / 'sw'}",
             cwd=tmp_path)

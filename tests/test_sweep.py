@@ -114,10 +114,11 @@ def test_bad_paintings_never_stop_the_sweep(tmp_path):
     ("layers.weights=[1.0,2.0]", "layers.weights has 2 values but layers.taps has 4"),
     ("layers.taps=[conv1,convX,conv3,conv4]", "unknown tap(s) ['convX'] for backbone 'tiny'; allowed: conv1"),
     pytest.param("data.paths=/nonexistent/*.jpg", "data.paths", marks=pytest.mark.slow),
-    ("dream.step_size=0", "dream.step_size: 0 must be > 0"),
-    ("dream.octave_scale=1.0", "dream.octave_scale: 1.0 must be > 1"),
+    # the CLI path is checked by the two cases above in the default suite; these run in the slow one
+    pytest.param("dream.step_size=0", "dream.step_size: 0 must be > 0", marks=pytest.mark.slow),
+    pytest.param("dream.octave_scale=1.0", "dream.octave_scale: 1.0 must be > 1", marks=pytest.mark.slow),
     ("dream.num_octaves=9", "below tiny's minimum input size 16"),
-    ("dream.micro_batch=-1", "dream.micro_batch: -1 must be >= 0"),
+    pytest.param("dream.micro_batch=-1", "dream.micro_batch: -1 must be >= 0", marks=pytest.mark.slow),
 ])
 def test_config_mistakes_fail_before_compute(tmp_path, override, message):
     p = dreamjax("model=tiny", "layers=tiny_set1", *SMALL[1:], override, f"hydra.run.dir={tmp_path / 'r'}",
