@@ -581,6 +581,11 @@ def _image_shape(state: OctaveState) -> tuple[int, ...]:
     return tuple(state.frames.shape[1:])
 
 
+def _octave_key(state: OctaveState) -> tuple[int, int, int]:
+    """(B, H, W) of an octave state: what a prefetched octave program is filed under."""
+    return (int(state.stopped.shape[0]), *_image_shape(state)[1:3])
+
+
 def _step_key(cell_key, octave, step):
     return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(cell_key), octave), step)
 
@@ -788,7 +793,7 @@ class Dreamer:
         return self._run.lower(self.variables, state, params, jnp.int32(0), jnp.int32(1)).compile()
 
     def _prefetched(self, state: OctaveState):
-        fut = self._ahead.get((int(state.stopped.shape[0]), *_image_shape(state)[1:3]))
+        fut = self._ahead.get(_octave_key(state))
         if fut is None:
             return None
         try:
@@ -805,7 +810,7 @@ class Dreamer:
                 try:
                     return compiled(*args)
                 except (TypeError, ValueError):  # arguments unlike the prefetched ones: the jitted path
-                    self._ahead.pop((int(state.stopped.shape[0]), *_image_shape(state)[1:3]), None)
+                    self._ahead.pop(_octave_key(state), None)
             return self._run(*args)
         # Host loop, same condition as the device loop's: stop at `end` or when no cell is active.
         step = int(state.step)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -57,6 +58,12 @@ def _pads(in_hw, kernel_hw, strides, padding) -> tuple[tuple[int, int], ...]:
     if isinstance(padding, str):
         return tuple(lax.padtype_to_pads(in_hw, kernel_hw, strides, padding))
     return tuple(tuple(p) for p in padding)
+
+
+def _geometry(conv: "Conv2D", x) -> tuple[tuple[int, int], tuple]:
+    """(strides, explicit pads) of ``conv`` applied to ``x`` (NHWC)."""
+    strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
+    return strides, _pads(x.shape[1:3], tuple(conv.kernel_size), strides, conv.padding)
 
 
 def _is_pointwise(kernel_shape, strides, pads, groups) -> bool:
@@ -253,9 +260,8 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
     with oneDNN kernels the three become one oneDNN call forward (bias and ReLU as post-ops) and
     one backward, where XLA ran a convolution, a BatchNorm loop, a ReLU and a cast.
     """
-    strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
+    strides, pads = _geometry(conv, x)
     kh, kw = conv.kernel_size
-    pads = _pads(x.shape[1:3], (kh, kw), strides, conv.padding)
     if (conv.feature_group_count == 1 and parent.has_variable(DREAM, "fused_kernel")
             and not parent.is_mutable_collection(DREAM)
             and _conv_flops(x.shape, (kh, kw, x.shape[-1], conv.features), strides, pads) >= ONEDNN_MIN_FLOPS):
@@ -266,7 +272,7 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
                                get("fused_kernel_bwd"), strides, pads, tuple(x.shape[1:3]), bool(relu))
         return y.astype(conv.dtype)
     y = affine(conv(x))
-    if _preparing(parent) and _FUSE[0] and conv.has_variable(DREAM, "kernel_onednn"):
+    if _preparing(parent) and _PREP.fuse and conv.has_variable(DREAM, "kernel_onednn"):
         # The folded kernels (float32 here; _for_kernels keeps them in the oneDNN dtype, or drops
         # them for XLA).
         scale, shift = affine.affine(xp=np)
@@ -277,19 +283,21 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
     return jax.nn.relu(y) if relu else y
 
 
-# While prepare_dream_variables traces a model: {(module path..., name): NumPy value}.
-_HOST: list = [None]
+# While prepare_dream_variables traces a model (in this thread): ``recorded`` = {(module path..., name):
+# NumPy value}, ``fuse`` = its fuse_batchnorm. Thread-local: a prefetch thread may trace meanwhile.
+_PREP = threading.local()
 
 
 def _preparing(module: nn.Module) -> bool:
-    return _HOST[0] is not None and module.is_mutable_collection(DREAM) and not module.is_initializing()
+    return (getattr(_PREP, "recorded", None) is not None and module.is_mutable_collection(DREAM)
+            and not module.is_initializing())
 
 
 def _host_variable(module: nn.Module, name: str, value: np.ndarray) -> None:
     """Declare a ``"dream"`` variable made by :func:`prepare_dream_variables`' trace: computed on
     the host with NumPy from the concrete parameters and recorded by path, so preparing compiles
     nothing (one XLA program of weight flips and casts took 4-13 s to compile for InceptionV3)."""
-    _HOST[0][tuple(module.path) + (name,)] = value
+    _PREP.recorded[tuple(module.path) + (name,)] = value
     module.variable(DREAM, name, lambda: value)
 
 
@@ -373,8 +381,7 @@ class Conv2D(nn.Module):
         cin, groups = x.shape[-1], self.feature_group_count
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, cin // groups, self.features),
                             jnp.float32)
-        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-        pads = _pads(x.shape[1:3], (kh, kw), strides, self.padding)
+        strides, pads = _geometry(self, x)
         x = x.astype(self.dtype)
         k = kernel.astype(self.dtype)
         if _preparing(self) and supports_backward_kernel(kernel.shape, groups):
@@ -390,9 +397,6 @@ class Conv2D(nn.Module):
             return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN, feature_group_count=groups)
         kb = self.get_variable(DREAM, "kernel_bwd").astype(self.dtype)
         return conv_with_backward_kernel(x, k, kb, strides, pads, groups, tuple(x.shape[1:3]))
-
-
-_FUSE = [True]  # set by prepare_dream_variables(fuse_batchnorm=...) while it traces the model
 
 
 def prepare_dream_variables(module: nn.Module, variables, sample_shape, kernels: str = "xla",
@@ -414,13 +418,13 @@ def prepare_dream_variables(module: nn.Module, variables, sample_shape, kernels:
 
     # Traced (never compiled or run) on an abstract input: the modules declare their dream
     # variables, computed on the host from the concrete parameters (_host_variable).
-    _HOST[0], _FUSE[0] = {}, bool(fuse_batchnorm)
+    _PREP.recorded, _PREP.fuse = {}, bool(fuse_batchnorm)
     try:
         jax.eval_shape(lambda x: module.apply(plain, x, mutable=[DREAM]),
                        jax.ShapeDtypeStruct(tuple(sample_shape), jnp.float32))
-        recorded = _HOST[0]
+        recorded = _PREP.recorded
     finally:
-        _HOST[0], _FUSE[0] = None, True
+        _PREP.recorded = None
     tree: dict = {}
     for path, value in recorded.items():
         node = tree

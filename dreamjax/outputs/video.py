@@ -242,19 +242,24 @@ def write_mp4(path: PathLike, frames: Sequence[np.ndarray], fps: float | fractio
             vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
             vs.options = {"crf": str(crf), "preset": preset}
             audio = _open_audio(av, audio_from, out) if audio_from else None
-            for i, px in enumerate(frames):
-                vf = av.VideoFrame.from_ndarray(px, format="rgb24")
-                vf.pts = i
-                for pkt in vs.encode(vf):
-                    out.mux(pkt)
-            for pkt in vs.encode():
-                out.mux(pkt)
+            _encode_frames(av, out, vs, frames)
             if audio is not None:
                 end = audio_end if audio_end is not None else audio_start + len(frames) / float(rate)
                 _copy_audio(av, audio, out, audio_start, end)
         finally:
             out.close()
     return Path(path)
+
+
+def _encode_frames(av, out, vs, frames) -> None:
+    """Encode RGB ``frames`` into video stream ``vs`` of container ``out`` (pts = frame index), then flush."""
+    for i, px in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(px), format="rgb24")
+        vf.pts = i
+        for pkt in vs.encode(vf):
+            out.mux(pkt)
+    for pkt in vs.encode():
+        out.mux(pkt)
 
 
 def _open_audio(av, source, out):
@@ -393,13 +398,7 @@ def write_synthetic_video(path: PathLike, n: int = 12, height: int = 96, width: 
             if tone_hz is not None:
                 a = out.add_stream("aac", rate=16000)
                 a.layout = "mono"
-            for i, px in enumerate(frames):
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(px), format="rgb24")
-                vf.pts = i
-                for pkt in vs.encode(vf):
-                    out.mux(pkt)
-            for pkt in vs.encode():
-                out.mux(pkt)
+            _encode_frames(av, out, vs, frames)
             if a is not None:
                 total = int(16000 * len(frames) / fps)
                 t = np.arange(total) / 16000.0

@@ -283,6 +283,19 @@ class Executor:
                 self.stats["cells_skipped"] += 1
         return records, set(records)
 
+    def pending_batches(self, group: Sequence[Cell], complete: set[str]):
+        """A group's batches (formed from *all* its cells, complete ones included, so a resumed run
+        has exactly the batches of an uninterrupted one) that still have work; raises
+        :class:`Interrupted` between batches when a stop was requested. Shared by still and motion runs."""
+        for batch in grid.batches(group, self.opt.batch_size):
+            if self.stop_requested():
+                raise Interrupted("stopped between batches")
+            if not all(c.id in complete for c in batch):
+                yield batch
+
+    def count_programs(self) -> None:
+        self.stats["programs"] = sum(d.programs() for d in self._dreamers.values())
+
     def _run(self, cells: Sequence[Cell], checkpoint_root: str | Path | None = None) -> list[dict]:
         t0 = time.perf_counter()
         records, complete = self.skip_complete(cells)
@@ -333,16 +346,12 @@ class Executor:
                     records[c.id] = write_failed(c, f"{type(e).__name__}: {e}")
                     self.stats["cells_failed"] += 1
                 continue
-            for batch in grid.batches(group_cells, self.opt.batch_size):
-                if self.stop_requested():
-                    raise Interrupted("stopped between batches")
-                if all(c.id in complete for c in batch):
-                    continue
+            for batch in self.pending_batches(group_cells, complete):
                 for rec in self._run_batch(dreamer, batch, loaded, shape, bar, checkpoint_root, length,
                                            complete):
                     records[rec["id"]] = rec
         bar.close()
-        self.stats["programs"] = sum(d.programs() for d in self._dreamers.values())
+        self.count_programs()
         self.stats["seconds"] += time.perf_counter() - t0
         return [records[c.id] for c in cells if c.id in records]
 

@@ -239,15 +239,11 @@ class MotionRunner:
                     records[c.id] = write_failed(c, f"{type(e).__name__}: {e}")
                     self.ex.stats["cells_failed"] += 1
                 continue
-            for batch in grid.batches(group, self.opt.batch_size):
-                if self.ex.stop_requested():
-                    raise Interrupted("stopped between batches")
-                if all(c.id in complete for c in batch):
-                    continue
+            for batch in self.ex.pending_batches(group, complete):
                 for rec in self._run_batch(dreamer, batch, sources, shape, n_frames, length, checkpoint_root,
                                            complete):
                     records[rec["id"]] = rec
-        self.ex.stats["programs"] = sum(d.programs() for d in self.ex._dreamers.values())
+        self.ex.count_programs()
         self.ex.stats["seconds"] += time.perf_counter() - t0
         self._log_summary()
         return [records[c.id] for c in cells if c.id in records]
