@@ -91,6 +91,41 @@ def test_conv2d_forward_and_input_gradient_match_xla(shape, kernel, cout, stride
     assert _rel(dx, dx_ref) <= tol, f"input gradient off by {_rel(dx, dx_ref):.2e}"
 
 
+DEPTHWISE = [  # input shape, kernel, stride (EfficientNet-Lite's depthwise layers: SAME, multiplier 1)
+    ((2, 13, 16, 8), 3, 1),
+    ((1, 16, 16, 8), 3, 2),  # asymmetric padding (0, 1); its input gradient dilates g
+    ((1, 15, 15, 16), 5, 2),
+    ((1, 9, 11, 24), 5, 1),
+]
+
+
+@pytest.mark.parametrize("shape,k,stride", DEPTHWISE, ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("kern", ["onednn_f32", "onednn"])
+def test_depthwise_convolutions_run_on_onednn_in_float32(shape, k, stride, kern):
+    """Depthwise convolutions go to oneDNN in float32 under either oneDNN choice (memory-bound:
+    bfloat16 bought nothing there, see ops.Conv2D): forward, input gradient and the kernel's
+    gradient all within the float32 tolerance of XLA's slice form."""
+    _need_onednn(bf16=kern == "onednn")
+    c = shape[-1]
+    m = ops.Conv2D(c, (k, k), stride, "SAME", feature_group_count=c)
+    x = jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
+    v = m.init(jax.random.PRNGKey(0), x)
+    ref_v = ops.prepare_dream_variables(m, v, shape, kernels="xla")
+    our_v = ops.prepare_dream_variables(m, v, shape, kernels=kern)
+    assert "kernel_dw_onednn" not in ref_v[ops.DREAM]
+    assert our_v[ops.DREAM]["kernel_dw_onednn"].dtype == jnp.float32
+    fwd = jax.jit(lambda v, x: jax.vjp(lambda v, x: m.apply(v, x), v, x))
+    assert kernels.TARGET in fwd.lower(our_v, x).as_text()
+    assert kernels.TARGET not in fwd.lower(ref_v, x).as_text()
+    y_ref, vjp_ref = jax.vjp(lambda p, x: m.apply({**ref_v, "params": p}, x), ref_v["params"], x)
+    y, vjp = jax.vjp(lambda p, x: m.apply({**our_v, "params": p}, x), our_v["params"], x)
+    assert _rel(y, y_ref) <= F32_TOL, f"forward off by {_rel(y, y_ref):.2e}"
+    g = jnp.asarray(RNG.standard_normal(y_ref.shape).astype(np.float32))
+    (dk_ref, dx_ref), (dk, dx) = vjp_ref(g), vjp(g)
+    assert _rel(dx, dx_ref) <= F32_TOL, f"input gradient off by {_rel(dx, dx_ref):.2e}"
+    assert _rel(dk["kernel"], dk_ref["kernel"]) <= F32_TOL
+
+
 def test_reordered_weights_are_cached_by_content_never_stale():
     """The blocked copies of the weights are reused only for the same bytes: new values in an array
     of the same shape (possibly at the same address) give their own, correct result."""

@@ -165,42 +165,44 @@ def _back_pads(kernel_hw, in_hw, out_hw, strides, pads):
             for k, n, o, s, (lo, _) in zip(kernel_hw, in_hw, out_hw, strides, pads)]
 
 
-def _onednn_conv(x, kernel, strides, pads, dilation=(1, 1), bias=None, relu=False):
-    """``_conv`` through oneDNN for a non-grouped convolution: ``x`` is cast to the kernel's dtype
-    (bfloat16 or float32; XLA fuses the cast into the loop that made ``x``), the result is float32.
-    Input dilation and negative padding are done in XLA first (only strided layers' gradients
-    need them), so oneDNN always sees a plain stride-``strides`` convolution."""
+def _onednn_conv(x, kernel, strides, pads, dilation=(1, 1), bias=None, relu=False, groups=1):
+    """``_conv`` through oneDNN for a non-grouped or depthwise (``groups`` = channels) convolution:
+    ``x`` is cast to the kernel's dtype (bfloat16 or float32; XLA fuses the cast into the loop that
+    made ``x``), the result is float32. Input dilation and negative padding are done in XLA first
+    (only strided layers' gradients need them), so oneDNN always sees a plain stride-``strides``
+    convolution."""
     x = x.astype(kernel.dtype)
     if tuple(dilation) != (1, 1) or any(p < 0 for lohi in pads for p in lohi):
         cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, dilation)] + [(0, 0, 0)]
         x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
         pads = ((0, 0), (0, 0))
-    return onednn.conv(x, kernel, bias, strides, pads, relu=relu)
+    return onednn.conv(x, kernel, bias, strides, pads, relu=relu, groups=groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def conv_onednn(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def conv_onednn(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw, groups=1):
     """``conv(x, kernel)`` through oneDNN with the prepared ``kernel_fast`` (``kernel`` in the
     kernel's dtype) and ``kernel_bwd`` (its backward kernel, same dtype); the result is float32.
     The input gradient is a forward oneDNN convolution of ``g`` with ``kernel_bwd``; the
-    gradient with respect to ``kernel`` (never needed in a dream) is JAX's rule on XLA's conv."""
-    return _onednn_conv(x, kernel_fast, strides, pads)
+    gradient with respect to ``kernel`` (never needed in a dream) is JAX's rule on XLA's conv.
+    ``groups``: 1, or the channels (depthwise)."""
+    return _onednn_conv(x, kernel_fast, strides, pads, groups=groups)
 
 
-def _onednn_fwd(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw):
-    y = _onednn_conv(x.value, kernel_fast.value, strides, pads)
+def _onednn_fwd(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw, groups):
+    y = _onednn_conv(x.value, kernel_fast.value, strides, pads, groups=groups)
     saved_x = x.value if kernel.perturbed else None
     return y, (kernel_bwd.value, kernel.value if kernel.perturbed else None, saved_x)
 
 
-def _onednn_bwd(strides, pads, in_hw, res, g):
+def _onednn_bwd(strides, pads, in_hw, groups, res, g):
     kernel_bwd, kernel, x = res
     back = _back_pads(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
     # x had Conv2D's dtype, which the result (and so g) is cast back to.
-    dx = _onednn_conv(g, kernel_bwd, (1, 1), back, dilation=strides).astype(g.dtype)
+    dx = _onednn_conv(g, kernel_bwd, (1, 1), back, dilation=strides, groups=groups).astype(g.dtype)
     dk = None
     if x is not None:
-        dk = jax.vjp(lambda k: _conv(x.astype(k.dtype), k, strides, pads, 1), kernel)[1](g.astype(kernel.dtype))[0]
+        dk = jax.vjp(lambda k: _conv(x.astype(k.dtype), k, strides, pads, groups), kernel)[1](g.astype(kernel.dtype))[0]
     return dx, dk, None, None
 
 
@@ -389,10 +391,15 @@ class Conv2D(nn.Module):
             _host_variable(self, "kernel_bwd", backward_kernel(host, groups))
             if groups == 1:  # marks the convolutions oneDNN may run; kept or dropped by prepare_dream_variables
                 _host_variable(self, "kernel_onednn", host)
+            else:  # depthwise: oneDNN in float32 whatever the kernels' dtype (see DEPTHWISE_ONEDNN)
+                _host_variable(self, "kernel_dw_onednn", host)
         if (self.has_variable(DREAM, "kernel_onednn") and not self.is_mutable_collection(DREAM)
                 and _conv_flops(x.shape, kernel.shape, strides, pads) >= ONEDNN_MIN_FLOPS):
             kf, kb = self.get_variable(DREAM, "kernel_onednn"), self.get_variable(DREAM, "kernel_bwd_onednn")
             return conv_onednn(x, kernel, kf, kb, strides, pads, tuple(x.shape[1:3])).astype(self.dtype)
+        if self.has_variable(DREAM, "kernel_dw_onednn") and not self.is_mutable_collection(DREAM):
+            kf, kb = self.get_variable(DREAM, "kernel_dw_onednn"), self.get_variable(DREAM, "kernel_bwd")
+            return conv_onednn(x, kernel, kf, kb, strides, pads, tuple(x.shape[1:3]), groups).astype(self.dtype)
         if not self.has_variable(DREAM, "kernel_bwd"):
             return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN, feature_group_count=groups)
         kb = self.get_variable(DREAM, "kernel_bwd").astype(self.dtype)
@@ -446,6 +453,8 @@ def _for_kernels(tree: dict, kernels: str, dtype) -> dict:
     elif fused:
         tree["fused_kernel"] = tree["fused_kernel"].astype(dtype)
         tree["fused_kernel_bwd"] = tree["fused_kernel_bwd"].astype(dtype)
+    if "kernel_dw_onednn" in tree and kernels == "xla":
+        del tree["kernel_dw_onednn"]
     if "kernel_onednn" in tree:
         if kernels == "xla":
             del tree["kernel_onednn"]

@@ -155,17 +155,18 @@ def status() -> Status:
     return _status
 
 
-def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool = False):
+def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool = False, groups: int = 1):
     """``act(conv(x, kernel) + bias)`` through oneDNN: NHWC ``x``, HWIO ``kernel``, both bfloat16
     (f32 accumulation) or both float32; the result is float32. ``pads`` are explicit
-    ((top, bottom), (left, right)). Raises ``RuntimeError`` (with :func:`status`'s reason) where
-    the kernel cannot run."""
+    ((top, bottom), (left, right)); ``groups`` as ``feature_group_count`` (1, or the channels:
+    depthwise). Raises ``RuntimeError`` (with :func:`status`'s reason) where the kernel cannot run."""
     st = status()
     if not st.available:
         raise RuntimeError(f"the oneDNN convolution kernel cannot run here: {st.reason}")
     n, h, w, c = x.shape
     kh, kw, ci, o = kernel.shape
-    assert ci == c and x.dtype == kernel.dtype, (x.shape, x.dtype, kernel.shape, kernel.dtype)
+    assert ci * groups == c and o % groups == 0 and x.dtype == kernel.dtype, (x.shape, x.dtype, kernel.shape,
+                                                                              kernel.dtype, groups)
     (pt, pb), (pl, pr) = pads
     ho = (h + pt + pb - kh) // strides[0] + 1
     wo = (w + pl + pr - kw) // strides[1] + 1
@@ -173,7 +174,7 @@ def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, ho, wo, o), jnp.float32))
     return call(x, kernel, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
                 pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
-                has_bias=bias is not None, relu=bool(relu))
+                has_bias=bias is not None, relu=bool(relu), groups=np.int64(groups))
 
 
 def cached_weights() -> int:

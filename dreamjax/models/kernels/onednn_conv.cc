@@ -1,7 +1,9 @@
 // Convolutions and 1x1 matrix products through oneDNN, as an XLA FFI custom call.
 //
-// One handler, `dreamjax_onednn_conv`: y[N,Ho,Wo,O] (f32) = act(conv(x[N,H,W,C], w[kh,kw,C,O]) + b)
-// with x and w both bfloat16 (AMX / AVX512-BF16, f32 accumulation) or both float32. NHWC and
+// One handler, `dreamjax_onednn_conv`: y[N,Ho,Wo,O] (f32) = act(conv(x[N,H,W,C], w[kh,kw,C/G,O]) + b)
+// with x and w both bfloat16 (AMX / AVX512-BF16, f32 accumulation) or both float32, in G groups
+// (G = 1, or G = C = O: a depthwise convolution, EfficientNet's; the HWIO kernel is oneDNN's
+// `hwigo` layout then, output channel g*(O/G)+o of group g). NHWC and
 // HWIO are XLA's own layouts, so nothing is transposed on the JAX side; oneDNN wants the weights
 // in its blocked layout, and the reordered copies are cached by *content* (a 64-bit hash of the
 // weight bytes, their size and the target layout: the weights are arguments of the dream
@@ -58,14 +60,15 @@ struct Problem {
   int64_t n, h, w, c, kh, kw, o, ho, wo;
   int64_t sh, sw, pt, pb, pl, pr;
   bool bf16, bias, relu;
+  int64_t g;
   bool pointwise() const {
-    return kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0;
+    return g == 1 && kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0;
   }
   std::string key() const {
     std::ostringstream k;
     k << n << ',' << h << ',' << w << ',' << c << ',' << kh << ',' << kw << ',' << o << ',' << ho << ','
       << wo << ',' << sh << ',' << sw << ',' << pt << ',' << pb << ',' << pl << ',' << pr << ',' << bf16
-      << bias << relu;
+      << bias << relu << ',' << g;
     return k.str();
   }
 };
@@ -100,10 +103,12 @@ std::shared_ptr<Entry> build(const Problem& p) {
     e->prim = dnnl::matmul(pd);
   } else {
     e->src_md = memory::desc({p.n, p.c, p.h, p.w}, in, tag::nhwc);
-    e->user_w_md = memory::desc({p.o, p.c, p.kh, p.kw}, in, tag::hwio);
+    memory::dims wdims = p.g == 1 ? memory::dims{p.o, p.c, p.kh, p.kw}
+                                  : memory::dims{p.g, p.o / p.g, p.c / p.g, p.kh, p.kw};
+    e->user_w_md = memory::desc(wdims, in, p.g == 1 ? tag::hwio : tag::hwigo);
     e->bias_md = memory::desc({p.o}, dt::f32, tag::a);
     e->dst_md = memory::desc({p.n, p.o, p.ho, p.wo}, dt::f32, tag::nhwc);
-    auto any_w = memory::desc({p.o, p.c, p.kh, p.kw}, in, tag::any);
+    auto any_w = memory::desc(wdims, in, tag::any);
     memory::dims strides{p.sh, p.sw}, pad_l{p.pt, p.pl}, pad_r{p.pb, p.pr};
     auto kind = dnnl::prop_kind::forward_inference;
     auto algo = dnnl::algorithm::convolution_direct;
@@ -214,7 +219,7 @@ void* thread_buffer(int which, size_t bytes) {
 
 ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::Result<ffi::Buffer<ffi::F32>> y,
                 int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                int64_t pad_right, bool has_bias, bool relu) {
+                int64_t pad_right, bool has_bias, bool relu, int64_t groups) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x, w and y must be 4-d (NHWC, HWIO, NHWC)");
@@ -222,8 +227,10 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
       (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32))
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x and w must both be bfloat16 or both float32");
   Problem p{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], stride_h, stride_w,
-            pad_top, pad_bottom, pad_left, pad_right, x.element_type() == ffi::DataType::BF16, has_bias, relu};
-  if (wd[2] != p.c || yd[0] != p.n || yd[3] != p.o)
+            pad_top, pad_bottom, pad_left, pad_right, x.element_type() == ffi::DataType::BF16, has_bias, relu,
+            groups};
+  if (groups < 1 || p.c % groups != 0 || p.o % groups != 0 || wd[2] * groups != p.c || yd[0] != p.n ||
+      yd[3] != p.o)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: shapes of x, w and y do not agree");
   try {
     auto e = get(p);
@@ -274,7 +281,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DreamjaxOnednnConv, Conv,
                                   .Attr<int64_t>("pad_left")
                                   .Attr<int64_t>("pad_right")
                                   .Attr<bool>("has_bias")
-                                  .Attr<bool>("relu"));
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("groups"));
 
 // What the Python side checks before it offers the kernel: 0 = usable with bf16 units,
 // 1 = usable but the CPU has no bfloat16 instructions (f32 only), 2 = no CPU engine.
