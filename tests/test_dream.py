@@ -140,6 +140,31 @@ def test_resize_matches_tf_image_resize(shape):
     np.testing.assert_allclose(ours, _tf_resize_bilinear(img, *shape), atol=2e-5)
 
 
+@pytest.mark.parametrize("detail", ["dlwp", "google"])
+def test_a_dream_compiles_its_octave_programs_and_nothing_else(tiny_backbone, detail, caplog):
+    """Resizes, lost-detail sums and the transfers between octaves run on the host: a 3-octave
+    dream compiles one octave program per octave shape (and one small init per shape), where each
+    new shape of a device-side resize or sum used to be another compilation (25 in a one-painting
+    InceptionV3 run, 10 now)."""
+    import logging
+
+    import jax
+
+    plan = OctavePlan.keras(3, 1.4, detail)
+    params = CellParams.make(np.ones((1, 2)), 10.0, iterations=2, seed=[0])
+    cfg = DreamConfig(taps=TAPS)
+    dream.dream(tiny_backbone, _images(tiny_backbone, 1, 80, 88), params, cfg, plan)  # scalars, first use
+    images = _images(tiny_backbone, 1, 90, 100)  # shapes no other test dreams at
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"):
+        run = dream.dream(tiny_backbone, images, params, cfg, plan)
+    # (this thread's compilations; the later octaves' programs compile in the prefetch thread)
+    compiled = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert len(set(run.shapes)) == 3
+    assert set(compiled) <= {"jit(_run_steps)", "jit(_init_state)"}, compiled
+    assert compiled.count("jit(_init_state)") == 3
+    assert run.dreamer.programs() == 3
+
+
 def test_octave_shapes_follow_the_sources():
     assert OctavePlan.keras(3, 1.4).shapes(299, 400) == [(152, 204), (213, 285), (299, 400)]  # int(d / 1.4**i)
     assert OctavePlan((-2, -1, 0, 1, 2), 1.3, "none").shapes(100, 100)[-1] == (169, 169)  # int(d * 1.3**2)

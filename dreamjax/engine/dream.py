@@ -635,8 +635,6 @@ class Dreamer:
         # False`` keeps the host loop (one jitted, donated step per call) for comparison.
         self.device_loop = True
         self._init = jax.jit(self._init_state)
-        self._resize = jax.jit(_resize, static_argnums=(1,))
-        self._zoom = jax.jit(_zoom_linear, static_argnums=(1,))
         self._ahead: dict = {}  # (B, H, W) -> Future of the compiled octave program (prefetch)
         self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -768,7 +766,11 @@ class Dreamer:
 
     # --- host API ------------------------------------------------------------------------------
     def init_octave(self, images, params: CellParams) -> OctaveState:
-        return self._init(jnp.asarray(images, self.cfg.image_dtype), params)
+        if not isinstance(images, jax.Array):  # a host array: jnp.asarray would compile per shape
+            images = jax.device_put(np.asarray(images, self.cfg.image_dtype))
+        if images.dtype != self.cfg.image_dtype:
+            images = images.astype(self.cfg.image_dtype)
+        return self._init(images, params)
 
     def prefetch(self, shapes: Sequence[tuple[int, int]], params: CellParams) -> None:
         """Start compiling the octave programs for image ``shapes`` (H, W) of a batch with these
@@ -832,9 +834,10 @@ class Dreamer:
         ahead = sum(1 for f in self._ahead.values() if f.done() and f.exception() is None)
         return (self._run if self.device_loop else self._step)._cache_size() + ahead
 
-    def resize(self, images, shape):
-        """The plan's resize: ``tf.image.resize`` bilinear, or in google mode ``nd.zoom(order=1)``."""
-        fn = self._zoom if self.plan.detail == "google" else self._resize
+    def resize(self, images, shape) -> np.ndarray:
+        """The plan's resize, on the host: ``tf.image.resize`` bilinear, or in google mode
+        ``nd.zoom(order=1)``."""
+        fn = _zoom_linear if self.plan.detail == "google" else _resize
         return fn(images, tuple(int(s) for s in shape))
 
     def lower(self, height: int, width: int, batch: int):
@@ -847,29 +850,43 @@ class Dreamer:
         return self._run.lower(self.variables, state, params, jnp.int32(0), jnp.int32(1))
 
 
-def _resize(images, shape):
-    # Bilinear without antialiasing, half-pixel centres: what tf.image.resize does by default
-    # (DLwP's and the TF tutorial's resize), so octave parity with Keras/TF holds.
-    b, _, _, c = images.shape
-    return jax.image.resize(images, (b, shape[0], shape[1], c), "bilinear", antialias=False)
+def _linear_taps(n: int, m: int, half_pixel: bool):
+    """For resampling an axis of ``n`` pixels to ``m``: the two source indices and the weight of
+    the second, per output pixel. ``half_pixel``: tf.image.resize's centres (sample (o + 0.5) n/m
+    - 0.5, clamped to the edge pixels); else scipy.ndimage.zoom(order=1)'s aligned corners."""
+    if half_pixel:
+        pos = np.clip((np.arange(m, dtype=np.float64) + 0.5) * (n / m) - 0.5, 0.0, n - 1)
+    else:
+        pos = np.arange(m, dtype=np.float64) * ((n - 1) / (m - 1) if m > 1 else 0.0)
+    lo = np.minimum(np.floor(pos).astype(np.int64), n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
 
 
-def _zoom_linear(images, shape):
-    # scipy.ndimage.zoom(x, (1, h/h0, w/w0, 1), order=1) as Google's notebook calls it: linear
-    # interpolation with the corner pixels aligned, output pixel o samples input o*(n-1)/(m-1).
-    x = images
+def _bilinear(images, shape, half_pixel: bool) -> np.ndarray:
+    # Separable: rows, then columns, two taps each, in float32 on the host. An octave's resizes
+    # are a few MFLOP: on the device each new shape was a compilation (25 in a one-painting run).
+    x = np.asarray(images, np.float32)
     for axis, m in ((1, shape[0]), (2, shape[1])):
         n = x.shape[axis]
         if n == m:
             continue
-        step = (n - 1) / (m - 1) if m > 1 else 0.0
-        pos = np.arange(m, dtype=np.float64) * step
-        lo = np.minimum(np.floor(pos).astype(np.int32), n - 1)
-        hi = np.minimum(lo + 1, n - 1)
-        frac = jnp.asarray(pos - lo, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
-        a, b = jnp.take(x, lo, axis=axis), jnp.take(x, hi, axis=axis)
-        x = a + (b - a) * frac
+        lo, hi, frac = _linear_taps(n, m, half_pixel)
+        a, b = np.take(x, lo, axis=axis), np.take(x, hi, axis=axis)
+        x = a + (b - a) * frac.reshape((-1,) + (1,) * (x.ndim - axis - 1))
     return x
+
+
+def _resize(images, shape) -> np.ndarray:
+    """Bilinear without antialiasing, half-pixel centres: what tf.image.resize does by default
+    (DLwP's and the TF tutorial's resize), so octave parity with Keras/TF holds. On the host."""
+    return _bilinear(images, shape, half_pixel=True)
+
+
+def _zoom_linear(images, shape) -> np.ndarray:
+    """scipy.ndimage.zoom(x, (1, h/h0, w/w0, 1), order=1) as Google's notebook calls it: linear
+    interpolation with the corner pixels aligned, output pixel o samples input o*(n-1)/(m-1)."""
+    return _bilinear(images, shape, half_pixel=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -902,28 +919,29 @@ class DreamRun:
         return self.octave >= len(self.shapes)
 
     def _start_octave(self):
+        # Octave transitions run on the host (NumPy): the images are small, and on the device
+        # every new shape of a resize or a sum was another compilation.
         d, i = self.dreamer, self.octave
         shape = self.shapes[i]
         if d.plan.detail == "google":
             base = self._google_base(i)
-            detail = jnp.zeros_like(base) if self.detail is None else d.resize(self._placed(self.detail), shape)
-            img = base + detail
+            img = base if self.detail is None else base + d.resize(self.detail, shape)
         elif i == 0:
             d.prefetch(self.shapes[1:], self.params)  # later octaves compile while this one runs
-            img = d.resize(jnp.asarray(self.originals), shape)
+            img = d.resize(self.originals, shape)
         else:
-            img = d.resize(self._placed(self.octave_images[-1]), shape)
-        self.state = d.init_octave(img, self.params)
+            img = d.resize(self.octave_images[-1], shape)
+        self.state = d.init_octave(self._placed(img), self.params)
 
     def _placed(self, x):
-        """A host array (finished octave, detail) placed like ``originals`` (batch axis sharded)."""
-        sharding = getattr(self.originals, "sharding", None)
-        return jnp.asarray(x) if sharding is None else jax.device_put(np.asarray(x), sharding)
+        """A host array (an octave's start) placed like ``originals`` (batch axis sharded)."""
+        sharding = getattr(self.originals, "sharding", None)  # (jnp.asarray would compile per shape)
+        return jax.device_put(np.asarray(x, self.dreamer.cfg.image_dtype), sharding)
 
     def _google_base(self, i):
         """Google's octave bases: each shrunk from the next larger one, not from the painting."""
         d = self.dreamer
-        base = jnp.asarray(self.originals)
+        base = np.asarray(self.originals)
         if d.plan.exponents[i] > 0:
             return d.resize(base, self.shapes[i])
         for j in range(len(self.shapes) - 1, i - 1, -1):
@@ -933,17 +951,17 @@ class DreamRun:
 
     def _end_octave(self):
         d, i, s = self.dreamer, self.octave, self.state
-        img = d.image_of(s)
+        img = np.asarray(d.image_of(s))
         shape = self.shapes[i]
         if d.plan.detail == "dlwp":
-            orig = jnp.asarray(self.originals)
+            orig = np.asarray(self.originals)
             prev = self.shapes[0] if i == 0 else self.shapes[i - 1]
             shrunk = d.resize(orig, prev)
             lost = d.resize(orig, shape) - d.resize(shrunk, shape)
             img = img + lost
         elif d.plan.detail == "google":
             self.detail = img - self._google_base(i)
-        self.octave_images.append(np.asarray(img))
+        self.octave_images.append(img)
         self.octave_losses.append(np.asarray(s.losses))
         self.octave_frames.append(np.asarray(s.frames))
         self.state = None

@@ -329,10 +329,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], include_top: bool = Fals
         node = variables
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = jnp.asarray(w)
+        node[path[-1]] = w
     if bad:
         raise ValueError(f"{variant} shape mismatch: " + "; ".join(bad))
-    return variables
+    return jax.device_put(variables)  # one transfer (jnp.asarray would compile a program per shape)
 
 
 def _short(names: list[str], limit: int = 8) -> str:

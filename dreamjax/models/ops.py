@@ -215,19 +215,20 @@ def _conv_affine_reference(x, kernel, scale, shift, strides, pads, relu):
     return jax.nn.relu(y) if relu else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def conv_affine_onednn(x, kernel, scale, shift, folded, folded_bwd, strides, pads, in_hw, relu):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def conv_affine_onednn(x, kernel, scale, shift, folded, folded_bwd, folded_shift, strides, pads, in_hw, relu):
     """``act(conv(x, kernel) * scale + shift)`` (a convolution, an inference BatchNorm and a ReLU)
     as **one** oneDNN call: the prepared ``folded`` is ``kernel * scale`` in the kernel dtype,
-    ``shift`` is the bias, the ReLU a post-op; ``folded_bwd`` is the folded kernel's backward
-    kernel. The input gradient is ``g`` masked by the ReLU, convolved with ``folded_bwd`` (again
-    one call). Gradients with respect to ``kernel``, ``scale`` and ``shift`` (never needed in a
-    dream) follow JAX's rules on :func:`_conv_affine_reference`."""
-    return _onednn_conv(x, folded, strides, pads, bias=shift, relu=relu)
+    ``folded_shift`` (``shift``, prepared on the host like ``folded``) is the bias, the ReLU a
+    post-op; ``folded_bwd`` is the folded kernel's backward kernel. The input gradient is ``g``
+    masked by the ReLU, convolved with ``folded_bwd`` (again one call). ``kernel``, ``scale`` and
+    ``shift`` are used only for their gradients (never needed in a dream; JAX's rules on
+    :func:`_conv_affine_reference`), so a dream program computes no BatchNorm statistics at all."""
+    return _onednn_conv(x, folded, strides, pads, bias=folded_shift, relu=relu)
 
 
-def _affine_fwd(x, kernel, scale, shift, folded, folded_bwd, strides, pads, in_hw, relu):
-    y = _onednn_conv(x.value, folded.value, strides, pads, bias=shift.value, relu=relu)
+def _affine_fwd(x, kernel, scale, shift, folded, folded_bwd, folded_shift, strides, pads, in_hw, relu):
+    y = _onednn_conv(x.value, folded.value, strides, pads, bias=folded_shift.value, relu=relu)
     params = (kernel, scale, shift)
     wanted = any(p.perturbed for p in params)
     saved = (x.value, *(p.value for p in params)) if wanted else None
@@ -244,7 +245,7 @@ def _affine_bwd(strides, pads, in_hw, relu, res, g):
         x, kernel, scale, shift = saved
         _, vjp = jax.vjp(lambda k, a, b: _conv_affine_reference(x, k, a, b, strides, pads, relu), kernel, scale, shift)
         dk, ds, dt = vjp(g)
-    return dx, dk, ds, dt, None, None
+    return dx, dk, ds, dt, None, None, None
 
 
 conv_affine_onednn.defvjp(_affine_fwd, _affine_bwd, symbolic_zeros=True)
@@ -271,7 +272,8 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
         scale, shift = affine.affine()
         get = functools.partial(parent.get_variable, DREAM)
         y = conv_affine_onednn(x.astype(jnp.float32), kernel, scale, shift, get("fused_kernel"),
-                               get("fused_kernel_bwd"), strides, pads, tuple(x.shape[1:3]), bool(relu))
+                               get("fused_kernel_bwd"), get("fused_shift"), strides, pads, tuple(x.shape[1:3]),
+                               bool(relu))
         return y.astype(conv.dtype)
     y = affine(conv(x))
     if _preparing(parent) and _PREP.fuse and conv.has_variable(DREAM, "kernel_onednn"):
