@@ -165,6 +165,22 @@ def test_a_dream_compiles_its_octave_programs_and_nothing_else(tiny_backbone, de
     assert run.dreamer.programs() == 3
 
 
+def test_prefetched_octave_programs_dream_the_same(tiny_backbone, monkeypatch):
+    """Later octaves compiled ahead in a background thread are the programs the in-line path
+    compiles: the same dream, bit for bit."""
+    plan = OctavePlan.keras(3, 1.4)
+    params = CellParams.make(np.ones((2, 2)), 10.0, iterations=3, jitter=4, seed=[0, 1])
+    images = _images(tiny_backbone, 2, 84, 92)
+    ahead = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS), plan)
+    assert ahead.dreamer.programs() == 3 and len(ahead.dreamer._ahead) == 2  # octaves 2 and 3 ahead
+    monkeypatch.setenv("DREAMJAX_PREFETCH", "0")
+    inline = dream.dream(tiny_backbone, images, params, DreamConfig(taps=TAPS), plan)
+    assert inline.dreamer.programs() == 3 and not inline.dreamer._ahead
+    np.testing.assert_array_equal(ahead.final, inline.final)
+    for a, b in zip(ahead.octave_losses, inline.octave_losses):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_octave_shapes_follow_the_sources():
     assert OctavePlan.keras(3, 1.4).shapes(299, 400) == [(152, 204), (213, 285), (299, 400)]  # int(d / 1.4**i)
     assert OctavePlan((-2, -1, 0, 1, 2), 1.3, "none").shapes(100, 100)[-1] == (169, 169)  # int(d * 1.3**2)
