@@ -299,9 +299,11 @@ def _to_flax(w: np.ndarray, layout: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _variable_shapes(include_top: bool, variant: str) -> dict:
-    """{variable path: shape} of the module (one abstract trace, ~1 s: once per process, not per load)."""
-    tree = jax.eval_shape(lambda: EfficientNetLite(include_top=include_top, variant=variant).init(
+def _variable_shapes(variant: str) -> dict:
+    """{variable path: shape} of the module with its classifier top (one abstract trace, ~1 s, once
+    per process: a run loads the network without its top for the dream and with it for the
+    analysis; the top only adds ``fc``, so the headless tree is this one without it)."""
+    tree = jax.eval_shape(lambda: EfficientNetLite(include_top=True, variant=variant).init(
         jax.random.PRNGKey(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3))))
     return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -315,7 +317,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray], include_top: bool = Fals
     (a Lite0 checkpoint given to Lite2 fails on the first mis-shaped or missing array).
     """
     table = _torch_names(include_top, variant)
-    expected = _variable_shapes(include_top, variant)
+    expected = _variable_shapes(variant)
+    if not include_top:
+        expected = {k: v for k, v in expected.items() if k[:2] != ("params", "fc")}
     if set(expected) != set(table):  # the name table and the module must describe the same tree
         raise AssertionError(f"name table out of sync with the module: {sorted(set(expected) ^ set(table))}")
     ignored = {k for k in state if k.endswith("num_batches_tracked") or (not include_top and k.startswith("_fc."))}
