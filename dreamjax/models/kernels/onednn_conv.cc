@@ -50,6 +50,7 @@ struct Entry {
   memory::desc src_md, w_md, user_w_md, bias_md, dst_md;
   bool reorder_w = false;
   dnnl::reorder w_reorder;
+  std::string w_layout;  // layout_key(w_md), made once: part of every cached weight copy's key
   size_t scratch_bytes = 0;
 };
 
@@ -64,14 +65,13 @@ struct Problem {
   bool pointwise() const {
     return g == 1 && kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0;
   }
-  std::string key() const {
-    std::ostringstream k;
-    k << n << ',' << h << ',' << w << ',' << c << ',' << kh << ',' << kw << ',' << o << ',' << ho << ','
-      << wo << ',' << sh << ',' << sw << ',' << pt << ',' << pb << ',' << pl << ',' << pr << ',' << bf16
-      << bias << relu << ',' << g;
-    return k.str();
+  std::string key() const {  // the raw fields (one per call: no stream formatting)
+    const int64_t v[] = {n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, bf16, bias, relu, g};
+    return std::string(reinterpret_cast<const char*>(v), sizeof(v));
   }
 };
+
+std::string layout_key(const memory::desc& d);
 
 dnnl::primitive_attr make_attr(const Problem& p) {
   dnnl::primitive_attr attr;
@@ -122,6 +122,7 @@ std::shared_ptr<Entry> build(const Problem& p) {
   }
   e->reorder_w = e->w_md != e->user_w_md;
   if (e->reorder_w) e->w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->user_w_md, eng, e->w_md));
+  e->w_layout = layout_key(e->w_md);
   return e;
 }
 
@@ -188,7 +189,7 @@ const size_t kWeightsCacheLimit = size_t(2) << 30;  // 2 GiB of reordered weight
 std::shared_ptr<Reordered> reordered_weights(const std::shared_ptr<Entry>& e, memory& user_w, dnnl::stream& s) {
   size_t n = e->user_w_md.get_size();
   std::string key = std::to_string(content_hash(user_w.get_data_handle(), n)) + '/' + std::to_string(n) + '/' +
-                    layout_key(e->w_md);
+                    e->w_layout;
   {
     std::lock_guard<std::mutex> lock(weights_mu);
     auto it = weights_cache.find(key);
