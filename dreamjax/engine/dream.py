@@ -860,20 +860,23 @@ def _linear_taps(n: int, m: int, half_pixel: bool):
         pos = np.arange(m, dtype=np.float64) * ((n - 1) / (m - 1) if m > 1 else 0.0)
     lo = np.minimum(np.floor(pos).astype(np.int64), n - 1)
     hi = np.minimum(lo + 1, n - 1)
-    return lo, hi, (pos - lo).astype(np.float32)
+    return lo, hi, pos - lo
 
 
 def _bilinear(images, shape, half_pixel: bool) -> np.ndarray:
-    # Separable: rows, then columns, two taps each, in float32 on the host. An octave's resizes
-    # are a few MFLOP: on the device each new shape was a compilation (25 in a one-painting run).
-    x = np.asarray(images, np.float32)
+    # Separable: rows, then columns, two taps each, on the host in the images' own precision
+    # (float32; float64 for parity runs). An octave's resizes are a few MFLOP: on the device each
+    # new shape was a compilation (25 in a one-painting run).
+    x = np.asarray(images)
+    if x.dtype != np.float64:
+        x = x.astype(np.float32)
     for axis, m in ((1, shape[0]), (2, shape[1])):
         n = x.shape[axis]
         if n == m:
             continue
         lo, hi, frac = _linear_taps(n, m, half_pixel)
         a, b = np.take(x, lo, axis=axis), np.take(x, hi, axis=axis)
-        x = a + (b - a) * frac.reshape((-1,) + (1,) * (x.ndim - axis - 1))
+        x = a + (b - a) * frac.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
     return x
 
 
