@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -927,43 +928,48 @@ class DreamRun:
         d, i = self.dreamer, self.octave
         shape = self.shapes[i]
         if d.plan.detail == "google":
-            base = self._google_base(i)
+            base = self._google_bases[i]
             img = base if self.detail is None else base + d.resize(self.detail, shape)
         elif i == 0:
             d.prefetch(self.shapes[1:], self.params)  # later octaves compile while this one runs
-            img = d.resize(self.originals, shape)
+            img = d.resize(self._host_originals, shape)
         else:
             img = d.resize(self.octave_images[-1], shape)
-        self.state = d.init_octave(self._placed(img), self.params)
+        sharding = getattr(self.originals, "sharding", None)  # placed like originals (batch axis sharded)
+        self.state = d.init_octave(jax.device_put(np.asarray(img, d.cfg.image_dtype), sharding), self.params)
 
-    def _placed(self, x):
-        """A host array (an octave's start) placed like ``originals`` (batch axis sharded)."""
-        sharding = getattr(self.originals, "sharding", None)  # (jnp.asarray would compile per shape)
-        return jax.device_put(np.asarray(x, self.dreamer.cfg.image_dtype), sharding)
+    @functools.cached_property
+    def _host_originals(self) -> np.ndarray:
+        return np.asarray(self.originals)  # (one transfer when originals live on the devices)
 
-    def _google_base(self, i):
-        """Google's octave bases: each shrunk from the next larger one, not from the painting."""
-        d = self.dreamer
-        base = np.asarray(self.originals)
-        if d.plan.exponents[i] > 0:
-            return d.resize(base, self.shapes[i])
-        for j in range(len(self.shapes) - 1, i - 1, -1):
-            if d.plan.exponents[j] <= 0 and self.shapes[j] != tuple(base.shape[1:3]):
+    @functools.cached_property
+    def _google_bases(self) -> list:
+        """Google's octave bases: each shrunk from the next larger one, not from the painting
+        (octaves above the painting's size are resized from it directly)."""
+        d, orig = self.dreamer, self._host_originals
+        bases: list = [None] * len(self.shapes)
+        base = orig
+        for j in range(len(self.shapes) - 1, -1, -1):
+            if d.plan.exponents[j] > 0:
+                bases[j] = d.resize(orig, self.shapes[j])
+                continue
+            if self.shapes[j] != tuple(base.shape[1:3]):
                 base = d.resize(base, self.shapes[j])
-        return base
+            bases[j] = base
+        return bases
 
     def _end_octave(self):
         d, i, s = self.dreamer, self.octave, self.state
         img = np.asarray(d.image_of(s))
         shape = self.shapes[i]
         if d.plan.detail == "dlwp":
-            orig = np.asarray(self.originals)
+            orig = self._host_originals
             prev = self.shapes[0] if i == 0 else self.shapes[i - 1]
             shrunk = d.resize(orig, prev)
             lost = d.resize(orig, shape) - d.resize(shrunk, shape)
             img = img + lost
         elif d.plan.detail == "google":
-            self.detail = img - self._google_base(i)
+            self.detail = img - self._google_bases[i]
         self.octave_images.append(img)
         self.octave_losses.append(np.asarray(s.losses))
         self.octave_frames.append(np.asarray(s.frames))

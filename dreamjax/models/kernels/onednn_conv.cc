@@ -2,8 +2,8 @@
 //
 // One handler, `dreamjax_onednn_conv`: y[N,Ho,Wo,O] (f32) = act(conv(x[N,H,W,C], w[kh,kw,C/G,O]) + b)
 // with x and w both bfloat16 (AMX / AVX512-BF16, f32 accumulation) or both float32, in G groups
-// (G = 1, or G = C = O: a depthwise convolution, EfficientNet's; the HWIO kernel is oneDNN's
-// `hwigo` layout then, output channel g*(O/G)+o of group g). NHWC and
+// (dreamjax uses G = 1 and G = C = O, EfficientNet's depthwise convolutions; for G > 1 the HWIO
+// kernel is oneDNN's `hwigo` layout, output channel g*(O/G)+o belonging to group g). NHWC and
 // HWIO are XLA's own layouts, so nothing is transposed on the JAX side; oneDNN wants the weights
 // in its blocked layout, and the reordered copies are cached by *content* (a 64-bit hash of the
 // weight bytes, their size and the target layout: the weights are arguments of the dream
@@ -71,7 +71,18 @@ struct Problem {
   }
 };
 
-std::string layout_key(const memory::desc& d);
+std::string layout_key(const memory::desc& d) {
+  std::ostringstream k;
+  k << static_cast<int>(d.get_data_type()) << '|';
+  for (auto v : d.get_dims()) k << v << ',';
+  k << '|';
+  for (auto v : d.get_strides()) k << v << ',';
+  k << '|';
+  for (auto v : d.get_inner_blks()) k << v << ',';
+  k << '|';
+  for (auto v : d.get_inner_idxs()) k << v << ',';
+  return k.str();
+}
 
 dnnl::primitive_attr make_attr(const Problem& p) {
   dnnl::primitive_attr attr;
@@ -160,18 +171,6 @@ uint64_t content_hash(const void* data, size_t bytes) {
   return out;
 }
 
-std::string layout_key(const memory::desc& d) {
-  std::ostringstream k;
-  k << static_cast<int>(d.get_data_type()) << '|';
-  for (auto v : d.get_dims()) k << v << ',';
-  k << '|';
-  for (auto v : d.get_strides()) k << v << ',';
-  k << '|';
-  for (auto v : d.get_inner_blks()) k << v << ',';
-  k << '|';
-  for (auto v : d.get_inner_idxs()) k << v << ',';
-  return k.str();
-}
 
 struct Reordered {
   std::vector<char> bytes;
