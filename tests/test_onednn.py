@@ -19,6 +19,7 @@ fallback tests always run.
 """
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,6 +211,63 @@ def test_conv_batchnorm_relu_as_one_onednn_call(spec, kern, tol):
     po = jax.grad(lambda p: (m.apply({**our, "params": p}, x) * g).sum())(v["params"])
     for a, b in zip(jax.tree_util.tree_leaves(po), jax.tree_util.tree_leaves(pr)):
         assert float(jnp.abs(b).max()) > 0 and _rel(a, b) <= 1e-4
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (2, 8)])
+def test_strided_input_gradients_run_onednn_backward_data(stride, groups):
+    """A strided convolution's input gradient is oneDNN's backward-data primitive on the forward
+    kernel (no gradient dilated by the stride, no XLA pad to make it); stride 1 stays a forward
+    convolution with the backward kernel. Values: the CONVS / FUSED / DEPTHWISE tests above."""
+    _need_onednn()
+    x = jnp.asarray(RNG.standard_normal((1, 17, 17, 8)).astype(np.float32))
+    m = ops.Conv2D(8, (3, 3), stride, "SAME", feature_group_count=groups)
+    v = m.init(jax.random.PRNGKey(0), x)
+    our = ops.prepare_dream_variables(m, v, x.shape, kernels="onednn_f32")
+    ref_v = ops.prepare_dream_variables(m, v, x.shape, kernels="xla")
+    grad = jax.jit(jax.grad(lambda x: (m.apply(our, x) ** 2).sum()))
+    assert ("backward_data = true" in grad.lower(x).as_text()) == (stride > 1)
+    ref = jax.grad(lambda x: (m.apply(ref_v, x) ** 2).sum())(x)
+    assert _rel(grad(x), ref) <= F32_TOL, _rel(grad(x), ref)
+
+
+class _Chain(nn.Module):
+    """Two InceptionV3 ConvBNs in a branch: the first one's activation goes only to the second."""
+
+    chain: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        from dreamjax.models import inception_v3 as iv3
+
+        x = iv3.ConvBN(iv3._c("a", 16, 3, 3), feeds_conv=self.chain, name="a")(x)
+        return iv3.ConvBN(iv3._c("b", 12, 1, 7), name="b")(x)
+
+
+def test_a_convolution_feeding_a_convolution_hands_over_bfloat16_bit_for_bit():
+    """With bfloat16 kernels an activation that goes only into the next convolution is written
+    as bfloat16 by oneDNN (half the bytes, no cast), which that convolution would have rounded
+    it to anyway: the dream's forward pass and input gradient are the same bits as with the
+    float32 hand-over; the hand-over really is bfloat16 in the program."""
+    _need_onednn(bf16=True)
+    x = jnp.asarray(RNG.standard_normal((2, 19, 17, 8)).astype(np.float32))
+    chained, plain = _Chain(True), _Chain(False)
+    v = chained.init(jax.random.PRNGKey(0), x)
+    v = jax.tree_util.tree_map(lambda a: a + jnp.asarray(RNG.uniform(0.1, 0.5, a.shape).astype(np.float32)), v)
+    ours = ops.prepare_dream_variables(chained, v, x.shape, kernels="onednn")
+    g = jnp.asarray(RNG.standard_normal((2, 19, 17, 12)).astype(np.float32))
+    out = {}
+    for name, m in [("chained", chained), ("plain", plain)]:
+        f = jax.jit(lambda x, m=m: jax.vjp(lambda x: m.apply(ours, x), x)[1](g)[0])
+        y = jax.jit(lambda x, m=m: m.apply(ours, x))(x)
+        out[name] = (np.asarray(y), np.asarray(f(x)))
+        hand_over = any(kernels.TARGET in line and line.rstrip().endswith("-> tensor<2x19x17x16xbf16>")
+                        for line in f.lower(x).as_text().splitlines())
+        assert hand_over == (name == "chained"), name
+    assert out["chained"][0].dtype == np.float32
+    np.testing.assert_array_equal(out["chained"][0], out["plain"][0])
+    np.testing.assert_array_equal(out["chained"][1], out["plain"][1])
+    ref = jax.vjp(lambda x: chained.apply(ops.prepare_dream_variables(chained, v, x.shape, kernels="xla"), x), x)
+    assert _rel_l2(out["chained"][1], ref[1](g)[0]) <= BF16_GRAD_L2_TOL
 
 
 def test_tiny_backbone_dream_gradient_under_jit_and_while_loop(tiny_backbone):

@@ -120,13 +120,15 @@ BatchNorm = functools.partial(KerasBatchNorm, epsilon=1e-3, use_scale=False)
 class ConvBN(nn.Module):
     spec: Conv
     dtype: Any = jnp.float32
+    feeds_conv: bool = False  # the next step of its branch is a convolution (see ops.conv_affine)
 
     @nn.compact
     def __call__(self, x):
         s = self.spec
         conv = Conv2D(s.filters, s.kernel, s.strides, padding=s.padding, dtype=self.dtype, name="conv")
         # conv -> BatchNorm -> ReLU; one oneDNN call on the oneDNN dream path (ops.conv_affine)
-        return conv_affine(self, conv, x, BatchNorm(dtype=self.dtype, name="bn"), relu=True)
+        return conv_affine(self, conv, x, BatchNorm(dtype=self.dtype, name="bn"), relu=True,
+                           feeds_conv=self.feeds_conv)
 
 
 class Block(nn.Module):
@@ -135,9 +137,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        def step(y, s):
+        def step(y, s, feeds_conv=False):
             if isinstance(s, Conv):
-                return ConvBN(s, self.dtype, name=s.name)(y)
+                return ConvBN(s, self.dtype, feeds_conv, name=s.name)(y)
             if s == AVG:
                 # Keras excludes the zero padding from the mean (Flax's avg_pool counts it by
                 # default, which darkens every border pixel of every branch_pool). Both pools
@@ -150,8 +152,8 @@ class Block(nn.Module):
         outs = []
         for branch in self.branches:
             y = x
-            for s in branch:
-                y = step(y, s)
+            for i, s in enumerate(branch):
+                y = step(y, s, i + 1 < len(branch) and isinstance(branch[i + 1], Conv))
             outs.append(y)
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 

@@ -167,18 +167,12 @@ def _back_pads(kernel_hw, in_hw, out_hw, strides, pads):
             for k, n, o, s, (lo, _) in zip(kernel_hw, in_hw, out_hw, strides, pads)]
 
 
-def _onednn_conv(x, kernel, strides, pads, dilation=(1, 1), bias=None, relu=False, groups=1):
+def _onednn_conv(x, kernel, strides, pads, bias=None, relu=False, groups=1, out_dtype=jnp.float32):
     """``_conv`` through oneDNN for a non-grouped or depthwise (``groups`` = channels) convolution:
     ``x`` is cast to the kernel's dtype (bfloat16 or float32; XLA fuses the cast into the loop that
-    made ``x``), the result is float32. Input dilation and negative padding are done in XLA first
-    (only strided layers' gradients need them), so oneDNN always sees a plain stride-``strides``
-    convolution."""
-    x = x.astype(kernel.dtype)
-    if tuple(dilation) != (1, 1) or any(p < 0 for lohi in pads for p in lohi):
-        cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, dilation)] + [(0, 0, 0)]
-        x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
-        pads = ((0, 0), (0, 0))
-    return onednn.conv(x, kernel, bias, strides, pads, relu=relu, groups=groups)
+    made ``x``), the result is ``out_dtype``."""
+    return onednn.conv(x.astype(kernel.dtype), kernel, bias, strides, pads, relu=relu, groups=groups,
+                       out_dtype=out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -194,14 +188,26 @@ def conv_onednn(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw, groups
 def _onednn_fwd(x, kernel, kernel_fast, kernel_bwd, strides, pads, in_hw, groups):
     y = _onednn_conv(x.value, kernel_fast.value, strides, pads, groups=groups)
     saved_x = x.value if kernel.perturbed else None
-    return y, (kernel_bwd.value, kernel.value if kernel.perturbed else None, saved_x)
+    return y, (kernel_fast.value, kernel_bwd.value, kernel.value if kernel.perturbed else None, saved_x)
+
+
+def _onednn_input_grad(g, kernel_fast, kernel_bwd, strides, pads, in_hw, groups, out_dtype=jnp.float32):
+    """The input gradient of a oneDNN convolution, in ``out_dtype``: at stride 1 a forward
+    convolution of ``g`` with the backward kernel; strided, oneDNN's backward-data primitive on
+    the forward kernel (the forward form would convolve a gradient dilated by the stride, 3 of 4
+    taps zero at stride 2, after an XLA pad that makes it: 4x the work)."""
+    if tuple(strides) == (1, 1):
+        back = _back_pads(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
+        return _onednn_conv(g, kernel_bwd, (1, 1), back, groups=groups, out_dtype=out_dtype)
+    shape = (g.shape[0], *in_hw, kernel_fast.shape[2] * groups)
+    return onednn.conv_backward_data(g.astype(kernel_fast.dtype), kernel_fast, shape, strides, pads, groups,
+                                     out_dtype=out_dtype)
 
 
 def _onednn_bwd(strides, pads, in_hw, groups, res, g):
-    kernel_bwd, kernel, x = res
-    back = _back_pads(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
+    kernel_fast, kernel_bwd, kernel, x = res
     # x had Conv2D's dtype, which the result (and so g) is cast back to.
-    dx = _onednn_conv(g, kernel_bwd, (1, 1), back, dilation=strides, groups=groups).astype(g.dtype)
+    dx = _onednn_input_grad(g, kernel_fast, kernel_bwd, strides, pads, in_hw, groups).astype(g.dtype)
     dk = None
     if x is not None:
         dk = jax.vjp(lambda k: _conv(x.astype(k.dtype), k, strides, pads, groups), kernel)[1](g.astype(kernel.dtype))[0]
@@ -217,43 +223,49 @@ def _conv_affine_reference(x, kernel, scale, shift, strides, pads, relu):
     return jax.nn.relu(y) if relu else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def conv_affine_onednn(x, kernel, scale, shift, folded, folded_bwd, folded_shift, strides, pads, in_hw, relu):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def conv_affine_onednn(x, kernel, scale, shift, folded, folded_bwd, folded_shift, strides, pads, in_hw, relu,
+                       out_dtype=jnp.float32):
     """``act(conv(x, kernel) * scale + shift)`` (a convolution, an inference BatchNorm and a ReLU)
     as **one** oneDNN call: the prepared ``folded`` is ``kernel * scale`` in the kernel dtype,
     ``folded_shift`` (``shift``, prepared on the host like ``folded``) is the bias, the ReLU a
     post-op; ``folded_bwd`` is the folded kernel's backward kernel. The input gradient is ``g``
     masked by the ReLU, convolved with ``folded_bwd`` (again one call). ``kernel``, ``scale`` and
     ``shift`` are used only for their gradients (never needed in a dream; JAX's rules on
-    :func:`_conv_affine_reference`), so a dream program computes no BatchNorm statistics at all."""
-    return _onednn_conv(x, folded, strides, pads, bias=folded_shift, relu=relu)
+    :func:`_conv_affine_reference`), so a dream program computes no BatchNorm statistics at all.
+
+    ``out_dtype`` is the result's (float32, or the kernel dtype where the activation goes
+    straight into another convolution, which would round it to that anyway: see
+    :func:`conv_affine`); the input gradient comes back in ``x``'s dtype."""
+    return _onednn_conv(x, folded, strides, pads, bias=folded_shift, relu=relu, out_dtype=out_dtype)
 
 
-def _affine_fwd(x, kernel, scale, shift, folded, folded_bwd, folded_shift, strides, pads, in_hw, relu):
-    y = _onednn_conv(x.value, folded.value, strides, pads, bias=folded_shift.value, relu=relu)
+def _affine_fwd(x, kernel, scale, shift, folded, folded_bwd, folded_shift, strides, pads, in_hw, relu, out_dtype):
+    y = _onednn_conv(x.value, folded.value, strides, pads, bias=folded_shift.value, relu=relu, out_dtype=out_dtype)
     params = (kernel, scale, shift)
     wanted = any(p.perturbed for p in params)
     saved = (x.value, *(p.value for p in params)) if wanted else None
-    return y, (folded_bwd.value, y if relu else None, saved)
+    # x itself is not kept (a dream never needs it); a zero-size array of its dtype says what
+    # dtype its gradient must have.
+    return y, (folded.value, folded_bwd.value, y if relu else None, saved, jnp.zeros((0,), x.value.dtype))
 
 
-def _affine_bwd(strides, pads, in_hw, relu, res, g):
-    folded_bwd, y, saved = res
+def _affine_bwd(strides, pads, in_hw, relu, out_dtype, res, g):
+    folded, folded_bwd, y, saved, x_dtype = res
     gz = jnp.where(y > 0, g, jnp.zeros((), g.dtype)) if relu else g
-    back = _back_pads(folded_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
-    dx = _onednn_conv(gz, folded_bwd, (1, 1), back, dilation=strides).astype(g.dtype)
+    dx = _onednn_input_grad(gz, folded, folded_bwd, strides, pads, in_hw, 1, out_dtype=x_dtype.dtype)
     dk = ds = dt = None
     if saved is not None:
         x, kernel, scale, shift = saved
         _, vjp = jax.vjp(lambda k, a, b: _conv_affine_reference(x, k, a, b, strides, pads, relu), kernel, scale, shift)
-        dk, ds, dt = vjp(g)
+        dk, ds, dt = vjp(g.astype(jnp.float32))
     return dx, dk, ds, dt, None, None, None
 
 
 conv_affine_onednn.defvjp(_affine_fwd, _affine_bwd, symbolic_zeros=True)
 
 
-def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False):
+def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False, feeds_conv: bool = False):
     """``act(affine(conv(x)))`` for a convolution followed by an inference BatchNorm (and a ReLU),
     called from the ``parent`` module that owns both; ``affine`` is a module with an
     ``affine(channels) -> (scale, shift)`` method (:class:`~dreamjax.models.keras_apps.KerasBatchNorm`).
@@ -273,10 +285,13 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
         kernel = conv.variables["params"]["kernel"]
         scale, shift = affine.affine()
         get = functools.partial(parent.get_variable, DREAM)
-        y = conv_affine_onednn(x.astype(jnp.float32), kernel, scale, shift, get("fused_kernel"),
-                               get("fused_kernel_bwd"), get("fused_shift"), strides, pads, tuple(x.shape[1:3]),
-                               bool(relu))
-        return y.astype(conv.dtype)
+        folded = get("fused_kernel")
+        chain = feeds_conv and folded.dtype == jnp.bfloat16
+        x = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+        y = conv_affine_onednn(x, kernel, scale, shift, folded, get("fused_kernel_bwd"), get("fused_shift"),
+                               strides, pads, tuple(x.shape[1:3]), bool(relu),
+                               jnp.bfloat16 if chain else jnp.float32)
+        return y if chain else y.astype(conv.dtype)
     y = affine(conv(x))
     if _preparing(parent) and _PREP.fuse and conv.has_variable(DREAM, "kernel_onednn"):
         # The folded kernels (float32 here; _for_kernels keeps them in the oneDNN dtype, or drops
@@ -566,6 +581,8 @@ def _avg_fwd(x, window):
 def _avg_bwd(window, _, g):
     h, w = g.shape[1:3]
     return (_box_sum(g / jnp.asarray(_window_counts(h, w, window), g.dtype), window),)
+
+
 
 
 avg_pool_same.defvjp(_avg_fwd, _avg_bwd)

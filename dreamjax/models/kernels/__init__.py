@@ -155,14 +155,13 @@ def status() -> Status:
     return _status
 
 
-def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool = False, groups: int = 1):
+def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool = False, groups: int = 1,
+         out_dtype=jnp.float32):
     """``act(conv(x, kernel) + bias)`` through oneDNN: NHWC ``x``, HWIO ``kernel``, both bfloat16
-    (f32 accumulation) or both float32; the result is float32. ``pads`` are explicit
-    ((top, bottom), (left, right)); ``groups`` as ``feature_group_count`` (1, or the channels:
-    depthwise). Raises ``RuntimeError`` (with :func:`status`'s reason) where the kernel cannot run."""
-    st = status()
-    if not st.available:
-        raise RuntimeError(f"the oneDNN convolution kernel cannot run here: {st.reason}")
+    (f32 accumulation) or both float32; the result is ``out_dtype`` (float32 or bfloat16). ``pads``
+    are explicit ((top, bottom), (left, right)); ``groups`` as ``feature_group_count`` (1, or the
+    channels: depthwise). Raises ``RuntimeError`` (with :func:`status`'s reason) where the kernel
+    cannot run."""
     n, h, w, c = x.shape
     kh, kw, ci, o = kernel.shape
     assert ci * groups == c and o % groups == 0 and x.dtype == kernel.dtype, (x.shape, x.dtype, kernel.shape,
@@ -171,10 +170,31 @@ def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool
     ho = (h + pt + pb - kh) // strides[0] + 1
     wo = (w + pl + pr - kw) // strides[1] + 1
     b = jnp.zeros((o,), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, ho, wo, o), jnp.float32))
+    return _call(x, kernel, b, (n, ho, wo, o), out_dtype, strides, pads, bias is not None, relu, groups, False)
+
+
+def conv_backward_data(g, kernel, in_shape, strides=(1, 1), pads=((0, 0), (0, 0)), groups: int = 1,
+                       out_dtype=jnp.float32):
+    """The input gradient of :func:`conv` (without bias or ReLU) at ``g`` (the output's gradient,
+    NHWC), from the forward ``kernel`` (HWIO, ``g``'s dtype) and the forward geometry: oneDNN's
+    backward-data primitive, which takes strides as they are (no dilated gradient, no zero taps).
+    ``in_shape`` is the forward input's (N, H, W, C); the result is ``out_dtype``."""
+    kh, kw, ci, o = kernel.shape
+    assert g.shape[-1] == o and ci * groups == in_shape[-1] and g.dtype == kernel.dtype, (g.shape, g.dtype,
+                                                                                          kernel.shape, in_shape)
+    b = jnp.zeros((o,), jnp.float32)
+    return _call(g, kernel, b, tuple(in_shape), out_dtype, strides, pads, False, False, groups, True)
+
+
+def _call(x, kernel, b, out_shape, out_dtype, strides, pads, has_bias, relu, groups, backward_data):
+    st = status()
+    if not st.available:
+        raise RuntimeError(f"the oneDNN convolution kernel cannot run here: {st.reason}")
+    (pt, pb), (pl, pr) = pads
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, out_dtype))
     return call(x, kernel, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
                 pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
-                has_bias=bias is not None, relu=bool(relu), groups=np.int64(groups))
+                has_bias=bool(has_bias), relu=bool(relu), groups=np.int64(groups), backward_data=bool(backward_data))
 
 
 def cached_weights() -> int:

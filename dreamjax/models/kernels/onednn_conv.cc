@@ -1,7 +1,8 @@
 // Convolutions and 1x1 matrix products through oneDNN, as an XLA FFI custom call.
 //
-// One handler, `dreamjax_onednn_conv`: y[N,Ho,Wo,O] (f32) = act(conv(x[N,H,W,C], w[kh,kw,C/G,O]) + b)
-// with x and w both bfloat16 (AMX / AVX512-BF16, f32 accumulation) or both float32, in G groups
+// One handler, `dreamjax_onednn_conv`: y[N,Ho,Wo,O] = act(conv(x[N,H,W,C], w[kh,kw,C/G,O]) + b)
+// with x and w both bfloat16 (AMX / AVX512-BF16, f32 accumulation) or both float32, y float32 or
+// bfloat16, in G groups
 // (dreamjax uses G = 1 and G = C = O, EfficientNet's depthwise convolutions; for G > 1 the HWIO
 // kernel is oneDNN's `hwigo` layout, output channel g*(O/G)+o belonging to group g). NHWC and
 // HWIO are XLA's own layouts, so nothing is transposed on the JAX side; oneDNN wants the weights
@@ -9,7 +10,9 @@
 // weight bytes, their size and the target layout: the weights are arguments of the dream
 // programs, so their address alone is no safe key; hashing reads them once, a reorder reads and
 // scatters them). A 1x1, stride-1, unpadded convolution runs as a
-// oneDNN matmul [N*H*W, C] x [C, O]. Primitives are cached per shape; each call gets its own
+// oneDNN matmul [N*H*W, C] x [C, O]. With `backward_data` the call is the input gradient of that
+// convolution instead: x is the output's gradient [N,Ho,Wo,O], y the input's [N,H,W,C], w the
+// forward weights (oneDNN's backward-data primitive: strides without dilating the gradient). Primitives are cached per shape; each call gets its own
 // thread-local stream and scratch buffers, because XLA:CPU may run independent branches (an
 // Inception block's towers) concurrently.
 //
@@ -58,15 +61,18 @@ std::mutex cache_mu;
 std::unordered_map<std::string, std::shared_ptr<Entry>> cache;
 
 struct Problem {
+  // The forward convolution's geometry: input [n,h,w,c], output [n,ho,wo,o]. For the backward-data
+  // direction (bwd) the call's input is the output's gradient and its result the input's.
   int64_t n, h, w, c, kh, kw, o, ho, wo;
   int64_t sh, sw, pt, pb, pl, pr;
   bool bf16, bias, relu;
   int64_t g;
+  bool out_bf16, bwd;
   bool pointwise() const {
-    return g == 1 && kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0;
+    return !bwd && g == 1 && kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0;
   }
   std::string key() const {  // the raw fields (one per call: no stream formatting)
-    const int64_t v[] = {n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, bf16, bias, relu, g};
+    const int64_t v[] = {n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, bf16, bias, relu, g, out_bf16, bwd};
     return std::string(reinterpret_cast<const char*>(v), sizeof(v));
   }
 };
@@ -99,13 +105,14 @@ std::shared_ptr<Entry> build(const Problem& p) {
   auto& eng = cpu_engine();
   auto e = std::make_shared<Entry>();
   dt in = p.bf16 ? dt::bf16 : dt::f32;
+  dt out = p.out_bf16 ? dt::bf16 : dt::f32;
   auto attr = make_attr(p);
   if (p.pointwise()) {
     int64_t m = p.n * p.h * p.w;
     e->src_md = memory::desc({m, p.c}, in, tag::ab);
     e->user_w_md = memory::desc({p.c, p.o}, in, tag::ab);
     e->bias_md = memory::desc({1, p.o}, dt::f32, tag::ab);
-    e->dst_md = memory::desc({m, p.o}, dt::f32, tag::ab);
+    e->dst_md = memory::desc({m, p.o}, out, tag::ab);
     auto any_w = memory::desc({p.c, p.o}, in, tag::any);
     auto pd = p.bias ? dnnl::matmul::primitive_desc(eng, e->src_md, any_w, e->bias_md, e->dst_md, attr)
                      : dnnl::matmul::primitive_desc(eng, e->src_md, any_w, e->dst_md, attr);
@@ -113,23 +120,40 @@ std::shared_ptr<Entry> build(const Problem& p) {
     e->scratch_bytes = pd.scratchpad_desc().get_size();
     e->prim = dnnl::matmul(pd);
   } else {
-    e->src_md = memory::desc({p.n, p.c, p.h, p.w}, in, tag::nhwc);
     memory::dims wdims = p.g == 1 ? memory::dims{p.o, p.c, p.kh, p.kw}
                                   : memory::dims{p.g, p.o / p.g, p.c / p.g, p.kh, p.kw};
     e->user_w_md = memory::desc(wdims, in, p.g == 1 ? tag::hwio : tag::hwigo);
     e->bias_md = memory::desc({p.o}, dt::f32, tag::a);
-    e->dst_md = memory::desc({p.n, p.o, p.ho, p.wo}, dt::f32, tag::nhwc);
     auto any_w = memory::desc(wdims, in, tag::any);
     memory::dims strides{p.sh, p.sw}, pad_l{p.pt, p.pl}, pad_r{p.pb, p.pr};
-    auto kind = dnnl::prop_kind::forward_inference;
     auto algo = dnnl::algorithm::convolution_direct;
-    auto pd = p.bias ? dnnl::convolution_forward::primitive_desc(eng, kind, algo, e->src_md, any_w, e->bias_md,
-                                                                 e->dst_md, strides, pad_l, pad_r, attr)
-                     : dnnl::convolution_forward::primitive_desc(eng, kind, algo, e->src_md, any_w, e->dst_md,
-                                                                 strides, pad_l, pad_r, attr);
-    e->w_md = pd.weights_desc();
-    e->scratch_bytes = pd.scratchpad_desc().get_size();
-    e->prim = dnnl::convolution_forward(pd);
+    if (p.bwd) {
+      // The input gradient of the forward convolution, from its own (forward) weights: oneDNN's
+      // backward-data primitive handles strides itself, where a forward convolution with the
+      // backward kernel would need the gradient dilated by the stride (zeros in 3 of 4 taps).
+      // src_md holds the call's input (the output's gradient), dst_md its result.
+      e->src_md = memory::desc({p.n, p.o, p.ho, p.wo}, in, tag::nhwc);
+      e->dst_md = memory::desc({p.n, p.c, p.h, p.w}, out, tag::nhwc);
+      auto hint = dnnl::convolution_forward::primitive_desc(  // (in the weights' dtype throughout)
+          eng, dnnl::prop_kind::forward_training, algo, memory::desc({p.n, p.c, p.h, p.w}, in, tag::nhwc), any_w,
+          memory::desc({p.n, p.o, p.ho, p.wo}, in, tag::nhwc), strides, pad_l, pad_r);
+      auto pd = dnnl::convolution_backward_data::primitive_desc(eng, algo, e->dst_md, any_w, e->src_md, strides,
+                                                                pad_l, pad_r, hint, attr);
+      e->w_md = pd.weights_desc();
+      e->scratch_bytes = pd.scratchpad_desc().get_size();
+      e->prim = dnnl::convolution_backward_data(pd);
+    } else {
+      e->src_md = memory::desc({p.n, p.c, p.h, p.w}, in, tag::nhwc);
+      e->dst_md = memory::desc({p.n, p.o, p.ho, p.wo}, out, tag::nhwc);
+      auto kind = dnnl::prop_kind::forward_inference;
+      auto pd = p.bias ? dnnl::convolution_forward::primitive_desc(eng, kind, algo, e->src_md, any_w, e->bias_md,
+                                                                   e->dst_md, strides, pad_l, pad_r, attr)
+                       : dnnl::convolution_forward::primitive_desc(eng, kind, algo, e->src_md, any_w, e->dst_md,
+                                                                   strides, pad_l, pad_r, attr);
+      e->w_md = pd.weights_desc();
+      e->scratch_bytes = pd.scratchpad_desc().get_size();
+      e->prim = dnnl::convolution_forward(pd);
+    }
   }
   e->reorder_w = e->w_md != e->user_w_md;
   if (e->reorder_w) e->w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->user_w_md, eng, e->w_md));
@@ -217,20 +241,26 @@ void* thread_buffer(int which, size_t bytes) {
   return reinterpret_cast<void*>((addr + 63) & ~std::uintptr_t(63));
 }
 
-ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::Result<ffi::Buffer<ffi::F32>> y,
+ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::Result<ffi::AnyBuffer> y,
                 int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                int64_t pad_right, bool has_bias, bool relu, int64_t groups) {
+                int64_t pad_right, bool has_bias, bool relu, int64_t groups, bool backward_data) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x, w and y must be 4-d (NHWC, HWIO, NHWC)");
   if (x.element_type() != w.element_type() ||
       (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32))
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x and w must both be bfloat16 or both float32");
-  Problem p{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], stride_h, stride_w,
+  if (y->element_type() != ffi::DataType::BF16 && y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("dreamjax_onednn_conv: y must be bfloat16 or float32");
+  if (backward_data && (has_bias || relu))
+    return ffi::Error::InvalidArgument("dreamjax_onednn_conv: the backward-data direction takes no bias or ReLU");
+  // The forward geometry: input [n,h,w,c] -> output [n,ho,wo,o]; backward data swaps x and y.
+  auto in = backward_data ? yd : xd, outd = backward_data ? xd : yd;
+  Problem p{in[0], in[1], in[2], in[3], wd[0], wd[1], wd[3], outd[1], outd[2], stride_h, stride_w,
             pad_top, pad_bottom, pad_left, pad_right, x.element_type() == ffi::DataType::BF16, has_bias, relu,
-            groups};
-  if (groups < 1 || p.c % groups != 0 || p.o % groups != 0 || wd[2] * groups != p.c || yd[0] != p.n ||
-      yd[3] != p.o)
+            groups, y->element_type() == ffi::DataType::BF16, backward_data};
+  if (groups < 1 || p.c % groups != 0 || p.o % groups != 0 || wd[2] * groups != p.c || outd[0] != p.n ||
+      outd[3] != p.o)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: shapes of x, w and y do not agree");
   try {
     auto e = get(p);
@@ -252,7 +282,9 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
       wts = memory(e->w_md, eng, thread_buffer(0, e->w_md.get_size()));
       e->w_reorder.execute(s, user_w, wts);
     }
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DST, dst}};
+    std::unordered_map<int, memory> args{{DNNL_ARG_WEIGHTS, wts}};
+    args.emplace(backward_data ? DNNL_ARG_DIFF_DST : DNNL_ARG_SRC, src);
+    args.emplace(backward_data ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DST, dst);
     if (has_bias) args.emplace(DNNL_ARG_BIAS, memory(e->bias_md, eng, b.untyped_data()));
     if (e->scratch_bytes) {
       auto sd = memory::desc({static_cast<int64_t>(e->scratch_bytes)}, dt::u8, tag::a);
@@ -273,7 +305,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DreamjaxOnednnConv, Conv,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
                                   .Attr<int64_t>("pad_top")
@@ -282,7 +314,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DreamjaxOnednnConv, Conv,
                                   .Attr<int64_t>("pad_right")
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("relu")
-                                  .Attr<int64_t>("groups"));
+                                  .Attr<int64_t>("groups")
+                                  .Attr<bool>("backward_data"));
 
 // What the Python side checks before it offers the kernel: 0 = usable with bf16 units,
 // 1 = usable but the CPU has no bfloat16 instructions (f32 only), 2 = no CPU engine.
