@@ -230,6 +230,33 @@ def test_strided_input_gradients_run_onednn_backward_data(stride, groups):
     assert _rel(grad(x), ref) <= F32_TOL, _rel(grad(x), ref)
 
 
+@pytest.mark.parametrize("shape,window,stride", [((2, 17, 15, 8), 3, 2), ((1, 12, 12, 5), 2, 2), ((1, 9, 9, 3), 3, 1)])
+def test_max_pool_gradient_as_a_call_is_the_same_bits(shape, window, stride):
+    """The oneDNN path's max-pool input gradient (one call of the extension: XLA's pad form gets the
+    whole producer of g fused into each of its reads) equals XLA's pad form bit for bit, ties
+    included (integer-valued inputs: many equal maxima in a window)."""
+    _need_onednn()
+    x = jnp.asarray(np.round(RNG.standard_normal(shape) * 2).astype(np.float32))
+    y, vjp = jax.vjp(lambda x: ops.max_pool(x, window, stride), x)
+    g = jnp.asarray(RNG.standard_normal(y.shape).astype(np.float32))
+    call = jax.jit(lambda x, g: jax.vjp(lambda x: ops.max_pool(x, window, stride, True), x)[1](g)[0])
+    assert kernels.MAXPOOL_BWD in call.lower(x, g).as_text()
+    np.testing.assert_array_equal(np.asarray(call(x, g)), np.asarray(vjp(g)[0]))
+    assert float(jnp.abs(vjp(g)[0]).sum()) > 0
+
+
+def test_inception_on_onednn_takes_the_max_pool_call():
+    from dreamjax import load_backbone
+
+    _need_onednn()
+    bb = load_backbone("inception_v3", weights="random")
+    x = jnp.zeros((1, 80, 80, 3), jnp.float32)
+    for kern, expect in [("onednn_f32", True), ("xla", False)]:
+        v = ops.prepare_dream_variables(bb.module, bb.variables, x.shape, kernels=kern)
+        grad = jax.jit(jax.grad(lambda x, v=v: bb.module.apply(v, x, taps=("mixed0",))[1]["mixed0"].sum()))
+        assert (kernels.MAXPOOL_BWD in grad.lower(x).as_text()) == expect, kern
+
+
 class _Chain(nn.Module):
     """Two InceptionV3 ConvBNs in a branch: the first one's activation goes only to the second."""
 

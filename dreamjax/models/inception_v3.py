@@ -30,7 +30,7 @@ from dreamjax.models.keras_apps import (
     register_arch,
 )
 from dreamjax.models.keras_apps import random_variables as keras_random_variables
-from dreamjax.models.ops import Conv2D, avg_pool_same, conv_affine, max_pool
+from dreamjax.models.ops import Conv2D, avg_pool_same, conv_affine, max_pool, on_onednn
 from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import BN_NO_SCALE, CONV, DENSE, ExpectedLayer, KerasArch, functional_order, leaves_of
 
@@ -137,6 +137,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        onednn = on_onednn(self)
+
         def step(y, s, feeds_conv=False):
             if isinstance(s, Conv):
                 return ConvBN(s, self.dtype, feeds_conv, name=s.name)(y)
@@ -146,7 +148,7 @@ class Block(nn.Module):
                 # are slice-based (dreamjax.models.ops): same values, fused on CPU.
                 return avg_pool_same(y, 3)
             if s == MAX:
-                return max_pool(y, 3, 2)
+                return max_pool(y, 3, 2, onednn)
             return jnp.concatenate([step(y, t) for t in s], axis=-1)
 
         outs = []

@@ -492,6 +492,11 @@ def _for_kernels(tree: dict, kernels: str, dtype) -> dict:
     return tree
 
 
+def on_onednn(module: nn.Module) -> bool:
+    """Whether the dream variables under ``module`` (bound, inside ``apply``) pick oneDNN kernels."""
+    return not module.is_mutable_collection(DREAM) and dream_kernels(module.variables) != "xla"
+
+
 def dream_kernels(variables) -> str:
     """Which kernel the dream variables select: ``xla``, ``onednn`` (bfloat16) or ``onednn_f32``."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get(DREAM, {})):
@@ -511,25 +516,30 @@ def _max_and_argmax(x, window, stride):
     return out, arg
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool(x, window: int = 3, stride: int = 2):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window: int = 3, stride: int = 2, as_call: bool = False):
     """``VALID`` max pool as a running maximum over strided slices (one fused loop).
 
     The first maximum in row-major window order wins ties, as ``reduce_window``'s gradient
     (``select_and_scatter`` with ``>=``) does, so forward values and gradients are identical.
     The backward pass keeps only the winner's index (int8) and spreads ``g`` back with one
-    strided pad per window position.
+    strided pad per window position; with ``as_call`` (the oneDNN dream path, float32) it is one
+    call of the kernels' extension instead, the same bits: XLA fuses the whole computation of
+    ``g`` (and the argmax) into each of the pads, recomputing it 9 times (55 ms of a 240 ms
+    InceptionV3 step at 512 px; 5 ms as a call).
     """
     return _max_and_argmax(x, window, stride)[0]
 
 
-def _max_fwd(x, window, stride):
+def _max_fwd(x, window, stride, as_call):
     out, arg = _max_and_argmax(x, window, stride)
     return out, (arg, x.shape)
 
 
-def _max_bwd(window, stride, res, g):
+def _max_bwd(window, stride, as_call, res, g):
     arg, shape = res
+    if as_call and g.dtype == jnp.float32:
+        return (onednn.max_pool_backward(g, arg, shape, window, stride),)
     h, w = shape[1:3]
     ho, wo = g.shape[1:3]
     dx = None

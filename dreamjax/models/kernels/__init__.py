@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 TARGET = "dreamjax_onednn_conv"
+MAXPOOL_BWD = "dreamjax_maxpool_bwd"
 DISABLE_ENV = "DREAMJAX_ONEDNN"  # "0": behave as if the extension were absent (tests, A/B runs)
 
 
@@ -138,6 +139,7 @@ def _load() -> Status:
     if probe == 2:
         return Status(False, False, "oneDNN found no CPU engine (SYCL CPU device missing)", str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(so.DreamjaxOnednnConv), platform="cpu")
+    jax.ffi.register_ffi_target(MAXPOOL_BWD, jax.ffi.pycapsule(so.DreamjaxMaxPoolBwd), platform="cpu")
     bf16 = probe == 0
     return Status(True, bf16, f"oneDNN {metadata.version('onednn')} from {lib.parent}"
                   + ("" if bf16 else " (this CPU has no bfloat16 instructions: float32 only)"), str(path))
@@ -184,6 +186,17 @@ def conv_backward_data(g, kernel, in_shape, strides=(1, 1), pads=((0, 0), (0, 0)
                                                                                           kernel.shape, in_shape)
     b = jnp.zeros((o,), jnp.float32)
     return _call(g, kernel, b, tuple(in_shape), out_dtype, strides, pads, False, False, groups, True)
+
+
+def max_pool_backward(g, arg, in_shape, window: int, stride: int):
+    """The input gradient (float32, shape ``in_shape``) of a ``VALID`` max pool from its output
+    gradient ``g`` (float32) and the winners' window positions ``arg`` (int8, row-major in the
+    window), as :func:`dreamjax.models.ops.max_pool` records them; the same bits as its XLA form."""
+    st = status()
+    if not st.available:
+        raise RuntimeError(f"the oneDNN kernels cannot run here: {st.reason}")
+    call = jax.ffi.ffi_call(MAXPOOL_BWD, jax.ShapeDtypeStruct(tuple(in_shape), g.dtype))
+    return call(g, arg.astype(jnp.int8), window=np.int64(window), stride=np.int64(stride))
 
 
 def _call(x, kernel, b, out_shape, out_dtype, strides, pads, has_bias, relu, groups, backward_data):
