@@ -39,7 +39,7 @@ from dreamjax.models.keras_apps import (
     random_variables,
     register_arch,
 )
-from dreamjax.models.ops import max_pool
+from dreamjax.models.ops import max_pool, on_onednn
 from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import (
     BN,
@@ -123,7 +123,7 @@ class ResNet50(nn.Module):
             return None, {t: out[t] for t in taps}
         # Zero padding before a max pool over ReLU outputs: a pad never beats a real pixel, and
         # on ties (all zeros) the first position wins, exactly as in Keras' reduce_window.
-        x = max_pool(_pad(x, 1), 3, 2)
+        x = max_pool(_pad(x, 1), 3, 2, on_onednn(self))
         if keep("pool1_pool", x):
             return None, {t: out[t] for t in taps}
         for stage, filters, blocks, stride in STAGES:

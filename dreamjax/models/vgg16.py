@@ -30,7 +30,7 @@ from dreamjax.models.keras_apps import (
     random_variables,
     register_arch,
 )
-from dreamjax.models.ops import max_pool
+from dreamjax.models.ops import max_pool, on_onednn
 from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import DENSE, ExpectedLayer, KerasArch, leaves_of
 
@@ -70,7 +70,7 @@ class VGG16(nn.Module):
                                                                 name=f"block{n}_conv{m}")(x))
                 if taps is not None and TAPS.index(f"block{n}_conv{m}") == stop:
                     return None, {t: out[t] for t in taps}
-            x = out[f"block{n}_pool"] = max_pool(x, 2, 2)
+            x = out[f"block{n}_pool"] = max_pool(x, 2, 2, on_onednn(self))
             if taps is not None and TAPS.index(f"block{n}_pool") == stop:
                 return None, {t: out[t] for t in taps}
         logits = None
