@@ -219,6 +219,28 @@ def test_collect_runs_the_analysis_on_the_real_tiny_top(tmp_path, monkeypatch):
     assert analysis.analyze_after_collect(tmp_path / "nowhere") is None
 
 
+def test_a_classifier_prepared_during_the_sweep_is_taken_and_changes_nothing(tmp_path, monkeypatch):
+    """analysis.prepare (started by a single run before it dreams) builds the default classifier and
+    compiles its buckets in a thread; the analysis takes that one (no second build) and its
+    numbers are those of a classifier built at the end."""
+    monkeypatch.delenv("DREAMJAX_ANALYZE", raising=False)
+    build_sweep(tmp_path)
+    sweep_dir = tmp_path / "sweep"
+    sweep.collect(sweep_dir)
+    plain = json.loads((sweep_dir / "analysis.json").read_text())
+    paintings = [p["path"] for p in json.loads((sweep_dir / "manifest.json").read_text())["paintings"].values()
+                 if p.get("path")]
+    analysis.prepare([("tiny", "auto")], paintings).join()
+    prepared = analysis._PREPARED[("tiny", "auto")]
+    assert prepared.compilations >= 1  # its bucket programs were compiled in the thread
+    built = []
+    monkeypatch.setattr(analysis, "BackboneClassifier", lambda *a, **k: built.append(a))
+    again = analysis.analyze(sweep_dir, plots=False)
+    assert not built and ("tiny", "auto") not in analysis._PREPARED
+    for cid, cell in plain["cells"].items():
+        assert again["cells"][cid]["dream_top"] == cell["dream_top"], cid
+
+
 def test_cli(fake, monkeypatch, capsys):
     sweep_dir, _, clf = fake
     monkeypatch.setattr(analysis, "BackboneClassifier", lambda b, w: clf(b, w))

@@ -67,6 +67,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -482,13 +483,67 @@ _DEFINITIONS = {
 }
 
 
+# Default classifiers made ahead of the analysis by prepare(), by (backbone, weights); guarded by
+# _PREPARED_LOCK, filled by the thread in _PREPARING.
+_PREPARED: dict[tuple[str, str], Classifier] = {}
+_PREPARED_LOCK = threading.Lock()
+_PREPARING: list[threading.Thread] = []
+
+
+def prepare(models: Sequence[tuple[str, str]], paintings: Sequence[str | os.PathLike] = ()) -> threading.Thread:
+    """Make, in a background thread, what the analysis of a sweep will need while the sweep runs:
+    matplotlib imported, the default classifier of each ``(backbone, weights)`` built and its
+    program compiled for the buckets of ``paintings`` (a dream keeps its painting's aspect). The
+    analysis in this process takes them (:func:`_get_classifier` waits for the thread). A failure
+    here is only a log line: the analysis then builds its own, as without this."""
+
+    def work():
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot  # noqa: F401 - imported for the plots, ~1 s
+        except ImportError:
+            pass
+        for backbone, weights in dict.fromkeys(models):
+            try:
+                clf = BackboneClassifier(backbone, weights)
+                shapes = {}
+                for path in paintings:
+                    try:
+                        with Image.open(path) as im:
+                            w, h = im.size
+                    except (OSError, ValueError):
+                        continue  # a bad painting is the sweep's to report
+                    shapes.setdefault(images.bucket_shape(h, w, clf.input_size), (h, w))
+                if shapes:  # one dummy image per bucket: predict compiles each bucket's program
+                    clf.predict([np.zeros((h, w, 3), np.uint8) for h, w in shapes.values()])
+                with _PREPARED_LOCK:
+                    _PREPARED[(backbone, weights)] = clf
+            except Exception as e:  # noqa: BLE001 - the analysis will try again and say why
+                log.debug("analysis: preparing the %s classifier failed: %s: %s", backbone, type(e).__name__, e)
+
+    t = threading.Thread(target=work, name="dreamjax-analysis-prepare", daemon=True)
+    _PREPARING.append(t)
+    t.start()
+    return t
+
+
+def _prepared(backbone: str, weights: str) -> Classifier | None:
+    for t in list(_PREPARING):
+        t.join()
+        _PREPARING.remove(t)
+    with _PREPARED_LOCK:
+        return _PREPARED.pop((backbone, weights), None)
+
+
 def _get_classifier(classifier: ClassifierArg, backbone: str, weights: str) -> Classifier | None:
     if isinstance(classifier, Classifier):
         return classifier
     try:
         if classifier is not None:
             return classifier(backbone, weights)
-        return BackboneClassifier(backbone, weights)
+        return _prepared(backbone, weights) or BackboneClassifier(backbone, weights)
     except Exception as e:  # noqa: BLE001 - no top / no weights: the rest of the analysis goes on
         log.warning("analysis: no classifier for %s (weights %s): %s: %s", backbone, weights, type(e).__name__, e)
         return None

@@ -399,6 +399,9 @@ def task(cfg) -> Any:
     sweep_dir = Path(hc.sweep.dir) if multirun else job_dir
     claim(sweep_dir, list(hc.overrides.task), [cfg], cells, record=not multirun)
     root = sweep_dir / ".checkpoints"
+    if not multirun and _plain(cfg).get("analyze", True):  # this process analyses at the end
+        analysis.prepare([(c.backbone, str(c.weights or "auto")) for c in cells if not c.input_error],
+                         dict.fromkeys(c.painting_path for c in cells if c.painting_path and not c.input_error))
     records = execute(cells, cfg, checkpoint_root=root, resume_cmd=_command(),
                       stats_path=job_dir / "run_stats.json")
     if not multirun:
