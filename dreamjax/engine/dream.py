@@ -495,10 +495,10 @@ def make_dream_grad(feature_fn: Callable, cfg: DreamConfig):
             keys, amp, top)
         tkeys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(keys)
 
-        def seen(img):
-            return transforms.apply(tf, _roll(img, shifts), tkeys, fill) if tf.active else _roll(img, shifts)
-
-        x, back_seen = jax.vjp(seen, image)
+        if tf.active:
+            x, back_seen = jax.vjp(lambda img: transforms.apply(tf, _roll(img, shifts), tkeys, fill), image)
+        else:  # a roll is a permutation: its transpose is the opposite roll (not autodiff's pad + update)
+            x, back_seen = _roll(image, shifts), lambda gx: (_roll(gx, -shifts),)
         cols, gx = net_grad(variables, x, params.layer_weights, params.terms)
         g = back_seen(gx)[0]
         if cfg.terms.regularisers:
