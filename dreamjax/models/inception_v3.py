@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -26,12 +25,11 @@ from dreamjax.models.keras_apps import (
     KerasBatchNorm,
     keras_deprocess,
     keras_preprocess,
-    load_keras_weights,
     register_arch,
+    register_keras_backbone,
 )
 from dreamjax.models.keras_apps import random_variables as keras_random_variables
 from dreamjax.models.ops import Conv2D, avg_pool_same, conv_affine, max_pool, on_onednn
-from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import BN_NO_SCALE, CONV, DENSE, ExpectedLayer, KerasArch, functional_order, leaves_of
 
 MIN_SIZE = 75  # Keras' own limit: smaller inputs shrink to nothing before mixed8.
@@ -301,25 +299,7 @@ def random_variables(include_top: bool, seed: int = 0):
     return keras_random_variables(InceptionV3(include_top=include_top), MIN_SIZE, seed)
 
 
-def _load(weights, include_top):
-    if weights == "random":
-        return random_variables(include_top), "random-seed0-" + hashlib.sha256(b"inception_v3-v1").hexdigest()[:16]
-    return load_keras_weights(ARCH, weights, include_top)
-
-
-@register("inception_v3")
-def _spec() -> BackboneSpec:
-    return BackboneSpec(
-        name="inception_v3",
-        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: InceptionV3(include_top=include_top,
-                                                                                      dtype=dtype),
-        taps=TAPS,
-        tap_strides=TAP_STRIDES,
-        min_size=MIN_SIZE,
-        value_range=(-1.0, 1.0),
-        preprocess=keras_preprocess,
-        deprocess=keras_deprocess,
-        load=_load,
-        description="InceptionV3 (Keras ImageNet weights), taps mixed0..mixed10",
-        num_classes=1000,
-    )
+register_keras_backbone(
+    "inception_v3", InceptionV3, ARCH, taps=TAPS, tap_strides=TAP_STRIDES, min_size=MIN_SIZE,
+    value_range=(-1.0, 1.0), preprocess=keras_preprocess, deprocess=keras_deprocess,
+    description="InceptionV3 (Keras ImageNet weights), taps mixed0..mixed10")

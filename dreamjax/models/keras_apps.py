@@ -8,9 +8,13 @@
   network given to another is named for what it is; :func:`load_keras_weights` is every Keras
   backbone's ``load``.
 * :func:`random_variables`: seeded NumPy weights for the parity tests and benchmarks.
+* :func:`register_keras_backbone`: the registry entry every Keras backbone makes (``random``
+  weights or a Keras file of its architecture).
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamjax.models.ops import Conv2D
-from dreamjax.models.registry import keras_deprocess, keras_preprocess
+from dreamjax.models.registry import BackboneSpec, keras_deprocess, keras_preprocess, register
 from dreamjax.weights.keras_h5 import KerasArch
 from dreamjax.weights.store import resolve_weights
 
 __all__ = ["CAFFE_MEAN_BGR", "CAFFE_RANGE", "KERAS_ARCHS", "ConvBias", "KerasBatchNorm", "caffe_deprocess",
            "caffe_preprocess", "keras_deprocess", "keras_preprocess", "load_keras_weights", "random_variables",
-           "register_arch"]
+           "register_arch", "register_keras_backbone"]
 
 # keras.applications.imagenet_utils, mode="caffe": the ImageNet mean in BGR order.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -139,3 +143,31 @@ def random_variables(module: nn.Module, size: int, seed: int = 0) -> dict:
 
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
     return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+
+
+def register_keras_backbone(name: str, module: Callable[..., nn.Module], arch: KerasArch, *,
+                            taps: Sequence[str], tap_strides: Mapping[str, int], min_size: int,
+                            value_range: tuple[float, float], preprocess: Callable, deprocess: Callable,
+                            description: str, random_size: Callable[[bool], int] | None = None) -> Callable:
+    """Register the Keras backbone ``name``: ``module(include_top=, dtype=)`` builds its Flax module;
+    weights ``"random"`` are :func:`random_variables` at ``random_size(include_top)`` (default
+    ``min_size``; the id names the seed and the backbone), anything else a Keras file of ``arch``
+    (:func:`load_keras_weights`). Returns the ``load`` function."""
+
+    def load(weights, include_top):
+        if weights == "random":
+            size = random_size(include_top) if random_size else min_size
+            return (random_variables(module(include_top=include_top), size),
+                    "random-seed0-" + hashlib.sha256(f"{name}-v1".encode()).hexdigest()[:16])
+        return load_keras_weights(arch, weights, include_top)
+
+    @register(name)
+    def _spec() -> BackboneSpec:
+        return BackboneSpec(
+            name=name,
+            build=lambda include_top=False, dtype=jnp.float32, straight_through=False: module(
+                include_top=include_top, dtype=dtype),
+            taps=tuple(taps), tap_strides=tap_strides, min_size=min_size, value_range=tuple(value_range),
+            preprocess=preprocess, deprocess=deprocess, load=load, description=description, num_classes=1000)
+
+    return load

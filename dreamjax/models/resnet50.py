@@ -21,7 +21,6 @@ Inputs are Keras' caffe preprocessing: BGR, ImageNet mean subtracted, no scaling
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,12 +34,10 @@ from dreamjax.models.keras_apps import (
     KerasBatchNorm,
     caffe_deprocess,
     caffe_preprocess,
-    load_keras_weights,
-    random_variables,
     register_arch,
+    register_keras_backbone,
 )
 from dreamjax.models.ops import max_pool, on_onednn
-from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import (
     BN,
     CONV_BIAS,
@@ -198,25 +195,7 @@ ARCH = register_arch(KerasArch(
     base_url="https://storage.googleapis.com/tensorflow/keras-applications/resnet/"))
 
 
-def _load(weights, include_top):
-    if weights == "random":
-        return (random_variables(ResNet50(include_top=include_top), MIN_SIZE),
-                "random-seed0-" + hashlib.sha256(b"resnet50-v1").hexdigest()[:16])
-    return load_keras_weights(ARCH, weights, include_top)
-
-
-@register("resnet50")
-def _spec() -> BackboneSpec:
-    return BackboneSpec(
-        name="resnet50",
-        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: ResNet50(include_top=include_top,
-                                                                                          dtype=dtype),
-        taps=TAPS,
-        tap_strides=TAP_STRIDES,
-        min_size=MIN_SIZE,
-        value_range=CAFFE_RANGE,
-        preprocess=caffe_preprocess,
-        deprocess=caffe_deprocess,
-        load=_load,
-        description="ResNet50 v1 (Keras ImageNet weights), taps conv1_relu, pool1_pool, convN_blockM_out",
-    )
+register_keras_backbone(
+    "resnet50", ResNet50, ARCH, taps=TAPS, tap_strides=TAP_STRIDES, min_size=MIN_SIZE, value_range=CAFFE_RANGE,
+    preprocess=caffe_preprocess, deprocess=caffe_deprocess,
+    description="ResNet50 v1 (Keras ImageNet weights), taps conv1_relu, pool1_pool, convN_blockM_out")

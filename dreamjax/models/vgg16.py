@@ -13,7 +13,6 @@ BGR, ImageNet mean subtracted, no scaling. No BatchNorm: the network is plain co
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,12 +25,10 @@ from dreamjax.models.keras_apps import (
     ConvBias,
     caffe_deprocess,
     caffe_preprocess,
-    load_keras_weights,
-    random_variables,
     register_arch,
+    register_keras_backbone,
 )
 from dreamjax.models.ops import max_pool, on_onednn
-from dreamjax.models.registry import BackboneSpec, register
 from dreamjax.weights.keras_h5 import DENSE, ExpectedLayer, KerasArch, leaves_of
 
 BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (width, convs) per block
@@ -104,26 +101,8 @@ ARCH = register_arch(KerasArch(
     base_url="https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"))
 
 
-def _load(weights, include_top):
-    if weights == "random":
-        size = TOP_SIZE if include_top else MIN_SIZE
-        return (random_variables(VGG16(include_top=include_top), size),
-                "random-seed0-" + hashlib.sha256(b"vgg16-v1").hexdigest()[:16])
-    return load_keras_weights(ARCH, weights, include_top)
-
-
-@register("vgg16")
-def _spec() -> BackboneSpec:
-    return BackboneSpec(
-        name="vgg16",
-        build=lambda include_top=False, dtype=jnp.float32, straight_through=False: VGG16(include_top=include_top,
-                                                                                       dtype=dtype),
-        taps=TAPS,
-        tap_strides=TAP_STRIDES,
-        min_size=MIN_SIZE,
-        value_range=CAFFE_RANGE,
-        preprocess=caffe_preprocess,
-        deprocess=caffe_deprocess,
-        load=_load,
-        description="VGG16 (Keras ImageNet weights), taps blockN_convM and blockN_pool",
-    )
+register_keras_backbone(
+    "vgg16", VGG16, ARCH, taps=TAPS, tap_strides=TAP_STRIDES, min_size=MIN_SIZE, value_range=CAFFE_RANGE,
+    preprocess=caffe_preprocess, deprocess=caffe_deprocess,
+    description="VGG16 (Keras ImageNet weights), taps blockN_convM and blockN_pool",
+    random_size=lambda include_top: TOP_SIZE if include_top else MIN_SIZE)  # Flatten fixes the top's size
