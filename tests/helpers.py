@@ -72,3 +72,18 @@ def missing(why: str):
     if os.environ.get("DREAMJAX_CI"):
         pytest.fail(f"{why} (CI installs it: see .ci/run)")
     pytest.skip(why)
+
+
+def dlwp_octaves(img, hw, resize, ascend, num_octave: int = 3, octave_scale: float = 1.4):
+    """Deep Learning with Python's octave loop (ch. 12), as the parity references write it: the
+    shapes from ``hw`` (the painting's height, width) down by ``octave_scale``, ``ascend(x)`` at
+    each, the detail lost to the shrinking put back; ``resize(x, shape)`` in the caller's layout."""
+    shapes = [tuple(hw)] + [tuple(int(d / (octave_scale ** i)) for d in hw) for i in range(1, num_octave)]
+    shapes = shapes[::-1]
+    shrunk = resize(img, shapes[0])
+    x = img.copy()
+    for shape in shapes:
+        x = ascend(resize(x, shape))
+        x = x + (resize(img, shape) - resize(shrunk, shape))
+        shrunk = resize(img, shape)
+    return x

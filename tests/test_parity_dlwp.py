@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import dreamjax
+from tests.helpers import dlwp_octaves
 from tests.keras_fixtures import keras_setup
 from tests.test_dream import _tf_resize_bilinear
 
@@ -41,19 +42,7 @@ def keras_dlwp(base, img):
     def resize(x, shape):
         return _tf_resize_bilinear(x[0], *shape)[None].astype(np.float32)
 
-    original_shape = img.shape[1:3]
-    shapes = [original_shape] + [tuple(int(d / (OCTAVE_SCALE ** i)) for d in original_shape)
-                                 for i in range(1, NUM_OCTAVE)]
-    shapes = shapes[::-1]
-    shrunk = resize(img, shapes[0])
-    x = img.copy()
-    for shape in shapes:
-        x = resize(x, shape)
-        x = gradient_ascent_loop(x)
-        lost = resize(img, shape) - resize(shrunk, shape)
-        x = x + lost
-        shrunk = resize(img, shape)
-    return x
+    return dlwp_octaves(img, img.shape[1:3], resize, gradient_ascent_loop, NUM_OCTAVE, OCTAVE_SCALE)
 
 
 def _parity_run(weights_h5: str, keras_weights: str, painting: str, dtype: str) -> float:

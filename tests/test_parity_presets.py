@@ -25,6 +25,7 @@ import scipy.ndimage as nd
 
 from dreamjax.engine import dream
 from dreamjax.engine.dream import OctavePlan
+from tests.helpers import dlwp_octaves
 from tests.test_dream import _tf_resize_bilinear
 
 # The painting's bucket per preset: non-square, every octave >= the tiny backbone's 16 px (and,
@@ -54,23 +55,17 @@ def keras_io(feats, img):
                    for n, c in layer_settings.items())
 
     step_fn = jax.jit(jax.value_and_grad(compute_loss))
-    original_shape = img.shape[:2]
-    successive = [original_shape] + [tuple(int(d / (octave_scale ** i)) for d in original_shape)
-                                     for i in range(1, num_octave)]
-    successive = successive[::-1]
-    shrunk = _resize(img, successive[0])
-    x = img.copy()
-    for shape in successive:
-        x = _resize(x, shape)
+
+    def ascend(x):
         for _ in range(iterations):
             loss, g = step_fn(x)
             g = np.asarray(g) / max(float(np.mean(np.abs(g))), 1e-6)
             x = x + step * g
             if float(loss) > max_loss:
                 break
-        x = x + (_resize(img, shape) - _resize(shrunk, shape))
-        shrunk = _resize(img, shape)
-    return x
+        return x
+
+    return dlwp_octaves(img, img.shape[:2], _resize, ascend, num_octave, octave_scale)
 
 
 def tf_tutorial(feats, img, key, tile_size):
