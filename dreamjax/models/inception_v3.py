@@ -27,6 +27,7 @@ from dreamjax.models.keras_apps import (
     keras_preprocess,
     register_arch,
     register_keras_backbone,
+    tap_stop,
 )
 from dreamjax.models.keras_apps import random_variables as keras_random_variables
 from dreamjax.models.ops import Conv2D, avg_pool_same, conv_affine, max_pool, on_onednn
@@ -176,16 +177,7 @@ class InceptionV3(nn.Module):
     def __call__(self, x, taps: Sequence[str] | None = None, train: bool = False):
         if train:
             raise NotImplementedError("InceptionV3 here is inference-only (BatchNorm uses stored statistics)")
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"InceptionV3 expects NHWC inputs with 3 channels, got shape {tuple(x.shape)}")
-        if min(x.shape[1:3]) < MIN_SIZE:
-            raise ValueError(f"InceptionV3 needs inputs of at least {MIN_SIZE}x{MIN_SIZE} pixels, "
-                             f"got {x.shape[1]}x{x.shape[2]}")
-        if taps is not None:
-            unknown = [t for t in taps if t not in TAPS]
-            if unknown or not taps:
-                raise ValueError(f"unknown or no taps {list(taps)}; allowed: {', '.join(TAPS)}")
-        stop = max(TAPS.index(t) for t in taps) if taps else len(TAPS) - 1
+        stop = tap_stop("InceptionV3", x, taps, TAPS, MIN_SIZE)
         x = x.astype(self.dtype)
         out = {}
         for name, branches in BLOCKS:

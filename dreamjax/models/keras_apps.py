@@ -29,7 +29,7 @@ from dreamjax.weights.store import resolve_weights
 
 __all__ = ["CAFFE_MEAN_BGR", "CAFFE_RANGE", "KERAS_ARCHS", "ConvBias", "KerasBatchNorm", "caffe_deprocess",
            "caffe_preprocess", "keras_deprocess", "keras_preprocess", "load_keras_weights", "random_variables",
-           "register_arch", "register_keras_backbone"]
+           "register_arch", "register_keras_backbone", "tap_stop"]
 
 # keras.applications.imagenet_utils, mode="caffe": the ImageNet mean in BGR order.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -143,6 +143,22 @@ def random_variables(module: nn.Module, size: int, seed: int = 0) -> dict:
 
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
     return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+
+
+def tap_stop(name: str, x, taps: Sequence[str] | None, all_taps: Sequence[str], min_size: int) -> int:
+    """Check a Keras backbone's input (NHWC, 3 channels, at least ``min_size``) and ``taps``; the
+    index in ``all_taps`` of the deepest tap asked for (the last one when ``taps`` is None): where
+    the forward pass may stop."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{name} expects NHWC inputs with 3 channels, got shape {tuple(x.shape)}")
+    if min(x.shape[1:3]) < min_size:
+        raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size} pixels, "
+                         f"got {x.shape[1]}x{x.shape[2]}")
+    if taps is not None:
+        unknown = [t for t in taps if t not in all_taps]
+        if unknown or not taps:
+            raise ValueError(f"unknown or no taps {list(taps)} for {name}; allowed: {', '.join(all_taps)}")
+    return max(all_taps.index(t) for t in taps) if taps else len(all_taps) - 1
 
 
 def register_keras_backbone(name: str, module: Callable[..., nn.Module], arch: KerasArch, *,

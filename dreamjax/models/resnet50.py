@@ -36,6 +36,7 @@ from dreamjax.models.keras_apps import (
     caffe_preprocess,
     register_arch,
     register_keras_backbone,
+    tap_stop,
 )
 from dreamjax.models.ops import max_pool, on_onednn
 from dreamjax.weights.keras_h5 import (
@@ -96,16 +97,7 @@ class ResNet50(nn.Module):
 
     @nn.compact
     def __call__(self, x, taps: Sequence[str] | None = None, train: bool = False):
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"resnet50 expects NHWC inputs with 3 channels, got shape {tuple(x.shape)}")
-        if min(x.shape[1:3]) < MIN_SIZE:
-            raise ValueError(f"resnet50 needs inputs of at least {MIN_SIZE}x{MIN_SIZE} pixels, "
-                             f"got {x.shape[1]}x{x.shape[2]}")
-        if taps is not None:
-            unknown = [t for t in taps if t not in TAP_STRIDES]
-            if unknown or not taps:
-                raise ValueError(f"unknown or no taps {list(taps)} for resnet50; allowed: {', '.join(TAPS)}")
-        stop = max(TAPS.index(t) for t in taps) if taps else len(TAPS) - 1
+        stop = tap_stop("resnet50", x, taps, TAPS, MIN_SIZE)
         d = self.dtype
         out = {}
 
