@@ -205,3 +205,26 @@ def test_dreamjax_collect_rebuilds_the_report_from_records(batched_sweep, tmp_pa
     empty.mkdir()
     p = _collect(empty)
     assert p.returncode == 2 and "no cell records" in p.stderr
+
+
+def test_plan_time_and_run_time_share_one_loaded_backbone(monkeypatch):
+    """Plan time (jobs.load_weights) and the run (Executor.backbone) ask for the same backbone with
+    different spellings of the same arguments: it is loaded once per process, not twice."""
+    from dreamjax import config as dj_config
+    from dreamjax.sweep import executor
+
+    calls = []
+    monkeypatch.setattr(executor, "load_backbone", lambda *a, **k: calls.append((a, k)) or object())
+    executor._loaded_backbone.cache_clear()
+    try:
+        model = dj_config.Model(name="tiny", weights="random")
+        from dreamjax.sweep import jobs
+
+        first = jobs.load_weights(model)
+        assert executor.loaded_backbone("tiny", "random", False) is first
+        assert executor.loaded_backbone("tiny", "random", include_top=False) is first
+        assert len(calls) == 1
+        executor.loaded_backbone("tiny", "random", True)  # the classifier top is another load
+        assert len(calls) == 2
+    finally:
+        executor._loaded_backbone.cache_clear()

@@ -99,10 +99,16 @@ def plan_inputs(paths: Any) -> list[grid.PaintingInput]:
     return sorted(found.values(), key=lambda q: q.path)
 
 
-@functools.lru_cache(maxsize=None)
 def loaded_backbone(name: str, weights: str, include_top: bool = False):
     """The backbone with its weights, loaded once per process (plan time checks them; the run reuses them);
     with its classifier top when a class term needs the logits."""
+    # (one cache key however the arguments are spelled: plan time's call and the run's were two,
+    # and a random InceptionV3 was built twice, an .h5 read twice)
+    return _loaded_backbone(str(name), str(weights), bool(include_top))
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded_backbone(name: str, weights: str, include_top: bool):
     return load_backbone(name, weights=weights, include_top=include_top)
 
 
