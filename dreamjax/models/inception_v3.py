@@ -119,15 +119,16 @@ BatchNorm = functools.partial(KerasBatchNorm, epsilon=1e-3, use_scale=False)
 class ConvBN(nn.Module):
     spec: Conv
     dtype: Any = jnp.float32
-    feeds_conv: bool = False  # the next step of its branch is a convolution (see ops.conv_affine)
+    feeds: Conv | None = None  # the next step of its branch, when it is a convolution (ops.conv_affine)
 
     @nn.compact
     def __call__(self, x):
         s = self.spec
         conv = Conv2D(s.filters, s.kernel, s.strides, padding=s.padding, dtype=self.dtype, name="conv")
         # conv -> BatchNorm -> ReLU; one oneDNN call on the oneDNN dream path (ops.conv_affine)
-        return conv_affine(self, conv, x, BatchNorm(dtype=self.dtype, name="bn"), relu=True,
-                           feeds_conv=self.feeds_conv)
+        nxt = self.feeds
+        feeds = None if nxt is None else (nxt.kernel, nxt.filters, nxt.strides, nxt.padding)
+        return conv_affine(self, conv, x, BatchNorm(dtype=self.dtype, name="bn"), relu=True, feeds=feeds)
 
 
 class Block(nn.Module):
@@ -138,9 +139,9 @@ class Block(nn.Module):
     def __call__(self, x):
         onednn = on_onednn(self)
 
-        def step(y, s, feeds_conv=False):
+        def step(y, s, feeds=None):
             if isinstance(s, Conv):
-                return ConvBN(s, self.dtype, feeds_conv, name=s.name)(y)
+                return ConvBN(s, self.dtype, feeds, name=s.name)(y)
             if s == AVG:
                 # Keras excludes the zero padding from the mean (Flax's avg_pool counts it by
                 # default, which darkens every border pixel of every branch_pool). Both pools
@@ -154,7 +155,8 @@ class Block(nn.Module):
         for branch in self.branches:
             y = x
             for i, s in enumerate(branch):
-                y = step(y, s, i + 1 < len(branch) and isinstance(branch[i + 1], Conv))
+                nxt = branch[i + 1] if i + 1 < len(branch) else None
+                y = step(y, s, nxt if isinstance(nxt, Conv) else None)
             outs.append(y)
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 

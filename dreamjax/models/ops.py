@@ -265,7 +265,7 @@ def _affine_bwd(strides, pads, in_hw, relu, out_dtype, res, g):
 conv_affine_onednn.defvjp(_affine_fwd, _affine_bwd, symbolic_zeros=True)
 
 
-def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False, feeds_conv: bool = False):
+def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False, feeds: tuple | None = None):
     """``act(affine(conv(x)))`` for a convolution followed by an inference BatchNorm (and a ReLU),
     called from the ``parent`` module that owns both; ``affine`` is a module with an
     ``affine(channels) -> (scale, shift)`` method (:class:`~dreamjax.models.keras_apps.KerasBatchNorm`).
@@ -286,7 +286,8 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
         scale, shift = affine.affine()
         get = functools.partial(parent.get_variable, DREAM)
         folded = get("fused_kernel")
-        chain = feeds_conv and folded.dtype == jnp.bfloat16
+        chain = folded.dtype == jnp.bfloat16 and _hands_over_bf16(feeds, (*x.shape[:1], *_out_hw(x, conv),
+                                                                          conv.features))
         x = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
         y = conv_affine_onednn(x, kernel, scale, shift, folded, get("fused_kernel_bwd"), get("fused_shift"),
                                strides, pads, tuple(x.shape[1:3]), bool(relu),
@@ -302,6 +303,25 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
         _host_variable(parent, "fused_kernel_bwd", backward_kernel(folded))
         _host_variable(parent, "fused_shift", shift)
     return jax.nn.relu(y) if relu else y
+
+
+def _out_hw(x, conv: "Conv2D") -> tuple[int, int]:
+    strides, pads = _geometry(conv, x)
+    kh, kw = conv.kernel_size
+    return ((x.shape[1] + sum(pads[0]) - kh) // strides[0] + 1, (x.shape[2] + sum(pads[1]) - kw) // strides[1] + 1)
+
+
+def _hands_over_bf16(feeds: tuple | None, y_shape) -> bool:
+    """Whether an activation of ``y_shape`` that goes only into the convolution ``feeds`` =
+    ``((kh, kw), features, strides, padding)`` may be handed over in bfloat16: only when that
+    convolution runs on oneDNN too (large enough), which rounds its input to bfloat16 anyway; one
+    that XLA runs would read it in float32, and rounding it first would change the dream."""
+    if feeds is None:
+        return False
+    (kh, kw), features, strides, padding = feeds
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    pads = _pads(tuple(y_shape[1:3]), (kh, kw), strides, padding)
+    return _conv_flops(y_shape, (kh, kw, y_shape[-1], features), strides, pads) >= ONEDNN_MIN_FLOPS
 
 
 # While prepare_dream_variables traces a model (in this thread): ``recorded`` = {(module path..., name):
