@@ -18,7 +18,8 @@ the taps, forward and backward: XLA:CPU runs grouped convolutions through a slow
 (95 % of a Lite0 step went there; this made the step 16x faster).
 
 The pools are written as elementwise maxima / sums of strided slices: XLA fuses them into a
-single loop (forward and backward), where ``reduce_window`` and its ``select_and_scatter``
+single loop (forward and backward; the max pool's gradient on the oneDNN path is a call, see
+below), where ``reduce_window`` and its ``select_and_scatter``
 gradient run as slow standalone loops on CPU. The max pool keeps ``reduce_window``'s tie rule
 (the first maximum in row-major window order gets the gradient), so gradients are identical.
 
@@ -29,7 +30,10 @@ Which kernel runs is a property of the dream variables, not of the code above th
 and backward kernels in the kernel's dtype (``kernel_onednn``, ``kernel_bwd_onednn``), and
 :class:`Conv2D` takes the oneDNN path when it finds them and the convolution is large enough
 (``ONEDNN_MIN_FLOPS``). The input gradient is again a forward convolution with the backward
-kernel, so one custom call serves both directions. Depthwise convolutions take oneDNN in float32
+kernel, so one custom call serves both directions (strided: oneDNN's backward-data primitive on
+the forward kernel). Inside an Inception branch an activation that only feeds the next oneDNN
+convolution is handed over in bfloat16 (:func:`conv_affine`), and on this path the max pools'
+input gradient is a call of the same extension (:func:`max_pool`). Depthwise convolutions take oneDNN in float32
 under either oneDNN choice (``kernel_dw_onednn``, at every size): they are memory-bound, bfloat16
 bought nothing there, and oneDNN ran them 1-3x faster than the slice form above (which XLA runs).
 :func:`resolve_kernels` turns ``auto|xla|onednn|onednn_f32`` into what runs here.
@@ -276,6 +280,11 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
     its backward kernel and the shift (``fused_kernel``, ``fused_kernel_bwd``, ``fused_shift``);
     with oneDNN kernels the three become one oneDNN call forward (bias and ReLU as post-ops) and
     one backward, where XLA ran a convolution, a BatchNorm loop, a ReLU and a cast.
+
+    ``feeds`` = ``((kh, kw), features, strides, padding)`` of the next convolution when the
+    result goes only into that one (the next step of an Inception branch): with bfloat16 kernels,
+    and that convolution large enough for oneDNN too, the result is bfloat16 — the bits that
+    convolution would have rounded it to (its gradient likewise), half the bytes, no cast.
     """
     strides, pads = _geometry(conv, x)
     kh, kw = conv.kernel_size

@@ -3,7 +3,10 @@
 XLA:CPU (jaxlib 0.10.2) runs a bfloat16 convolution no faster than a float32 one: none of its
 convolution libraries (YNNPACK, XNNPACK, its oneDNN flags) take the AMX / AVX512-BF16 path
 (``results/bench/README.md``). oneDNN does (5.6x on a 3x3 convolution at 64x64x192 measured
-through PyTorch), so :func:`conv` calls it directly from inside the compiled program.
+through PyTorch), so :func:`conv` calls it directly from inside the compiled program
+(:func:`conv_backward_data` for strided input gradients). The same extension holds
+:func:`max_pool_backward`, plain C++: the max-pool input gradient as one call, where XLA's pad
+form recomputed the gradient's whole producer once per window position.
 
 The extension (``onednn_conv.cc`` beside this file) is compiled **on first use** into
 ``$DREAMJAX_HOME/kernels`` (``~/.cache/dreamjax/kernels``), named by a hash of its source, the
