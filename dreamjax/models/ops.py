@@ -295,8 +295,8 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
         scale, shift = affine.affine()
         get = functools.partial(parent.get_variable, DREAM)
         folded = get("fused_kernel")
-        chain = folded.dtype == jnp.bfloat16 and _hands_over_bf16(feeds, (*x.shape[:1], *_out_hw(x, conv),
-                                                                          conv.features))
+        chain = folded.dtype == jnp.bfloat16 and _hands_over_bf16(
+            feeds, (x.shape[0], *_out_hw(x.shape[1:3], (kh, kw), strides, pads), conv.features))
         x = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
         y = conv_affine_onednn(x, kernel, scale, shift, folded, get("fused_kernel_bwd"), get("fused_shift"),
                                strides, pads, tuple(x.shape[1:3]), bool(relu),
@@ -314,10 +314,9 @@ def conv_affine(parent: nn.Module, conv: "Conv2D", x, affine, relu: bool = False
     return jax.nn.relu(y) if relu else y
 
 
-def _out_hw(x, conv: "Conv2D") -> tuple[int, int]:
-    strides, pads = _geometry(conv, x)
-    kh, kw = conv.kernel_size
-    return ((x.shape[1] + sum(pads[0]) - kh) // strides[0] + 1, (x.shape[2] + sum(pads[1]) - kw) // strides[1] + 1)
+def _out_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+    """Output height and width of a convolution (explicit pads)."""
+    return tuple((n + sum(p) - k) // s + 1 for n, k, s, p in zip(in_hw, kernel_hw, strides, pads))
 
 
 def _hands_over_bf16(feeds: tuple | None, y_shape) -> bool:
@@ -397,11 +396,9 @@ ONEDNN_MIN_FLOPS = 25e6
 
 
 def _conv_flops(x_shape, kernel_shape, strides, pads) -> float:
-    n, h, w, _ = x_shape
     kh, kw, ci, o = kernel_shape
-    ho = (h + sum(pads[0]) - kh) // strides[0] + 1
-    wo = (w + sum(pads[1]) - kw) // strides[1] + 1
-    return 2.0 * n * ho * wo * kh * kw * ci * o
+    ho, wo = _out_hw(x_shape[1:3], (kh, kw), strides, pads)
+    return 2.0 * x_shape[0] * ho * wo * kh * kw * ci * o
 
 
 class KernelsUnavailable(RuntimeError):
