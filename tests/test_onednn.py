@@ -230,6 +230,57 @@ def test_strided_input_gradients_run_onednn_backward_data(stride, groups):
     assert _rel(grad(x), ref) <= F32_TOL, _rel(grad(x), ref)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_relu_mask_inside_the_call_is_the_same_bits(dtype, stride):
+    """An input gradient masked by a ReLU inside the call (oneDNN's ReLU backward into a scratch
+    buffer, then the convolution) equals XLA's select before the call, bit for bit, zeros and
+    exact-zero activations included; both directions (forward with the backward kernel at stride
+    1, backward data at stride 2)."""
+    _need_onednn(bf16=dtype == jnp.bfloat16)
+    g = jnp.asarray(RNG.standard_normal((2, 9, 7, 16)), dtype)
+    y = jnp.asarray(np.maximum(np.round(RNG.standard_normal((2, 9, 7, 16)), 1), 0.0), dtype)  # many exact zeros
+    k = jnp.asarray(RNG.standard_normal((3, 3, 16, 8) if stride == 1 else (3, 3, 8, 16)) * 0.2, dtype)
+    pads = ((1, 1), (1, 1))
+    if stride == 1:
+        def call(g, y, mask):
+            return kernels.conv(g if mask else jnp.where(y > 0, g, jnp.zeros((), dtype)), k, None, (1, 1), pads,
+                                mask=y if mask else None)
+    else:
+        def call(g, y, mask):
+            return kernels.conv_backward_data(g if mask else jnp.where(y > 0, g, jnp.zeros((), dtype)), k,
+                                              (2, 18, 14, 8), (2, 2), ((1, 0), (1, 0)), mask=y if mask else None)
+    assert "masked = true" in jax.jit(lambda g, y: call(g, y, True)).lower(g, y).as_text()
+    ours, ref = jax.jit(lambda g, y: call(g, y, True))(g, y), jax.jit(lambda g, y: call(g, y, False))(g, y)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    assert float(jnp.abs(ref).sum()) > 0 and float(jnp.abs(call(g, y, False) - call(g, g, False)).max()) > 0
+
+
+def test_bf16_hand_over_masks_inside_the_call_f32_outputs_in_xla(monkeypatch):
+    """Inside an Inception branch (bfloat16 hand-over) the ReLU mask of the input gradient is the
+    call's; where the activation is float32 (it goes to the block's concatenation) and the kernels
+    bfloat16, XLA's select (fused with the cast) stays. The dream gradient is the same bits either
+    way."""
+    from dreamjax import load_backbone
+
+    _need_onednn(bf16=True)
+    monkeypatch.setattr(ops, "ONEDNN_MIN_FLOPS", 0)
+    bb = load_backbone("inception_v3", weights="random")
+    x = jnp.asarray(RNG.uniform(-1, 1, (1, 80, 80, 3)).astype(np.float32))
+    v = ops.prepare_dream_variables(bb.module, bb.variables, x.shape, kernels="onednn")
+
+    def grad_fn():
+        return jax.jit(jax.grad(lambda x: (bb.module.apply(v, x, taps=("mixed0",))[1]["mixed0"] ** 2).sum()))
+
+    ours = grad_fn()
+    text = ours.lower(x).as_text()
+    assert 0 < text.count("masked = true") < text.count("masked = false"), text.count("masked = true")
+    monkeypatch.setattr(ops, "MASK_IN_CALL", False)
+    ref = grad_fn()
+    assert "masked = true" not in ref.lower(x).as_text()
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(ref(x)))
+
+
 @pytest.mark.parametrize("shape,window,stride", [((2, 17, 15, 8), 3, 2), ((1, 12, 12, 5), 2, 2), ((1, 9, 9, 3), 3, 1)])
 def test_max_pool_gradient_as_a_call_is_the_same_bits(shape, window, stride):
     """The oneDNN path's max-pool input gradient (one call of the extension: XLA's pad form gets the

@@ -4,7 +4,8 @@ XLA:CPU (jaxlib 0.10.2) runs a bfloat16 convolution no faster than a float32 one
 convolution libraries (YNNPACK, XNNPACK, its oneDNN flags) take the AMX / AVX512-BF16 path
 (``results/bench/README.md``). oneDNN does (5.6x on a 3x3 convolution at 64x64x192 measured
 through PyTorch), so :func:`conv` calls it directly from inside the compiled program
-(:func:`conv_backward_data` for strided input gradients). The same extension holds
+(:func:`conv_backward_data` for strided input gradients; either masks a gradient by a ReLU in
+the same call). The same extension holds
 :func:`max_pool_backward`, plain C++: the max-pool input gradient as one call, where XLA's pad
 form recomputed the gradient's whole producer once per window position.
 
@@ -161,12 +162,14 @@ def status() -> Status:
 
 
 def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool = False, groups: int = 1,
-         out_dtype=jnp.float32):
+         out_dtype=jnp.float32, mask=None):
     """``act(conv(x, kernel) + bias)`` through oneDNN: NHWC ``x``, HWIO ``kernel``, both bfloat16
     (f32 accumulation) or both float32; the result is ``out_dtype`` (float32 or bfloat16). ``pads``
     are explicit ((top, bottom), (left, right)); ``groups`` as ``feature_group_count`` (1, or the
-    channels: depthwise). Raises ``RuntimeError`` (with :func:`status`'s reason) where the kernel
-    cannot run."""
+    channels: depthwise). ``mask`` (``x``'s shape and dtype): convolve ``where(mask > 0, x, 0)``
+    instead, masked inside the call (oneDNN's ReLU backward): a gradient through a ReLU whose
+    output is ``mask``. Raises
+    ``RuntimeError`` (with :func:`status`'s reason) where the kernel cannot run."""
     n, h, w, c = x.shape
     kh, kw, ci, o = kernel.shape
     assert ci * groups == c and o % groups == 0 and x.dtype == kernel.dtype, (x.shape, x.dtype, kernel.shape,
@@ -175,20 +178,22 @@ def conv(x, kernel, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), relu: bool
     ho = (h + pt + pb - kh) // strides[0] + 1
     wo = (w + pl + pr - kw) // strides[1] + 1
     b = jnp.zeros((o,), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    return _call(x, kernel, b, (n, ho, wo, o), out_dtype, strides, pads, bias is not None, relu, groups, False)
+    return _call(x, kernel, b, (n, ho, wo, o), out_dtype, strides, pads, bias is not None, relu, groups, False,
+                 mask)
 
 
 def conv_backward_data(g, kernel, in_shape, strides=(1, 1), pads=((0, 0), (0, 0)), groups: int = 1,
-                       out_dtype=jnp.float32):
+                       out_dtype=jnp.float32, mask=None):
     """The input gradient of :func:`conv` (without bias or ReLU) at ``g`` (the output's gradient,
     NHWC), from the forward ``kernel`` (HWIO, ``g``'s dtype) and the forward geometry: oneDNN's
     backward-data primitive, which takes strides as they are (no dilated gradient, no zero taps).
-    ``in_shape`` is the forward input's (N, H, W, C); the result is ``out_dtype``."""
+    ``in_shape`` is the forward input's (N, H, W, C); the result is ``out_dtype``. ``mask`` as in
+    :func:`conv`."""
     kh, kw, ci, o = kernel.shape
     assert g.shape[-1] == o and ci * groups == in_shape[-1] and g.dtype == kernel.dtype, (g.shape, g.dtype,
                                                                                           kernel.shape, in_shape)
     b = jnp.zeros((o,), jnp.float32)
-    return _call(g, kernel, b, tuple(in_shape), out_dtype, strides, pads, False, False, groups, True)
+    return _call(g, kernel, b, tuple(in_shape), out_dtype, strides, pads, False, False, groups, True, mask)
 
 
 def max_pool_backward(g, arg, in_shape, window: int, stride: int):
@@ -202,15 +207,19 @@ def max_pool_backward(g, arg, in_shape, window: int, stride: int):
     return call(g, arg.astype(jnp.int8), window=np.int64(window), stride=np.int64(stride))
 
 
-def _call(x, kernel, b, out_shape, out_dtype, strides, pads, has_bias, relu, groups, backward_data):
+def _call(x, kernel, b, out_shape, out_dtype, strides, pads, has_bias, relu, groups, backward_data, mask=None):
     st = status()
     if not st.available:
         raise RuntimeError(f"the oneDNN convolution kernel cannot run here: {st.reason}")
+    if mask is not None:
+        assert mask.shape == x.shape and mask.dtype == x.dtype, (x.shape, x.dtype, mask.shape, mask.dtype)
     (pt, pb), (pl, pr) = pads
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, out_dtype))
-    return call(x, kernel, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+    m = jnp.zeros((0,), jnp.float32) if mask is None else mask  # (no mask: an empty operand)
+    return call(x, kernel, b, m, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
                 pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
-                has_bias=bool(has_bias), relu=bool(relu), groups=np.int64(groups), backward_data=bool(backward_data))
+                has_bias=bool(has_bias), relu=bool(relu), groups=np.int64(groups), backward_data=bool(backward_data),
+                masked=mask is not None)
 
 
 def cached_weights() -> int:

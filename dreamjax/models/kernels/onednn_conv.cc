@@ -12,7 +12,11 @@
 // scatters them). A 1x1, stride-1, unpadded convolution runs as a
 // oneDNN matmul [N*H*W, C] x [C, O]. With `backward_data` the call is the input gradient of that
 // convolution instead: x is the output's gradient [N,Ho,Wo,O], y the input's [N,H,W,C], w the
-// forward weights (oneDNN's backward-data primitive: strides without dilating the gradient). Primitives are cached per shape; each call gets its own
+// forward weights (oneDNN's backward-data primitive: strides without dilating the gradient).
+// With `masked`, x (a gradient, either direction) is first masked by a ReLU, t = m > 0 ? x : 0
+// with m that ReLU's output (x's shape and dtype), by oneDNN's ReLU backward primitive, into a
+// scratch buffer the convolution then reads: what XLA's select loop before the call did (oneDNN
+// has no mixed-dtype form of it, so x, m and w share one dtype). Primitives are cached per shape; each call gets its own
 // thread-local stream and scratch buffers, because XLA:CPU may run independent branches (an
 // Inception block's towers) concurrently.
 //
@@ -55,6 +59,10 @@ struct Entry {
   dnnl::reorder w_reorder;
   std::string w_layout;  // layout_key(w_md), made once: part of every cached weight copy's key
   size_t scratch_bytes = 0;
+  // The ReLU mask (Problem::mask): oneDNN's ReLU backward from its output, x -> the conv's input.
+  dnnl::primitive mask_prim;
+  memory::desc mask_x_md;  // x, m and the masked copy (flat, one dtype)
+  size_t mask_scratch_bytes = 0;
 };
 
 std::mutex cache_mu;
@@ -68,11 +76,12 @@ struct Problem {
   bool bf16, bias, relu;
   int64_t g;
   bool out_bf16, bwd;
+  bool mask = false;  // x masked by a ReLU's output m first
   bool pointwise() const {
     return !bwd && g == 1 && kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pb == 0 && pl == 0 && pr == 0;
   }
   std::string key() const {  // the raw fields (one per call: no stream formatting)
-    const int64_t v[] = {n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, bf16, bias, relu, g, out_bf16, bwd};
+    const int64_t v[] = {n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, bf16, bias, relu, g, out_bf16, bwd, mask};
     return std::string(reinterpret_cast<const char*>(v), sizeof(v));
   }
 };
@@ -155,6 +164,19 @@ std::shared_ptr<Entry> build(const Problem& p) {
       e->prim = dnnl::convolution_forward(pd);
     }
   }
+  if (p.mask) {
+    memory::dims d{p.bwd ? p.n * p.ho * p.wo * p.o : p.n * p.h * p.w * p.c};  // the call's input x, flat
+    e->mask_x_md = memory::desc(d, in, tag::a);
+    dnnl::primitive_attr mattr;
+    mattr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    auto algo = dnnl::algorithm::eltwise_relu_use_dst_for_bwd;
+    auto hint = dnnl::eltwise_forward::primitive_desc(eng, dnnl::prop_kind::forward_training, algo, e->mask_x_md,
+                                                      e->mask_x_md, 0.f, 0.f);
+    auto pd = dnnl::eltwise_backward::primitive_desc(eng, algo, e->mask_x_md, e->mask_x_md, e->mask_x_md, 0.f, 0.f,
+                                                     hint, mattr);
+    e->mask_scratch_bytes = pd.scratchpad_desc().get_size();
+    e->mask_prim = dnnl::eltwise_backward(pd);
+  }
   e->reorder_w = e->w_md != e->user_w_md;
   if (e->reorder_w) e->w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->user_w_md, eng, e->w_md));
   e->w_layout = layout_key(e->w_md);
@@ -234,22 +256,25 @@ std::shared_ptr<Reordered> reordered_weights(const std::shared_ptr<Entry>& e, me
 }
 
 void* thread_buffer(int which, size_t bytes) {
-  thread_local std::vector<char> bufs[2];
+  thread_local std::vector<char> bufs[3];  // reordered weights, scratchpads, the masked input
   auto& b = bufs[which];
   if (b.size() < bytes + 64) b.resize(bytes + 64);
   auto addr = reinterpret_cast<std::uintptr_t>(b.data());
   return reinterpret_cast<void*>((addr + 63) & ~std::uintptr_t(63));
 }
 
-ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::Result<ffi::AnyBuffer> y,
-                int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                int64_t pad_right, bool has_bias, bool relu, int64_t groups, bool backward_data) {
+ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::AnyBuffer m,
+                ffi::Result<ffi::AnyBuffer> y, int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                int64_t pad_bottom, int64_t pad_left, int64_t pad_right, bool has_bias, bool relu, int64_t groups,
+                bool backward_data, bool masked) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x, w and y must be 4-d (NHWC, HWIO, NHWC)");
   if (x.element_type() != w.element_type() ||
       (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32))
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: x and w must both be bfloat16 or both float32");
+  if (masked && (m.element_type() != x.element_type() || m.element_count() != x.element_count()))
+    return ffi::Error::InvalidArgument("dreamjax_onednn_conv: the mask m must have x's dtype and size");
   if (y->element_type() != ffi::DataType::BF16 && y->element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: y must be bfloat16 or float32");
   if (backward_data && (has_bias || relu))
@@ -258,7 +283,8 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
   auto in = backward_data ? yd : xd, outd = backward_data ? xd : yd;
   Problem p{in[0], in[1], in[2], in[3], wd[0], wd[1], wd[3], outd[1], outd[2], stride_h, stride_w,
             pad_top, pad_bottom, pad_left, pad_right, x.element_type() == ffi::DataType::BF16, has_bias, relu,
-            groups, y->element_type() == ffi::DataType::BF16, backward_data};
+            groups, y->element_type() == ffi::DataType::BF16, backward_data,
+            masked};
   if (groups < 1 || p.c % groups != 0 || p.o % groups != 0 || wd[2] * groups != p.c || outd[0] != p.n ||
       outd[3] != p.o)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: shapes of x, w and y do not agree");
@@ -266,7 +292,19 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
     auto e = get(p);
     auto& eng = cpu_engine();
     auto& s = thread_stream();
-    memory src(e->src_md, eng, x.untyped_data());
+    void* x_data = x.untyped_data();
+    if (masked) {  // the masked, converted gradient in its own buffer (x is XLA's, read-only)
+      x_data = thread_buffer(2, e->src_md.get_size());
+      std::unordered_map<int, memory> margs{{DNNL_ARG_DIFF_DST, memory(e->mask_x_md, eng, x.untyped_data())},
+                                            {DNNL_ARG_DST, memory(e->mask_x_md, eng, m.untyped_data())},
+                                            {DNNL_ARG_DIFF_SRC, memory(e->mask_x_md, eng, x_data)}};
+      if (e->mask_scratch_bytes) {
+        auto sd = memory::desc({static_cast<int64_t>(e->mask_scratch_bytes)}, dt::u8, tag::a);
+        margs.emplace(DNNL_ARG_SCRATCHPAD, memory(sd, eng, thread_buffer(1, e->mask_scratch_bytes)));
+      }
+      e->mask_prim.execute(s, margs);
+    }
+    memory src(e->src_md, eng, x_data);
     memory dst(e->dst_md, eng, y->untyped_data());
     memory user_w(e->user_w_md, eng, w.untyped_data());
     memory wts = user_w;
@@ -344,6 +382,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DreamjaxOnednnConv, Conv,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
@@ -354,7 +393,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DreamjaxOnednnConv, Conv,
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("relu")
                                   .Attr<int64_t>("groups")
-                                  .Attr<bool>("backward_data"));
+                                  .Attr<bool>("backward_data")
+                                  .Attr<bool>("masked"));
 
 // What the Python side checks before it offers the kernel: 0 = usable with bf16 units,
 // 1 = usable but the CPU has no bfloat16 instructions (f32 only), 2 = no CPU engine.
