@@ -42,7 +42,7 @@ KERAS_ARCHS: dict[str, KerasArch] = {}
 
 def caffe_preprocess(x):
     """Keras ``caffe`` mode (ResNet50, VGG16): RGB pixels in [0, 255] -> BGR minus the ImageNet mean."""
-    return x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
+    return x[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, x.dtype)  # (NumPy in, NumPy out; JAX in, JAX out)
 
 
 def caffe_deprocess(x):
@@ -126,7 +126,9 @@ class KerasBatchNorm(nn.Module):
 def random_variables(module: nn.Module, size: int, seed: int = 0) -> dict:
     """Seeded He-normal kernels, random biases, BatchNorm scales and statistics (so inference
     exercises them), drawn with NumPy from the parameter shapes: no compile, ~1 s for ResNet50."""
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    # (abstract key and input: a concrete PRNGKey or zeros would each compile a small program)
+    shapes = jax.eval_shape(module.init, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
