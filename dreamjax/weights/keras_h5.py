@@ -227,7 +227,7 @@ def read_keras_file(path) -> KerasFile:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    import h5py  # (here: ~0.05 s of every start-up that reads no Keras file)
+    import h5py  # lazy: ~0.05 s of every start-up, and only a Keras file needs it
 
     if not h5py.is_hdf5(path):
         with open(path, "rb") as f:

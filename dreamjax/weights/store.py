@@ -53,8 +53,8 @@ def _offline_help(arch: KerasArch) -> str:
 
 def fetch(arch: KerasArch, include_top: bool = False) -> Path:
     """Download (or reuse, after an md5 check) the official Keras file into the cache."""
-    import pooch  # (here: with requests, ~0.12 s of every start-up that downloads nothing)
-    import requests
+    import pooch  # lazy: with requests ~0.12 s of every start-up, and only a download needs them
+    import requests  # lazy: as pooch
 
     fname, known_hash = arch.files[include_top]
     url = weights_url(arch, include_top)
