@@ -14,7 +14,10 @@ dreamjax.configure_cpu()  # what dreamjax's entry points do, before JAX starts a
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Every program is kept, the small ones too: a test's reference computations and helpers are
+# many programs of 20-300 ms each, recompiled on every run below the default threshold
+# (tests/test_objectives.py + tests/test_ops.py, warm: 61 -> 24 s).
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from tests.helpers import PAINTINGS, REPO, cli  # noqa: E402,F401

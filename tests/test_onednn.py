@@ -82,12 +82,14 @@ def test_conv2d_forward_and_input_gradient_match_xla(shape, kernel, cout, stride
     ref_v = ops.prepare_dream_variables(m, v, shape, kernels="xla")
     our_v = ops.prepare_dream_variables(m, v, shape, kernels=kern)
     assert ops.dream_kernels(ref_v) == "xla" and ops.dream_kernels(our_v) == kern
-    y_ref, vjp_ref = jax.vjp(lambda x: m.apply(ref_v, x), x)
-    y, vjp = jax.jit(lambda x: jax.vjp(lambda x: m.apply(our_v, x), x))(x)
-    g = jnp.asarray(RNG.standard_normal(y_ref.shape).astype(np.float32))
+    def run(v, x, g):  # (jitted, reference too: op by op its ops were as many small programs)
+        y, vjp = jax.vjp(lambda x: m.apply(v, x), x)
+        return y, vjp(g)[0]
+
+    g = jnp.asarray(RNG.standard_normal(jax.eval_shape(lambda x: m.apply(ref_v, x), x).shape).astype(np.float32))
+    (y_ref, dx_ref), (y, dx) = jax.jit(run)(ref_v, x, g), jax.jit(run)(our_v, x, g)
     assert y.dtype == jnp.float32 and y.shape == y_ref.shape
     assert _rel(y, y_ref) <= tol, f"forward off by {_rel(y, y_ref):.2e}"
-    dx_ref, dx = vjp_ref(g)[0], vjp(g)[0]
     assert dx.dtype == jnp.float32
     assert _rel(dx, dx_ref) <= tol, f"input gradient off by {_rel(dx, dx_ref):.2e}"
 
@@ -118,11 +120,16 @@ def test_depthwise_convolutions_run_on_onednn_in_float32(shape, k, stride, kern)
     fwd = jax.jit(lambda v, x: jax.vjp(lambda v, x: m.apply(v, x), v, x))
     assert kernels.TARGET in fwd.lower(our_v, x).as_text()
     assert kernels.TARGET not in fwd.lower(ref_v, x).as_text()
-    y_ref, vjp_ref = jax.vjp(lambda p, x: m.apply({**ref_v, "params": p}, x), ref_v["params"], x)
-    y, vjp = jax.vjp(lambda p, x: m.apply({**our_v, "params": p}, x), our_v["params"], x)
+    # (jitted, both: op by op, the slice form's 25 shifted slices and their gradients were as many
+    # small programs)
+    def run(v, x, g):
+        y, vjp = jax.vjp(lambda p, x: m.apply({**v, "params": p}, x), v["params"], x)
+        return y, vjp(g)
+
+    g = jnp.asarray(RNG.standard_normal(m.apply(ref_v, x).shape).astype(np.float32))
+    y_ref, (dk_ref, dx_ref) = jax.jit(run)(ref_v, x, g)
+    y, (dk, dx) = jax.jit(run)(our_v, x, g)
     assert _rel(y, y_ref) <= F32_TOL, f"forward off by {_rel(y, y_ref):.2e}"
-    g = jnp.asarray(RNG.standard_normal(y_ref.shape).astype(np.float32))
-    (dk_ref, dx_ref), (dk, dx) = vjp_ref(g), vjp(g)
     assert _rel(dx, dx_ref) <= F32_TOL, f"input gradient off by {_rel(dx, dx_ref):.2e}"
     assert _rel(dk["kernel"], dk_ref["kernel"]) <= F32_TOL
 
@@ -188,7 +195,7 @@ def test_conv_batchnorm_relu_as_one_onednn_call(spec, kern, tol):
     assert set(d) == {"conv", "fused_kernel", "fused_kernel_bwd", "fused_shift"}, d.keys()
     assert set(d["conv"]) == {"kernel_bwd"}  # the conv's own oneDNN copies were replaced
     assert ops.dream_kernels(our) == kern
-    y_ref, vjp_ref = jax.vjp(lambda x: m.apply(ref_v, x), x)
+    y_ref, vjp_ref = jax.jit(lambda x: jax.vjp(lambda x: m.apply(ref_v, x), x))(x)  # (jitted, as above)
     y, vjp = jax.jit(lambda x: jax.vjp(lambda x: m.apply(our, x), x))(x)
     g = jnp.asarray(RNG.standard_normal(y_ref.shape).astype(np.float32))
     assert _rel(y, y_ref) <= tol, _rel(y, y_ref)
@@ -207,8 +214,8 @@ def test_conv_batchnorm_relu_as_one_onednn_call(spec, kern, tol):
         same_mask = linear(jnp.where(y > 0, g, 0.0))[0]
         assert _rel(dx, same_mask) <= tol, _rel(dx, same_mask)
     # parameter gradients (never needed in a dream) stay JAX's
-    pr = jax.grad(lambda p: (m.apply({**ref_v, "params": p}, x) * g).sum())(v["params"])
-    po = jax.grad(lambda p: (m.apply({**our, "params": p}, x) * g).sum())(v["params"])
+    pr = jax.jit(jax.grad(lambda p: (m.apply({**ref_v, "params": p}, x) * g).sum()))(v["params"])
+    po = jax.jit(jax.grad(lambda p: (m.apply({**our, "params": p}, x) * g).sum()))(v["params"])
     for a, b in zip(jax.tree_util.tree_leaves(po), jax.tree_util.tree_leaves(pr)):
         assert float(jnp.abs(b).max()) > 0 and _rel(a, b) <= 1e-4
 
@@ -373,8 +380,8 @@ def test_tiny_backbone_dream_gradient_under_jit_and_while_loop(tiny_backbone):
         return lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
 
     ref_v = tiny_backbone.dream_variables_for("xla")
-    acts_ref = f(ref_v, x)
-    g_ref = jax.grad(loss, argnums=1)(ref_v, x)
+    acts_ref = jax.jit(f)(ref_v, x)  # (jitted: op by op, each layer's ops were small programs)
+    g_ref = jax.jit(jax.grad(loss, argnums=1))(ref_v, x)
     x_ref = jax.jit(ascent)(ref_v, x)
     kinds = [("onednn_f32", F32_TOL, F32_TOL)]
     if kernels.status().bf16:

@@ -3,6 +3,8 @@
 Inputs with many exact ties (small integers) check that the slice-based max pool hands the
 gradient to the same element as ``reduce_window``'s ``select_and_scatter``.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,24 +20,29 @@ RNG = np.random.default_rng(0)
 @pytest.mark.parametrize("shape", [(2, 17, 19, 5), (1, 8, 9, 3), (1, 3, 3, 2)])
 def test_max_pool_equals_reduce_window_with_ties(shape):
     x = jnp.asarray(RNG.integers(0, 3, shape).astype(np.float32))
-    ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), "VALID")  # noqa: E731
-    ours = lambda x: ops.max_pool(x, 3, 2)  # noqa: E731
+    ref = jax.jit(lambda x: nn.max_pool(x, (3, 3), (2, 2), "VALID"))  # (jitted: op by op, every slice
+    ours = jax.jit(lambda x: ops.max_pool(x, 3, 2))  # and select was a small program of its own)
     assert np.array_equal(ours(x), ref(x))
+
+    def grads(g):
+        return jax.jit(lambda x, g: (jax.vjp(ref, x)[1](g)[0], jax.vjp(ours, x)[1](g)[0]))(x, g)
+
     # Integer cotangents: sums are exact in any order, so any difference is a different argmax.
-    g = jnp.asarray(RNG.integers(-50, 50, ref(x).shape).astype(np.float32))
-    gr, go = jax.vjp(ref, x)[1](g)[0], jax.vjp(ours, x)[1](g)[0]
+    gr, go = grads(jnp.asarray(RNG.integers(-50, 50, ref(x).shape).astype(np.float32)))
     assert np.array_equal(go, gr), "gradient went to a different maximum"
-    g = jnp.asarray(RNG.standard_normal(ref(x).shape).astype(np.float32))  # and real-valued: rounding only
-    np.testing.assert_allclose(jax.vjp(ours, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0], rtol=0, atol=1e-6)
+    gr, go = grads(jnp.asarray(RNG.standard_normal(ref(x).shape).astype(np.float32)))  # real-valued: rounding
+    np.testing.assert_allclose(go, gr, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(2, 17, 19, 5), (1, 1, 4, 3), (1, 2, 2, 1)])
 def test_avg_pool_same_excludes_padding_like_keras(shape):
     x = jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
     ref = lambda x: nn.avg_pool(x, (3, 3), (1, 1), "SAME", count_include_pad=False)  # noqa: E731
-    np.testing.assert_allclose(ops.avg_pool_same(x, 3), ref(x), rtol=0, atol=1e-6)
+    ours = functools.partial(ops.avg_pool_same, window=3)
+    np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(ref)(x), rtol=0, atol=1e-6)
     g = jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
-    np.testing.assert_allclose(jax.vjp(ops.avg_pool_same, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0], atol=1e-6)
+    go, gr = jax.jit(lambda x, g: (jax.vjp(ours, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0]))(x, g)  # (jitted, as above)
+    np.testing.assert_allclose(go, gr, atol=1e-6)
 
 
 CONVS = [  # kernel, in, out, stride, padding, groups
@@ -62,7 +69,7 @@ def test_conv2d_matches_nn_conv_values_and_gradients(kernel, cin, cout, stride, 
     def loss(m, variables):
         return lambda x, p: jnp.sum(jnp.sin(m.apply({**variables, "params": p}, x)))
 
-    gx_ref, gk_ref = jax.grad(loss(ref, v), argnums=(0, 1))(x, v["params"])
+    gx_ref, gk_ref = jax.jit(jax.grad(loss(ref, v), argnums=(0, 1)))(x, v["params"])
     gx, gk = jax.jit(jax.grad(loss(ours, vd), argnums=(0, 1)))(x, v["params"])
     scale = float(jnp.abs(gx_ref).max())
     np.testing.assert_allclose(gx, gx_ref, rtol=0, atol=1e-6 * scale)

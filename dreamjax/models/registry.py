@@ -123,12 +123,8 @@ class Backbone:
     value_range = property(lambda self: self.spec.value_range)
 
     def preprocess(self, pixels):
-        """uint8 or float pixels in [0, 255], NHWC -> network input (float32). Host pixels (NumPy)
-        are preprocessed on the host and come back as NumPy: on the device each new image shape
-        was another few small compilations (a convert, a divide, a subtract) before any dream."""
-        if isinstance(pixels, jax.Array):
-            return self.spec.preprocess(jnp.asarray(pixels, jnp.float32))
-        return np.asarray(self.spec.preprocess(np.asarray(pixels, np.float32)), np.float32)
+        """uint8 or float pixels in [0, 255], NHWC -> network input (float32)."""
+        return self.spec.preprocess(jnp.asarray(pixels, jnp.float32))
 
     def deprocess(self, x):
         """network input -> float pixels in [0, 255] (not clipped, not rounded)."""
