@@ -42,7 +42,7 @@ KERAS_ARCHS: dict[str, KerasArch] = {}
 
 def caffe_preprocess(x):
     """Keras ``caffe`` mode (ResNet50, VGG16): RGB pixels in [0, 255] -> BGR minus the ImageNet mean."""
-    return x[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, x.dtype)  # (NumPy in, NumPy out; JAX in, JAX out)
+    return x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
 
 
 def caffe_deprocess(x):

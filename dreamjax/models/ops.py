@@ -171,12 +171,12 @@ def _back_pads(kernel_hw, in_hw, out_hw, strides, pads):
             for k, n, o, s, (lo, _) in zip(kernel_hw, in_hw, out_hw, strides, pads)]
 
 
-def _onednn_conv(x, kernel, strides, pads, bias=None, relu=False, groups=1, out_dtype=jnp.float32):
+def _onednn_conv(x, kernel, strides, pads, bias=None, relu=False, groups=1, out_dtype=jnp.float32, mask=None):
     """``_conv`` through oneDNN for a non-grouped or depthwise (``groups`` = channels) convolution:
     ``x`` is cast to the kernel's dtype (bfloat16 or float32; XLA fuses the cast into the loop that
-    made ``x``), the result is ``out_dtype``."""
+    made ``x``), the result is ``out_dtype``; ``mask`` as in :func:`onednn.conv`."""
     return onednn.conv(x.astype(kernel.dtype), kernel, bias, strides, pads, relu=relu, groups=groups,
-                       out_dtype=out_dtype)
+                       out_dtype=out_dtype, mask=mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -211,13 +211,12 @@ def _onednn_input_grad(g, kernel_fast, kernel_bwd, strides, pads, in_hw, groups,
     taps zero at stride 2, after an XLA pad that makes it: 4x the work). ``relu_out``: the
     convolution was followed by a ReLU with this output, and ``g`` is the ReLU's output gradient;
     the call masks it itself (``g``, ``relu_out`` and the kernels of one dtype)."""
-    g = g.astype(kernel_fast.dtype)
     if tuple(strides) == (1, 1):
         back = _back_pads(kernel_bwd.shape[:2], in_hw, g.shape[1:3], strides, pads)
-        return onednn.conv(g, kernel_bwd, None, (1, 1), back, groups=groups, out_dtype=out_dtype, mask=relu_out)
+        return _onednn_conv(g, kernel_bwd, (1, 1), back, groups=groups, out_dtype=out_dtype, mask=relu_out)
     shape = (g.shape[0], *in_hw, kernel_fast.shape[2] * groups)
-    return onednn.conv_backward_data(g, kernel_fast, shape, strides, pads, groups, out_dtype=out_dtype,
-                                     mask=relu_out)
+    return onednn.conv_backward_data(g.astype(kernel_fast.dtype), kernel_fast, shape, strides, pads, groups,
+                                     out_dtype=out_dtype, mask=relu_out)
 
 
 def _onednn_bwd(strides, pads, in_hw, groups, res, g):
@@ -268,10 +267,10 @@ def _affine_fwd(x, kernel, scale, shift, folded, folded_bwd, folded_shift, strid
 
 def _affine_bwd(strides, pads, in_hw, relu, out_dtype, res, g):
     folded, folded_bwd, y, saved, x_dtype = res
-    gz, mask = g, y if relu else None
-    if relu and not (MASK_IN_CALL and g.dtype == y.dtype == folded.dtype):
-        gz, mask = jnp.where(y > 0, g, jnp.zeros((), g.dtype)), None  # (XLA fuses it with g's producer and the cast)
-    dx = _onednn_input_grad(gz, folded, folded_bwd, strides, pads, in_hw, 1, out_dtype=x_dtype.dtype, relu_out=mask)
+    in_call = relu and MASK_IN_CALL and g.dtype == y.dtype == folded.dtype  # (the call's one-dtype rule)
+    gz = jnp.where(y > 0, g, jnp.zeros((), g.dtype)) if relu and not in_call else g  # (XLA fuses it with the cast)
+    dx = _onednn_input_grad(gz, folded, folded_bwd, strides, pads, in_hw, 1, out_dtype=x_dtype.dtype,
+                            relu_out=y if in_call else None)
     dk = ds = dt = None
     if saved is not None:
         x, kernel, scale, shift = saved

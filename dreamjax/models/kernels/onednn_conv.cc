@@ -23,6 +23,7 @@
 // Built by dreamjax/models/kernels/__init__.py into the cache folder on first use.
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -59,9 +60,9 @@ struct Entry {
   dnnl::reorder w_reorder;
   std::string w_layout;  // layout_key(w_md), made once: part of every cached weight copy's key
   size_t scratch_bytes = 0;
-  // The ReLU mask (Problem::mask): oneDNN's ReLU backward from its output, x -> the conv's input.
+  // The ReLU mask (Problem::mask): oneDNN's ReLU backward from its output, on src_md (x, m and
+  // the masked copy share it), x -> the convolution's input.
   dnnl::primitive mask_prim;
-  memory::desc mask_x_md;  // x, m and the masked copy (flat, one dtype)
   size_t mask_scratch_bytes = 0;
 };
 
@@ -165,15 +166,13 @@ std::shared_ptr<Entry> build(const Problem& p) {
     }
   }
   if (p.mask) {
-    memory::dims d{p.bwd ? p.n * p.ho * p.wo * p.o : p.n * p.h * p.w * p.c};  // the call's input x, flat
-    e->mask_x_md = memory::desc(d, in, tag::a);
     dnnl::primitive_attr mattr;
     mattr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     auto algo = dnnl::algorithm::eltwise_relu_use_dst_for_bwd;
-    auto hint = dnnl::eltwise_forward::primitive_desc(eng, dnnl::prop_kind::forward_training, algo, e->mask_x_md,
-                                                      e->mask_x_md, 0.f, 0.f);
-    auto pd = dnnl::eltwise_backward::primitive_desc(eng, algo, e->mask_x_md, e->mask_x_md, e->mask_x_md, 0.f, 0.f,
-                                                     hint, mattr);
+    auto hint = dnnl::eltwise_forward::primitive_desc(eng, dnnl::prop_kind::forward_training, algo, e->src_md,
+                                                      e->src_md, 0.f, 0.f);
+    auto pd = dnnl::eltwise_backward::primitive_desc(eng, algo, e->src_md, e->src_md, e->src_md, 0.f, 0.f, hint,
+                                                     mattr);
     e->mask_scratch_bytes = pd.scratchpad_desc().get_size();
     e->mask_prim = dnnl::eltwise_backward(pd);
   }
@@ -283,8 +282,7 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
   auto in = backward_data ? yd : xd, outd = backward_data ? xd : yd;
   Problem p{in[0], in[1], in[2], in[3], wd[0], wd[1], wd[3], outd[1], outd[2], stride_h, stride_w,
             pad_top, pad_bottom, pad_left, pad_right, x.element_type() == ffi::DataType::BF16, has_bias, relu,
-            groups, y->element_type() == ffi::DataType::BF16, backward_data,
-            masked};
+            groups, y->element_type() == ffi::DataType::BF16, backward_data, masked};
   if (groups < 1 || p.c % groups != 0 || p.o % groups != 0 || wd[2] * groups != p.c || outd[0] != p.n ||
       outd[3] != p.o)
     return ffi::Error::InvalidArgument("dreamjax_onednn_conv: shapes of x, w and y do not agree");
@@ -292,16 +290,20 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
     auto e = get(p);
     auto& eng = cpu_engine();
     auto& s = thread_stream();
+    // One scratchpad for both primitives, sized once: they run one after the other on this
+    // thread's in-order stream, and growing the buffer between the two would free it under the first.
+    size_t scratch_bytes = std::max(e->scratch_bytes, e->mask_scratch_bytes);
+    void* scratch = scratch_bytes ? thread_buffer(1, scratch_bytes) : nullptr;
+    auto scratchpad = [&](size_t bytes) {
+      return memory(memory::desc({static_cast<int64_t>(bytes)}, dt::u8, tag::a), eng, scratch);
+    };
     void* x_data = x.untyped_data();
-    if (masked) {  // the masked, converted gradient in its own buffer (x is XLA's, read-only)
+    if (masked) {  // the masked gradient in its own buffer (x is XLA's, read-only)
       x_data = thread_buffer(2, e->src_md.get_size());
-      std::unordered_map<int, memory> margs{{DNNL_ARG_DIFF_DST, memory(e->mask_x_md, eng, x.untyped_data())},
-                                            {DNNL_ARG_DST, memory(e->mask_x_md, eng, m.untyped_data())},
-                                            {DNNL_ARG_DIFF_SRC, memory(e->mask_x_md, eng, x_data)}};
-      if (e->mask_scratch_bytes) {
-        auto sd = memory::desc({static_cast<int64_t>(e->mask_scratch_bytes)}, dt::u8, tag::a);
-        margs.emplace(DNNL_ARG_SCRATCHPAD, memory(sd, eng, thread_buffer(1, e->mask_scratch_bytes)));
-      }
+      std::unordered_map<int, memory> margs{{DNNL_ARG_DIFF_DST, memory(e->src_md, eng, x.untyped_data())},
+                                            {DNNL_ARG_DST, memory(e->src_md, eng, m.untyped_data())},
+                                            {DNNL_ARG_DIFF_SRC, memory(e->src_md, eng, x_data)}};
+      if (e->mask_scratch_bytes) margs.emplace(DNNL_ARG_SCRATCHPAD, scratchpad(e->mask_scratch_bytes));
       e->mask_prim.execute(s, margs);
     }
     memory src(e->src_md, eng, x_data);
@@ -324,10 +326,7 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi
     args.emplace(backward_data ? DNNL_ARG_DIFF_DST : DNNL_ARG_SRC, src);
     args.emplace(backward_data ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DST, dst);
     if (has_bias) args.emplace(DNNL_ARG_BIAS, memory(e->bias_md, eng, b.untyped_data()));
-    if (e->scratch_bytes) {
-      auto sd = memory::desc({static_cast<int64_t>(e->scratch_bytes)}, dt::u8, tag::a);
-      args.emplace(DNNL_ARG_SCRATCHPAD, memory(sd, eng, thread_buffer(1, e->scratch_bytes)));
-    }
+    if (e->scratch_bytes) args.emplace(DNNL_ARG_SCRATCHPAD, scratchpad(e->scratch_bytes));
     e->prim.execute(s, args);
     s.wait();
   } catch (const dnnl::error& err) {
